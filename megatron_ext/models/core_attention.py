@@ -1,0 +1,77 @@
+"""Causal SDPA core attention for the local (non-Transformer-Engine) layer spec, context-parallel aware.
+
+Used on CPU (tests, CI) and on GPUs without Transformer Engine; TE's DotProductAttention
+replaces it where TE is installed.
+"""
+
+import torch
+import torch.nn.functional as F
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """q [sq, b, hq, d], k/v [sk, b, g, d] -> context [sq, b, hq*d], causal.
+
+    Under context parallelism each rank holds two zig-zag chunks of the sequence (megatron's
+    layout: rank r keeps chunks r and 2*cp-1-r of 2*cp). K and V are all-gathered over the CP
+    group and the causal mask is built from the global token indices, so CP=n computes exactly
+    what CP=1 does. This is the simple, memory-hungry form of CP (O(s) K/V per rank); ring
+    attention is Transformer Engine's job on GPUs.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        self.config = config
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.cp_group = pg_collection.cp if pg_collection is not None else None
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError("SDPACoreAttention: packed (THD) sequences need the Transformer Engine spec")
+        cp_size = get_pg_size(self.cp_group) if self.cp_group is not None else 1
+        mask = None
+        if cp_size > 1:
+            key = _GatherSequence.apply(key, self.cp_group)
+            value = _GatherSequence.apply(value, self.cp_group)
+            mask = _zigzag_causal_mask(query.size(0), cp_size, get_pg_rank(self.cp_group), query.device)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=k.size(1) != q.size(1),
+        )
+        context = context.permute(2, 0, 1, 3)  # [s, b, heads, d]
+        return context.reshape(context.size(0), context.size(1), -1)
+
+
+def zigzag_token_indices(local_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Global indices of the tokens a CP rank holds: chunks r and 2*cp-1-r of 2*cp."""
+    chunk = local_len // 2
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk, device=device)
+    return torch.cat([first, second])
+
+
+def _zigzag_causal_mask(local_len, cp_size, cp_rank, device):
+    query_index = zigzag_token_indices(local_len, cp_size, cp_rank, device)
+    key_index = torch.cat([zigzag_token_indices(local_len, cp_size, r, device) for r in range(cp_size)])
+    return key_index[None, :] <= query_index[:, None]  # [sq, sk], True = may attend
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather dim 0 over a group in rank order; the backward sums the gradients and keeps ours."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(get_pg_size(group))]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad.chunk(get_pg_size(ctx.group), dim=0)[get_pg_rank(ctx.group)], None

@@ -1,0 +1,33 @@
+"""megatron_ext: long-context continual pretraining (HARPE, PoSE) on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_ext",
+    version="0.1.0",
+    description="HARPE and PoSE position-embedding providers for megatron-core, with the tool chain around them",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
+    # torch is left unpinned on purpose: GPU users keep their container's build.
+    # CPU machines install requirements-cpu.txt first (torch==2.13.0, CPU wheel).
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.0,<0.17",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "psutil",  # megatron's torch_dist checkpoint writer hangs without it
+        "tqdm",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            "transformers>=4.46",
+            "safetensors",
+            "matplotlib",
+        ],
+        "gpu": [
+            "transformer-engine[pytorch]",
+        ],
+    },
+    entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
+)

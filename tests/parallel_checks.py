@@ -1,0 +1,183 @@
+"""Gloo worker for the model-level parallel tests: run with torchrun --nproc-per-node 2.
+
+Each case builds a TP=PP=CP=1 reference LongContextGPTModel, copies its weights into a
+TP=2, PP=2 or CP=2 model (slicing or renumbering as megatron lays them out), runs one
+forward/backward with megatron-core's schedule on the same micro-batches, and records the
+loss and the largest gradient difference in a JSON file that test_parallel.py asserts on.
+"""
+
+import json
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ext.compat import enable_cpu_mode
+from megatron_ext.models import LongContextGPTModel, LongContextTransformerConfig, local_layer_spec
+from megatron_ext.rope import RopeConfig, pose_position_ids
+
+VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 128, 32, 2, 4
+HARPE = RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e4, "b_max": 1e6, "order": "ascending"})
+STOCK = RopeConfig(base=10000.0)
+
+
+def make_config(rope, tp=1, pp=1, cp=1):
+    return LongContextTransformerConfig(
+        num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=128,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+        use_cpu_initialization=True, params_dtype=torch.float32, pipeline_dtype=torch.float32,
+        normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, calculate_per_token_loss=True, rope=rope,
+    )
+
+
+def build(config):
+    from megatron.core import parallel_state as ps
+    return LongContextGPTModel(
+        config, local_layer_spec(), VOCAB, SEQ,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+    )
+
+
+def make_batches(pose: bool):
+    """MICRO_BATCHES micro-batches; PoSE ids differ per sample (keyed by the global sample index)."""
+    g = torch.Generator().manual_seed(1234)
+    batches = []
+    for m in range(MICRO_BATCHES):
+        tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=g)
+        if pose:
+            ids = torch.stack([
+                pose_position_ids(SEQ, 16 * SEQ, seed=7, sample_index=m * MICRO_BATCH + i)
+                for i in range(MICRO_BATCH)
+            ])
+        else:
+            ids = torch.arange(SEQ).expand(MICRO_BATCH, SEQ)
+        batches.append(dict(tokens=tokens[:, :-1].contiguous(), labels=tokens[:, 1:].contiguous(),
+                            position_ids=ids.contiguous(), loss_mask=torch.ones(MICRO_BATCH, SEQ)))
+    return batches
+
+
+def loss_func(loss_mask, per_token_loss):
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return out, partial(loss_func, batch["loss_mask"])
+
+
+def run_step(model, batches):
+    """One forward/backward over all micro-batches; returns (mean loss or None off the last stage)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    batches = [get_batch_on_this_cp_rank(dict(b)) for b in batches]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],
+        micro_batch_size=MICRO_BATCH, forward_only=False,
+    )
+    cp_group = ps.get_context_parallel_group()
+    for p in model.parameters():  # what DDP does over the data+context parallel group
+        torch.distributed.all_reduce(p.grad, group=cp_group)
+    if not ps.is_pipeline_last_stage():
+        return None
+    total = torch.stack([l["lm loss"] for l in losses]).sum(0)
+    torch.distributed.all_reduce(total, group=cp_group)
+    return (total[0] / total[1]).item()
+
+
+def init_layout(tp=1, pp=1, cp=1):
+    from megatron.core import parallel_state as ps
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 context_parallel_size=cp)
+
+
+def global_name(name, model):
+    """decoder.layers.{local}. -> decoder.layers.{global}. (pipeline stages renumber from 0)."""
+    if not name.startswith("decoder.layers."):
+        return name
+    local = int(name.split(".")[2])
+    global_index = model.decoder.layers[local].layer_number - 1
+    return name.replace(f"decoder.layers.{local}.", f"decoder.layers.{global_index}.", 1)
+
+
+def shard_of(full, param, tp_rank, tp_size):
+    """This TP rank's piece of a full tensor, cut the way megatron's CPU init cuts it."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    pieces = torch.split(full, full.shape[dim] // (tp_size * stride), dim=dim)
+    return torch.cat(pieces[tp_rank::tp_size], dim=dim)
+
+
+def reference(rope, batches):
+    init_layout()
+    torch.manual_seed(0)
+    model = build(make_config(rope))
+    loss = run_step(model, batches)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss, weights, grads
+
+
+def compare(case, rope, batches, tp=1, pp=1, cp=1, stage_batches=None):
+    """Parallel run vs the reference; stage_batches lets a case feed later PP stages other ids."""
+    from megatron.core import parallel_state as ps
+    ref_loss, ref_weights, ref_grads = reference(rope, batches)
+    init_layout(tp, pp, cp)
+    torch.manual_seed(1)  # a different init: the copy below must carry the weights over
+    model = build(make_config(rope, tp, pp, cp))
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(shard_of(ref_weights[global_name(name, model)], p, tp_rank, tp))
+    my_batches = batches
+    if stage_batches is not None and not ps.is_pipeline_first_stage():
+        my_batches = stage_batches
+    loss = run_step(model, my_batches)
+    grad_diff = max(
+        (p.grad - shard_of(ref_grads[global_name(n, model)], p, tp_rank, tp)).abs().max().item()
+        for n, p in model.named_parameters()
+    )
+    grad_scale = max(g.abs().max().item() for g in ref_grads.values())
+    diff = torch.tensor([grad_diff])
+    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+    losses = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(losses, loss)
+    loss = next(l for l in losses if l is not None)
+    return dict(case=case, loss=loss, ref_loss=ref_loss, max_grad_diff=diff.item(), grad_scale=grad_scale)
+
+
+def main(out_path):
+    enable_cpu_mode()
+    torch.distributed.init_process_group("gloo")
+    torch.set_num_threads(1)
+    results = [
+        compare("tp2_harpe_gqa", HARPE, make_batches(pose=False), tp=2),
+        compare("pp2_pose", STOCK, make_batches(pose=True), pp=2),
+        # negative control: the second stage sees plain ids instead of the PoSE ids
+        compare("pp2_pose_stage2_wrong_ids", STOCK, make_batches(pose=True), pp=2,
+                stage_batches=make_batches(pose=False)),
+        compare("cp2_pose_harpe", HARPE, make_batches(pose=True), cp=2),
+    ]
+    if torch.distributed.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1])
