@@ -17,6 +17,7 @@ setup(
         "sentencepiece",
         "psutil",  # megatron's torch_dist checkpoint writer hangs without it
         "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "dev": [

@@ -9,14 +9,14 @@ loss and the largest gradient difference in a JSON file that test_parallel.py as
 import json
 import os
 import sys
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 
 from megatron_ext.compat import enable_cpu_mode
 from megatron_ext.models import LongContextGPTModel, LongContextTransformerConfig, local_layer_spec
+from megatron_ext.models.init import global_param_name, tp_shard
 from megatron_ext.rope import RopeConfig, pose_position_ids
+from megatron_ext.training.train import forward_step
 
 VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 128, 32, 2, 4
 HARPE = RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e4, "b_max": 1e6, "order": "ascending"})
@@ -62,19 +62,6 @@ def make_batches(pose: bool):
     return batches
 
 
-def loss_func(loss_mask, per_token_loss):
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
-    tokens = mask.sum().to(torch.int)
-    return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.float()])}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return out, partial(loss_func, batch["loss_mask"])
-
-
 def run_step(model, batches):
     """One forward/backward over all micro-batches; returns (mean loss or None off the last stage)."""
     from megatron.core import parallel_state as ps
@@ -104,24 +91,6 @@ def init_layout(tp=1, pp=1, cp=1):
                                  context_parallel_size=cp)
 
 
-def global_name(name, model):
-    """decoder.layers.{local}. -> decoder.layers.{global}. (pipeline stages renumber from 0)."""
-    if not name.startswith("decoder.layers."):
-        return name
-    local = int(name.split(".")[2])
-    global_index = model.decoder.layers[local].layer_number - 1
-    return name.replace(f"decoder.layers.{local}.", f"decoder.layers.{global_index}.", 1)
-
-
-def shard_of(full, param, tp_rank, tp_size):
-    """This TP rank's piece of a full tensor, cut the way megatron's CPU init cuts it."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    pieces = torch.split(full, full.shape[dim] // (tp_size * stride), dim=dim)
-    return torch.cat(pieces[tp_rank::tp_size], dim=dim)
-
-
 def reference(rope, batches):
     init_layout()
     torch.manual_seed(0)
@@ -142,13 +111,13 @@ def compare(case, rope, batches, tp=1, pp=1, cp=1, stage_batches=None):
     tp_rank = ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(shard_of(ref_weights[global_name(name, model)], p, tp_rank, tp))
+            p.copy_(tp_shard(ref_weights[global_param_name(name, model)], p, tp_rank, tp))
     my_batches = batches
     if stage_batches is not None and not ps.is_pipeline_first_stage():
         my_batches = stage_batches
     loss = run_step(model, my_batches)
     grad_diff = max(
-        (p.grad - shard_of(ref_grads[global_name(n, model)], p, tp_rank, tp)).abs().max().item()
+        (p.grad - tp_shard(ref_grads[global_param_name(n, model)], p, tp_rank, tp)).abs().max().item()
         for n, p in model.named_parameters()
     )
     grad_scale = max(g.abs().max().item() for g in ref_grads.values())

@@ -1,7 +1,8 @@
 """Data: the sentencepiece tokenizer, a tiny offline corpus, preprocessing into megatron indexed datasets.
 
 Importing this package must not import megatron-core: spawned preprocessing workers import it, and
-megatron-core costs each ~4 s and ~300 MB. Names whose module needs megatron-core load on first use."""
+megatron-core costs each ~4 s and ~300 MB. Names whose module needs megatron-core (or torch, ~1 s) load on
+first use."""
 
 import importlib
 from typing import TYPE_CHECKING
@@ -17,30 +18,47 @@ from megatron_ext.data.preprocess import (
     run_preprocess,
 )
 
-_NEEDS_MEGATRON = {
+_LOADED_ON_FIRST_USE = {
     "SentencePieceTokenizer": "megatron_ext.data.tokenizer",
     "train_sentencepiece": "megatron_ext.data.tokenizer",
+    "MicroBatchIterator": "megatron_ext.data.dataset",
+    "PoseDataset": "megatron_ext.data.dataset",
+    "build_gpt_dataset": "megatron_ext.data.dataset",
+    "global_sample_indices": "megatron_ext.data.dataset",
+    "slice_for_context_parallel": "megatron_ext.data.dataset",
 }
 
 if TYPE_CHECKING:
+    from megatron_ext.data.dataset import (
+        MicroBatchIterator,
+        PoseDataset,
+        build_gpt_dataset,
+        global_sample_indices,
+        slice_for_context_parallel,
+    )
     from megatron_ext.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 __all__ = [
     "Document",
+    "MicroBatchIterator",
+    "PoseDataset",
     "PreprocessResult",
     "SentencePieceTokenizer",
     "SourceStats",
     "UpsampleRule",
     "add_preprocess_args",
+    "build_gpt_dataset",
     "build_tiny_corpus",
+    "global_sample_indices",
     "preprocess",
     "read_documents",
     "run_preprocess",
+    "slice_for_context_parallel",
     "train_sentencepiece",
 ]
 
 
 def __getattr__(name: str):
-    if name not in _NEEDS_MEGATRON:
+    if name not in _LOADED_ON_FIRST_USE:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_NEEDS_MEGATRON[name]), name)
+    return getattr(importlib.import_module(_LOADED_ON_FIRST_USE[name]), name)

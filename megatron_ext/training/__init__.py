@@ -1,0 +1,1 @@
+"""Training: config, the loop, metrics and checkpoints (megatron-core DDP, optimizer, dist_checkpointing)."""

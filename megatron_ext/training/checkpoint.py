@@ -1,0 +1,510 @@
+"""Checkpoints: atomic megatron-core dist_checkpointing saves, resume lookup, and loads that reshard.
+
+Imports torch, numpy, megatron.core and megatron_ext.compat only; never the training loop.
+
+On-disk layout (one directory per saved iteration, `iteration` zero-padded to 7 digits):
+
+    root/latest                      text: the name of the newest complete checkpoint, moved in last
+    root/iter_0000010/               megatron `dist_checkpointing.save` (torch_dist backend):
+        metadata.json, .metadata, __*.distcp   model + optimizer tensors, resharded on load
+        common.pt                    rank 0's plain objects, ours under the key "megatron_ext"
+        rng/rank_00000.pt            each rank's python/numpy/torch(/CUDA, megatron tracker) RNG
+        megatron_ext.json            the same plain objects, for people (iteration, state, ...)
+        complete                     marker: everything above is written
+    root/iter_0000020.tmp-<token>/   a save in progress, or one a crash interrupted (ignored)
+
+A save writes into the `.tmp-` directory, waits for every rank, then rank 0 renames it into place
+and replaces `latest`; only then are stale `.tmp-` directories and, with keep_last, older
+checkpoints removed. A crash at any point leaves the previous checkpoint and `latest` intact.
+
+Resharding on load (dist_checkpointing maps the saved global tensors onto the new layout):
+- model weights: any TP/PP/DP/VPP change.
+- optimizer state: the plain megatron optimizers (FP32Optimizer, Float16OptimizerWithFloat16Params)
+  reshard like the weights; the distributed optimizer is saved as 'fully_reshardable' by default
+  (TP/PP/DP may all change; the save gathers the state on DP rank 0), or as 'dp_reshardable'
+  (faster saves, only DP may change). The distributed optimizer's state can be loaded into a
+  plain optimizer and back only with 'fully_reshardable'.
+- RNG states are per rank: restored only when the world size and parallel layout match the save.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_ext.compat import enable_cpu_mode
+
+log = logging.getLogger("megatron_ext")
+
+__all__ = ["checkpoint_name", "find_checkpoint", "is_complete_checkpoint", "list_checkpoints",
+           "load_checkpoint", "save_checkpoint", "validate_checkpoint_dir"]
+
+FORMAT_VERSION = 1
+LATEST_FILE = "latest"
+COMPLETE_MARKER = "complete"
+MEGATRON_METADATA = "metadata.json"  # written by dist_checkpointing.save once all shards are in
+JSON_FILE = "megatron_ext.json"
+RNG_DIR = "rng"
+COMMON_KEY = "megatron_ext"  # our entry in megatron's common.pt
+TMP_INFIX = ".tmp-"
+DISTRIB_OPTIM_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
+_CHECKPOINT_NAME = re.compile(r"^iter_(\d{7,})$")
+
+
+def checkpoint_name(iteration: int) -> str:
+    """iter_0000010 for iteration 10 (megatron's naming)."""
+    return f"iter_{iteration:07d}"
+
+
+# --- which checkpoints exist ---------------------------------------------------------------
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """A final-named iter_ directory holding our `complete` marker or megatron's metadata.json."""
+    path = Path(path)
+    return (_CHECKPOINT_NAME.match(path.name) is not None and path.is_dir()
+            and ((path / COMPLETE_MARKER).is_file() or (path / MEGATRON_METADATA).is_file()))
+
+
+def _iteration_of(path: Path) -> int:
+    return int(_CHECKPOINT_NAME.match(path.name).group(1))
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under root, oldest (lowest iteration) first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if is_complete_checkpoint(p)), key=_iteration_of)
+
+
+def _latest_target(root: Path) -> Path | None:
+    """The checkpoint `root/latest` names, if the file exists (complete or not)."""
+    try:
+        name = (root / LATEST_FILE).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return root / name if name else None
+
+
+def find_checkpoint(root: str | Path, resume: str) -> Path | None:
+    """The checkpoint to resume from, as `checkpoint.resume` asks.
+
+    "auto": the one `root/latest` names if it is complete, else the newest complete one, else
+    None. "none": None. Anything else is a checkpoint directory (absolute, relative to the
+    working directory, or a name inside root); it must exist and be complete.
+    """
+    root = Path(root)
+    if resume is None or str(resume).strip().lower() == "none":
+        return None
+    if str(resume).strip().lower() == "auto":
+        latest = _latest_target(root)
+        if latest is not None and is_complete_checkpoint(latest):
+            return latest
+        complete = list_checkpoints(root)
+        if latest is not None:
+            log.warning(f"megatron_ext: {root / LATEST_FILE} names {latest.name}, which is not a "
+                        f"complete checkpoint; using the newest complete one instead "
+                        f"({complete[-1].name if complete else 'none found'})")
+        return complete[-1] if complete else None
+    return _explicit_checkpoint(root, Path(resume).expanduser())
+
+
+def _explicit_checkpoint(root: Path, path: Path) -> Path:
+    if not path.is_absolute() and not path.exists() and (root / path).exists():
+        path = root / path
+    return _require_complete(path)
+
+
+def _require_complete(path: Path) -> Path:
+    """`path` if it is a complete checkpoint; else an error saying what to set checkpoint.resume to."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"checkpoint.resume ({str(path)!r}) does not exist: set checkpoint.resume to an "
+            f"existing iter_XXXXXXX directory, to 'auto' (the newest complete checkpoint in "
+            f"checkpoint.dir) or to 'none' (start from scratch)")
+    if is_complete_checkpoint(path):
+        return path
+    inside = list_checkpoints(path)
+    if inside:
+        raise ValueError(
+            f"checkpoint.resume ({str(path)!r}) is a directory of checkpoints, not one "
+            f"checkpoint: set checkpoint.resume to one of its iter_ directories (newest complete: "
+            f"{inside[-1]}) or to 'auto' with checkpoint.dir: {str(path)!r}")
+    siblings = list_checkpoints(path.parent)
+    hint = f" (newest complete next to it: {siblings[-1]})" if siblings else ""
+    raise ValueError(
+        f"checkpoint.resume ({str(path)!r}) is not a complete checkpoint: it has neither a "
+        f"'{COMPLETE_MARKER}' marker nor megatron's {MEGATRON_METADATA} (an interrupted save?). "
+        f"Set checkpoint.resume to a complete iter_ directory{hint} or to 'auto'")
+
+
+def validate_checkpoint_dir(root: str | Path) -> None:
+    """Raise before any work when checkpoint.dir cannot hold checkpoints. Creates nothing."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"checkpoint.dir ({str(root)!r}) is a file: set checkpoint.dir to a directory")
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"checkpoint.dir ({str(root)!r}) cannot be created: {str(existing)!r} is a file. "
+            f"Set checkpoint.dir to a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"checkpoint.dir ({str(root)!r}) is not writable ({str(existing)!r} denies write "
+            f"access): set checkpoint.dir to a writable directory")
+
+
+# --- ranks ---------------------------------------------------------------------------------
+
+def _require_distributed(action: str) -> None:
+    if not torch.distributed.is_initialized():
+        raise RuntimeError(
+            f"{action} uses megatron's dist_checkpointing, which needs torch.distributed: call "
+            f"torch.distributed.init_process_group first (a one-process gloo group is enough)")
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _shared_token() -> str:
+    """A fresh name suffix chosen by rank 0 and known to every rank."""
+    token = [f"{os.getpid()}-{uuid.uuid4().hex[:8]}" if _is_rank0() else None]
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def _parallel_layout() -> dict:
+    """World size and megatron's parallel sizes: per-rank RNG states only fit the same layout."""
+    from megatron.core import parallel_state as ps
+    layout = {"world_size": torch.distributed.get_world_size()}
+    if ps.model_parallel_is_initialized():
+        layout.update(
+            tensor=ps.get_tensor_model_parallel_world_size(),
+            pipeline=ps.get_pipeline_model_parallel_world_size(),
+            context=ps.get_context_parallel_world_size(),
+            expert=ps.get_expert_model_parallel_world_size(),
+            virtual_pipeline=ps.get_virtual_pipeline_model_parallel_world_size())
+    return layout
+
+
+# --- what goes into the checkpoint ---------------------------------------------------------
+
+def _chunks(model) -> list[torch.nn.Module]:
+    """The bare model chunks (through DDP / Float16Module wrappers)."""
+    from megatron.core.utils import unwrap_model
+    return unwrap_model(list(model) if isinstance(model, (list, tuple)) else [model])
+
+
+def _chunk_key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"  # megatron-LM's keys
+
+
+def _sharding_metadata(optimizer_sharding: str) -> dict:
+    """What both sharded_state_dict calls get; saved so the load asks for the same format."""
+    return {"chained_optim_avoid_prefix": True, "singleton_local_shards": False,
+            "distrib_optim_sharding_type": optimizer_sharding}
+
+
+def _sharded_state_dict(model, optimizer, metadata: dict, is_loading: bool) -> dict:
+    chunks = _chunks(model)
+    # sharded_state_dict adds process groups to the metadata it gets: give each call a copy
+    state = {_chunk_key(i, len(chunks)): chunk.sharded_state_dict(metadata=dict(metadata))
+             for i, chunk in enumerate(chunks)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading,
+                                                          metadata=dict(metadata))
+    return state
+
+
+def _megatron_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_flavor(optimizer) -> str | None:
+    """'distributed' (DistributedOptimizer), 'plain' (the others), None without an optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    if optimizer is None:
+        return None
+    inner = _megatron_optimizers(optimizer)
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    """False before the first step: there are no moments to save, and a fresh optimizer equals it."""
+    return any(len(o.optimizer.state) > 0 for o in _megatron_optimizers(optimizer))
+
+
+def _json_round_trip(state: dict) -> dict:
+    """`state` as it will read back from megatron_ext.json; a clear error if it is not JSON-able."""
+    try:
+        return json.loads(json.dumps(state))
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"save_checkpoint(state=...) must be JSON-able (dicts, lists, str, numbers, bool, "
+            f"None): {error}. Convert tensors with .tolist() and paths with str()") from error
+
+
+# --- RNG -----------------------------------------------------------------------------------
+
+def _capture_rng() -> dict:
+    """This rank's generator states, in a form torch.load(weights_only=True) accepts."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    version, internal, gauss = random.getstate()
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [bit_generator, keys.tolist(), pos, has_gauss, cached_gaussian],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "megatron_tracker": get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _restore_rng(states: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    bit_generator, keys, pos, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((bit_generator, np.asarray(keys, dtype=np.uint32), pos, has_gauss,
+                         cached_gaussian))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    get_cuda_rng_tracker().set_states(states["megatron_tracker"])
+
+
+def _rng_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+def _save_rng(checkpoint: Path, states: dict) -> None:
+    path = _rng_file(checkpoint, torch.distributed.get_rank())
+    path.parent.mkdir(exist_ok=True)
+    torch.save(states, path)
+
+
+# --- save ----------------------------------------------------------------------------------
+
+def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Module], optimizer,
+                    scheduler, state: dict, keep_last: int | None = None,
+                    optimizer_sharding: str = "fully_reshardable") -> Path:
+    """Save model chunks, optimizer, scheduler, RNG and `state` as root/iter_XXXXXXX; return it.
+
+    Collective: every rank calls it. `state` (config, HARPE bases, data position, ...) must be
+    JSON-able and the same on every rank (rank 0's is written). `optimizer_sharding` is the
+    distributed optimizer's format ('fully_reshardable' or 'dp_reshardable', see the module
+    docstring); other optimizers ignore it. keep_last=K then removes all but the K newest.
+    The call leaves every RNG as it found it.
+    """
+    root = Path(root)
+    _check_save_arguments(iteration, keep_last, optimizer_sharding)
+    validate_checkpoint_dir(root)
+    _require_distributed("save_checkpoint")
+    enable_cpu_mode()
+    started = time.perf_counter()
+    rng_states = _capture_rng()
+    common = _common_part(iteration, optimizer, scheduler, state, optimizer_sharding)
+
+    name, token = checkpoint_name(iteration), _shared_token()
+    staging = root / f"{name}{TMP_INFIX}{token}"
+    if _is_rank0():
+        staging.mkdir(parents=True)
+    _barrier()
+    _write_tensors(staging, model, optimizer, common)
+    _save_rng(staging, rng_states)
+    _barrier()  # every rank's files are in
+    final = root / name
+    if _is_rank0():
+        _finish(staging, final, common, token)
+        _remove_stale_staging(root)
+        if keep_last is not None:
+            _keep_newest(root, keep_last, token)
+    _barrier()  # nobody returns before the checkpoint is in place
+    _restore_rng(rng_states)
+    if _is_rank0():
+        log.info(f"megatron_ext: saved {final} in {time.perf_counter() - started:.1f} s")
+    return final
+
+
+def _check_save_arguments(iteration, keep_last, optimizer_sharding) -> None:
+    if not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration ({iteration!r}) must be an int >= 0")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last ({keep_last}) must be >= 1, or None to keep all")
+    if optimizer_sharding not in DISTRIB_OPTIM_SHARDING_TYPES:
+        raise ValueError(f"optimizer_sharding ({optimizer_sharding!r}) must be one of "
+                         f"{DISTRIB_OPTIM_SHARDING_TYPES}")
+
+
+def _common_part(iteration, optimizer, scheduler, state, optimizer_sharding) -> dict:
+    """Plain objects, identical on every rank: megatron keeps rank 0's in common.pt."""
+    flavor = _optimizer_flavor(optimizer)
+    return {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "optimizer": None if optimizer is None else {
+            "flavor": flavor, "has_state": _optimizer_has_state(optimizer)},
+        # The plain optimizers' format is the distributed optimizer's 'fully_reshardable' one.
+        "sharding_metadata": _sharding_metadata(
+            optimizer_sharding if flavor == "distributed" else "fully_reshardable"),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "parallel_layout": _parallel_layout(),
+        "state": _json_round_trip(state),
+    }
+
+
+def _write_tensors(staging: Path, model, optimizer, common: dict) -> None:
+    from megatron.core import dist_checkpointing
+    metadata = common["sharding_metadata"]
+    with_optimizer = common["optimizer"] is not None and common["optimizer"]["has_state"]
+    sharded = _sharded_state_dict(model, optimizer if with_optimizer else None, metadata,
+                                  is_loading=False)
+    sharded[COMMON_KEY] = common
+    dist_checkpointing.save(sharded, str(staging), content_metadata=dict(metadata))
+
+
+def _finish(staging: Path, final: Path, common: dict, token: str) -> None:
+    """Rank 0: mark the staging directory complete, move it into place, then point `latest` at it."""
+    summary = {**common, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (staging / JSON_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_synced(staging / COMPLETE_MARKER, final.name + "\n")
+    if final.exists():  # the same iteration saved again: the old copy goes first
+        _retire(final, token)
+    os.replace(staging, final)
+    latest_staging = final.parent / f"{LATEST_FILE}{TMP_INFIX}{token}"
+    _write_synced(latest_staging, final.name + "\n")
+    os.replace(latest_staging, final.parent / LATEST_FILE)
+    _sync_directory(final.parent)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _retire(checkpoint: Path, token: str) -> None:
+    """Rename to a staging name first, so a crash mid-delete never leaves a half 'complete' one."""
+    doomed = checkpoint.parent / f"{checkpoint.name}{TMP_INFIX}retired-{token}"
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Rank 0, after a good save: what interrupted saves (or deletes) left behind."""
+    for path in root.iterdir():
+        if TMP_INFIX in path.name and path.name.startswith(("iter_", LATEST_FILE)):
+            log.info(f"megatron_ext: removing {path} (left by an interrupted save)")
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def _keep_newest(root: Path, keep_last: int, token: str) -> None:
+    latest = _latest_target(root)
+    for checkpoint in list_checkpoints(root)[:-keep_last]:
+        if latest is None or checkpoint.name != latest.name:
+            _retire(checkpoint, token)
+
+
+# --- load ----------------------------------------------------------------------------------
+
+def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer=None,
+                    scheduler=None, restore_rng: bool = True) -> dict:
+    """Load a checkpoint into `model` (and `optimizer`, `scheduler`), resharding as needed.
+
+    Collective: every rank calls it. optimizer=None loads the weights only (eval, conversion).
+    Returns {"iteration", "state" (the dict given to save_checkpoint), "path",
+    "rng_restored"}; RNG states are restored when asked and the parallel layout is unchanged.
+    """
+    path = _require_complete(Path(path).expanduser())
+    _require_distributed("load_checkpoint")
+    enable_cpu_mode()
+    from megatron.core import dist_checkpointing
+    started = time.perf_counter()
+    common = dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY)
+    if common is None:
+        raise ValueError(
+            f"checkpoint.resume ({str(path)!r}) is a megatron checkpoint without megatron_ext's "
+            f"state (iteration, scheduler, RNG): resume from a checkpoint written by "
+            f"megatron_ext.training.checkpoint.save_checkpoint")
+    load_optimizer_state = _check_optimizer_matches(path, common["optimizer"], optimizer)
+
+    sharded = _sharded_state_dict(model, optimizer if load_optimizer_state else None,
+                                  common["sharding_metadata"], is_loading=True)
+    loaded = dist_checkpointing.load(sharded, str(path))
+    chunks = _chunks(model)
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[_chunk_key(index, len(chunks))], strict=True)
+    if load_optimizer_state:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and common["scheduler"] is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    rng_restored = restore_rng and _load_rng(path, common["parallel_layout"])
+    if _is_rank0():
+        log.info(f"megatron_ext: loaded {path} (iteration {common['iteration']}) in "
+                 f"{time.perf_counter() - started:.1f} s")
+    return {"iteration": common["iteration"], "state": common["state"], "path": path,
+            "rng_restored": rng_restored}
+
+
+def _check_optimizer_matches(path: Path, saved: dict | None, optimizer) -> bool:
+    """Whether to load optimizer state; an error, before any work, when it cannot be loaded."""
+    if optimizer is None:
+        return False
+    if saved is None:
+        raise ValueError(
+            f"{path} holds no optimizer state (saved with optimizer=None): load it without the "
+            f"optimizer (checkpoint.load_optimizer: false)")
+    flavor = _optimizer_flavor(optimizer)
+    if saved["flavor"] != flavor:
+        raise ValueError(
+            f"{path} holds {saved['flavor']} optimizer state and the run builds a {flavor} "
+            f"optimizer; megatron-core cannot convert between them. Set "
+            f"parallel.use_distributed_optimizer: {saved['flavor'] == 'distributed'} to resume, "
+            f"or load the weights only (checkpoint.load_optimizer: false)")
+    if not saved["has_state"] and _is_rank0():
+        log.info(f"megatron_ext: {path} was saved before the first optimizer step; the "
+                 f"optimizer starts fresh")
+    return saved["has_state"]
+
+
+def _load_rng(checkpoint: Path, saved_layout: dict) -> bool:
+    layout = _parallel_layout()
+    rng_file = _rng_file(checkpoint, torch.distributed.get_rank())
+    if layout != saved_layout or not rng_file.is_file():
+        if _is_rank0():
+            log.warning(f"megatron_ext: RNG states not restored from {checkpoint} (saved with "
+                        f"{saved_layout}, now {layout}): random draws after resume differ "
+                        f"from an uninterrupted run")
+        return False
+    _restore_rng(torch.load(rng_file, weights_only=True))
+    return True

@@ -1,0 +1,384 @@
+"""The training loop: LongContextGPTModel on megatron-core's DDP, optimizer and pipeline schedules.
+
+Read top to bottom: set up ranks -> data -> model -> optimizer -> resume -> iterate -> save.
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ext.training.config import TrainConfig
+from megatron_ext.training.metrics import TrainLogger, flops_per_token, matmul_parameters, peak_tflops
+
+log = logging.getLogger("megatron_ext")
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # iteration -> mean loss (on every rank)
+    last_checkpoint: str | None = None
+    iterations_run: int = 0
+    stopped_by_signal: bool = False
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a training job described by a validated TrainConfig."""
+    device = setup_distributed(config)
+    from megatron.core import parallel_state as ps
+
+    tokenizer, data_prefixes = prepare_data(config)
+    vocab_size = padded_vocab_size(config.model.vocab_size or tokenizer.vocab_size,
+                                   config.parallel.tensor_model_parallel_size)
+    torch.manual_seed(config.training.seed)  # the same on every rank: CPU init slices one full weight
+    if device.type == "cuda":
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(config.training.seed)
+    model = build_model(config, vocab_size, device)
+    optimizer, scheduler = build_optimizer(config, model)
+
+    from megatron_ext.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+    start_iteration = 0
+    resume_from = find_checkpoint(config.checkpoint.dir, config.checkpoint.resume)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model,
+                                optimizer=optimizer if config.checkpoint.load_optimizer else None,
+                                scheduler=scheduler)
+        start_iteration = state["iteration"]
+        log.info(f"megatron_ext: resumed from {resume_from} at iteration {start_iteration}")
+
+    batches = build_batches(config, tokenizer, data_prefixes, start_iteration)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    logger = TrainLogger(
+        enabled=rank == world - 1,  # a rank of the last pipeline stage, which holds the loss
+        total_iters=config.training.train_iters, start_iter=start_iteration,
+        log_interval=config.logging.log_interval, tensorboard_dir=config.logging.tensorboard_dir,
+        wandb_project=config.logging.wandb_project, progress_bar=config.logging.progress_bar,
+        run_config=config.to_dict(),
+    )
+    throughput = Throughput(config, vocab_size, world, device)
+    stop = StopSignal(config.training.exit_signal_handler)
+    result = TrainResult()
+
+    def save(iteration):
+        state = checkpoint_state(config, model, tokenizer, iteration)
+        path = save_checkpoint(config.checkpoint.dir, iteration, model=model, optimizer=optimizer,
+                               scheduler=scheduler, state=state, keep_last=config.checkpoint.keep_last)
+        result.last_checkpoint = str(path)
+
+    for iteration in range(start_iteration + 1, config.training.train_iters + 1):
+        start = time.perf_counter()
+        loss, grad_norm = train_step(model, optimizer, scheduler, batches.next_iteration(), config)
+        seconds = time.perf_counter() - start
+        result.losses[iteration] = loss
+        result.iterations_run += 1
+        metrics = dict(loss=loss, lr=scheduler.get_lr(optimizer.param_groups[0]), grad_norm=grad_norm,
+                       **throughput.of(seconds))
+        logger.log(iteration, metrics)
+        if rank == world - 1 and config.logging.metrics_file:
+            append_metrics(config.logging.metrics_file, iteration, metrics)
+        last = iteration == config.training.train_iters
+        exit_interval = config.training.exit_interval
+        if stop.requested() or (exit_interval and result.iterations_run % exit_interval == 0 and not last):
+            save(iteration)
+            result.stopped_by_signal = stop.received
+            log.info(f"megatron_ext: stopping after iteration {iteration} (checkpoint saved); resume with --resume auto")
+            break
+        if iteration % config.checkpoint.save_interval == 0 or last:
+            save(iteration)
+    logger.close()
+    ps.destroy_model_parallel()
+    return result
+
+
+# --- ranks ---------------------------------------------------------------------------------
+
+
+def setup_distributed(config: TrainConfig) -> torch.device:
+    """Join (or create) the process group and megatron's TP/PP/CP/DP groups; CPU mode without CUDA."""
+    from megatron.core import parallel_state as ps
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        from megatron_ext.compat import enable_cpu_mode
+        enable_cpu_mode()
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # a plain single-process run
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        torch.distributed.init_process_group(backend)
+    p = config.parallel
+    world = torch.distributed.get_world_size()
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"world size {world} is not a multiple of TP x PP x CP = {model_parallel}: launch "
+            f"a multiple of {model_parallel} processes or change the parallel section"
+        )
+    ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor_model_parallel_size,
+                                 pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+                                 context_parallel_size=p.context_parallel_size)
+    return device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+def prepare_data(config: TrainConfig):
+    """The tokenizer and the indexed-dataset prefixes; builds the tiny corpus on rank 0 if asked."""
+    from megatron_ext.data import SentencePieceTokenizer
+    from megatron_ext.data.tiny import prepare_tiny_dataset
+
+    data = config.data
+    if data.tiny_corpus:
+        tiny = partial(prepare_tiny_dataset, data.cache_dir, seed=config.training.seed,
+                       num_documents=data.tiny_corpus_documents, vocab_size=data.tokenizer_vocab_size,
+                       upsample=data.upsample)
+        if torch.distributed.get_rank() == 0:
+            tiny(build=True)
+        torch.distributed.barrier()
+        tokenizer_model, prefix = tiny(build=False)
+        return SentencePieceTokenizer(tokenizer_model), [prefix]
+    return SentencePieceTokenizer(data.tokenizer_model), list(data.train_data)
+
+
+def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_iteration: int):
+    """Micro-batches for this DP rank, starting at the resumed iteration; PoSE ids when enabled."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.data import MicroBatchIterator, PoseDataset, build_gpt_dataset
+
+    t, data = config.training, config.data
+    dataset = build_gpt_dataset(
+        prefixes, config.model.seq_length, tokenizer, num_samples=t.train_iters * t.global_batch_size,
+        seed=t.seed, cache_dir=str(Path(data.cache_dir) / "index"), weights=data.train_data_weights,
+    )
+    if config.pose.enabled:
+        pose = config.pose
+        dataset = PoseDataset(dataset, target_length=pose.target_length, seed=t.seed, num_chunks=pose.num_chunks,
+                              variant=pose.variant, mask_chunk_boundary=pose.mask_chunk_boundary)
+    return MicroBatchIterator(dataset, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
+                              dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+                              start_iteration=start_iteration)
+
+
+# --- model and optimizer -------------------------------------------------------------------
+
+
+def precision(config: TrainConfig, device) -> torch.dtype:
+    choice = config.training.precision
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if choice == "bf16" else torch.float32
+
+
+def transformer_config(config: TrainConfig, device):
+    """TrainConfig -> megatron's TransformerConfig (+ our rope section)."""
+    from megatron_ext.models import LongContextTransformerConfig
+    from megatron_ext.models.specs import transformer_engine_available
+
+    m, p, t = config.model, config.parallel, config.training
+    dtype = precision(config, device)
+    fused = device.type == "cuda" and transformer_engine_available()
+    recompute = dict(none={}, selective=dict(recompute_granularity="selective"),
+                     full=dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
+    return LongContextTransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_size,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
+        use_cpu_initialization=device.type == "cpu", params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16, normalization=m.normalization, layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.swiglu, activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=False,
+        init_method_std=m.init_method_std, hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+        bias_activation_fusion=fused, bias_dropout_fusion=fused, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=fused, apply_rope_fusion=False, persist_layer_norm=False,
+        calculate_per_token_loss=True, rope=config.rope, **recompute[t.recompute],
+    )
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
+    """Round the vocabulary up to a multiple of 128 x TP (as Megatron-LM does): even TP shards, fast GEMMs."""
+    step = multiple * tp_size
+    return -(-vocab_size // step) * step
+
+
+def build_model(config: TrainConfig, vocab_size: int, device) -> list:
+    """This pipeline stage's LongContextGPTModel, in Float16Module for bf16, in megatron's DDP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_ext.models import LongContextGPTModel, layer_spec
+    from megatron_ext.models.init import layout_independent_init
+
+    tc = transformer_config(config, device)
+    model = LongContextGPTModel(
+        tc, layer_spec(normalization=config.model.normalization), vocab_size, config.model.seq_length,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=config.model.tie_embeddings,
+    ).to(device)
+    layout_independent_init(model, config.training.seed)
+    if tc.bf16:
+        model = Float16Module(tc, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=False,
+    )
+    model = DistributedDataParallel(tc, ddp_config, model)
+    tc.finalize_model_grads_func = finalize_model_grads
+    tc.no_sync_func = model.no_sync
+    return [model]
+
+
+def build_optimizer(config: TrainConfig, model: list):
+    """megatron's Adam (distributed when asked) and its warmup + decay LR schedule."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o, t = config.optimizer, config.training
+    tc = model[0].config
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                        clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
+                        use_distributed_optimizer=config.parallel.use_distributed_optimizer),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
+        lr_decay_steps=o.lr_decay_iters or t.train_iters, lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+# --- one step ------------------------------------------------------------------------------
+
+
+def loss_func(loss_mask, per_token_loss):
+    """Per-token sum + token count: megatron divides by the global count (calculate_per_token_loss)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    tokens = mask.sum().to(torch.int)
+    return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
+    """Forward/backward over the iteration's micro-batches, then one optimizer step."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ext.data import slice_for_context_parallel
+
+    device = next(model[0].parameters()).device
+    micro_batches = [{k: v.to(device) for k, v in slice_for_context_parallel(b).items()} for b in micro_batches]
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
+        num_microbatches=len(micro_batches), seq_length=micro_batches[0]["tokens"].shape[1],
+        micro_batch_size=config.training.micro_batch_size, forward_only=False,
+    )
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    total = torch.zeros(2, device=device)
+    if ps.is_pipeline_last_stage():
+        total = torch.stack([l["lm loss"] for l in losses]).sum(0).to(device)
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    # every rank learns the loss (the last stage's), so results and logs agree everywhere
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
+    return (total[0] / total[1]).item(), (float(grad_norm) if grad_norm is not None else None)
+
+
+# --- bookkeeping ---------------------------------------------------------------------------
+
+
+def checkpoint_state(config: TrainConfig, model, tokenizer, iteration) -> dict:
+    """What a checkpoint records besides tensors: config, HARPE bases, tokenizer, data position."""
+    from megatron.core import parallel_state as ps
+
+    groups = config.model.num_query_groups or config.model.num_attention_heads
+    return dict(
+        iteration=iteration,
+        consumed_samples=iteration * config.training.global_batch_size,
+        config=config.to_dict(),
+        head_bases=config.rope.group_bases(groups).tolist(),
+        tokenizer_model=str(Path(tokenizer.model_path).resolve()),
+        parallel=dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                      cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size()),
+    )
+
+
+def append_metrics(path, iteration, metrics):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(iteration=iteration, **metrics)) + "\n")
+
+
+class Throughput:
+    """tokens/s, model TFLOP/s per device and MFU (formula in megatron_ext.training.metrics)."""
+
+    def __init__(self, config: TrainConfig, vocab_size: int, world_size: int, device):
+        m = config.model
+        groups = m.num_query_groups or m.num_attention_heads
+        n = matmul_parameters(m.num_layers, m.hidden_size, m.ffn_size, m.num_attention_heads, groups, vocab_size, m.swiglu)
+        self.flops_per_token = flops_per_token(n, m.num_layers, m.hidden_size, m.seq_length)
+        self.tokens_per_step = config.training.global_batch_size * m.seq_length
+        self.world_size = world_size
+        name = torch.cuda.get_device_name() if device.type == "cuda" else None
+        self.peak = config.logging.gpu_peak_tflops or peak_tflops(name)
+
+    def of(self, seconds: float) -> dict:
+        tokens_per_second = self.tokens_per_step / seconds
+        tflops = tokens_per_second * self.flops_per_token / self.world_size / 1e12
+        return dict(tokens_per_s=tokens_per_second, tflops_per_device=tflops,
+                    mfu=(tflops / self.peak) if self.peak else None, step_s=seconds)
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit): finish the step, save, exit."""
+
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
