@@ -1,4 +1,5 @@
 # Two entry points for a fresh machine: `make quickstart` (tiny HARPE run on CPU) and `make test`.
+# Both create .venv and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,8 +15,12 @@ $(BIN)/.installed: setup.py requirements-cpu.txt constraints-cpu.txt
 
 install: $(BIN)/.installed
 
+quickstart: install
+	$(BIN)/megatron-ext train --config examples/configs/tiny_harpe_cpu.yaml
+
 test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
 	$(BIN)/python benchmarks/rope_overhead.py
+	$(BIN)/python benchmarks/train_throughput.py

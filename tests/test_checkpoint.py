@@ -35,11 +35,12 @@ def parallel_state(single_rank):
 
 # --- a tiny HARPE GPT in megatron DDP + Adam + LR schedule ---------------------------------
 
-def make_config():
+def make_config(bf16=False):
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return LongContextTransformerConfig(
         num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=48, rope=HARPE, use_cpu_initialization=True,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32, normalization="RMSNorm",
+        bf16=bf16, params_dtype=dtype, pipeline_dtype=dtype, normalization="RMSNorm",
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.1,  # dropout makes the losses depend on the restored torch RNG
         attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
@@ -47,24 +48,28 @@ def make_config():
         persist_layer_norm=False)
 
 
-def build_model(seed):
+def build_model(seed, bf16=False):
     torch.manual_seed(seed)
-    return LongContextGPTModel(make_config(), local_layer_spec(), VOCAB, SEQ)
+    return LongContextGPTModel(make_config(bf16), local_layer_spec(), VOCAB, SEQ)
 
 
-def build_training(seed, *, distributed):
+def build_training(seed, *, distributed, bf16=False):
     """[DDP model], megatron Adam, OptimizerParamScheduler (warmup, so the LR changes each step)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    model = build_model(seed)
+    from megatron.core.transformer.module import Float16Module
+    model = build_model(seed, bf16)
+    if bf16:
+        model = Float16Module(model.config, model)
     ddp_model = DistributedDataParallel(
         config=model.config, module=model,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                  use_distributed_optimizer=distributed))
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0,
-                        use_distributed_optimizer=distributed), [ddp_model])
+                        use_distributed_optimizer=distributed, bf16=bf16,
+                        params_dtype=model.config.params_dtype), [ddp_model])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3, lr_warmup_steps=3, lr_decay_steps=20,
         lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=20,
@@ -108,9 +113,10 @@ def save(root, iteration, training, **kwargs):
 
 # --- exact resume ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("distributed", [False, True], ids=["adam", "distributed-adam"])
-def test_resumed_run_repeats_the_uninterrupted_run_bitwise(tmp_path, distributed):
-    saved = build_training(seed=0, distributed=distributed)
+@pytest.mark.parametrize("distributed, bf16", [(False, False), (True, False), (False, True)],
+                         ids=["adam", "distributed-adam", "bf16-adam"])
+def test_resumed_run_repeats_the_uninterrupted_run_bitwise(tmp_path, distributed, bf16):
+    saved = build_training(seed=0, distributed=distributed, bf16=bf16)
     for index in (0, 1):
         train_step(*saved, index)
     path = save(tmp_path, 2, saved)
@@ -118,7 +124,7 @@ def test_resumed_run_repeats_the_uninterrupted_run_bitwise(tmp_path, distributed
     uninterrupted = [train_step(*saved, index) for index in (2, 3)]
     at_end = parameters(saved[0])
 
-    resumed = build_training(seed=1, distributed=distributed)  # other weights, fresh state
+    resumed = build_training(seed=1, distributed=distributed, bf16=bf16)  # other weights
     info = load_checkpoint(path, model=resumed[0], optimizer=resumed[1], scheduler=resumed[2])
     assert info["iteration"] == 2 and info["state"] == STATE and info["rng_restored"]
     assert_same_parameters(resumed[0], at_save)

@@ -80,3 +80,9 @@ def test_stop_and_resume_reproduces_the_uninterrupted_losses(runs):
 def test_tp2_checkpoint_loads_at_tp1_with_the_same_next_loss(runs):
     assert sorted(runs["tp2_to_tp1"]) == [4]
     assert runs["tp2_to_tp1"][4] == pytest.approx(runs["tp2"][4], abs=2e-5)
+
+
+def test_pretrained_weights_start_a_new_run_at_iteration_one(runs):
+    """Weights trained for 3 iterations start a fresh run: iteration 1 again, with a lower loss."""
+    assert sorted(runs["pretrained"]) == [1]
+    assert runs["pretrained"][1] < runs["single"][1] - 0.05

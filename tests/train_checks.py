@@ -42,6 +42,8 @@ def main(workdir: str, base_json: str):
     results["resume_first_leg"], results["resume_second_leg"] = first, second
     tp2_checkpoint = workdir / "tp2" / "iter_0000003"
     results["tp2_to_tp1"] = run(base, "tp2_to_tp1", workdir, [f"checkpoint.resume={tp2_checkpoint}"])
+    results["pretrained"] = run(base, "pretrained", workdir, [f"checkpoint.pretrained={tp2_checkpoint}",
+                                                              "training.train_iters=1"])
     if torch.distributed.get_rank() == 0:
         (workdir / "results.json").write_text(json.dumps(results))
     torch.distributed.destroy_process_group()

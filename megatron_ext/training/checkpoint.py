@@ -18,12 +18,12 @@ and replaces `latest`; only then are stale `.tmp-` directories and, with keep_la
 checkpoints removed. A crash at any point leaves the previous checkpoint and `latest` intact.
 
 Resharding on load (dist_checkpointing maps the saved global tensors onto the new layout):
-- model weights: any TP/PP/DP/VPP change.
+- model weights: TP, PP and DP may all change.
 - optimizer state: the plain megatron optimizers (FP32Optimizer, Float16OptimizerWithFloat16Params)
   reshard like the weights; the distributed optimizer is saved as 'fully_reshardable' by default
   (TP/PP/DP may all change; the save gathers the state on DP rank 0), or as 'dp_reshardable'
-  (faster saves, only DP may change). The distributed optimizer's state can be loaded into a
-  plain optimizer and back only with 'fully_reshardable'.
+  (no gather, only DP may change: other changes are refused before loading). Plain <->
+  distributed optimizer state does not convert (megatron-core fails); that is refused too.
 - RNG states are per rank: restored only when the world size and parallel layout match the save.
 """
 from __future__ import annotations
@@ -248,8 +248,17 @@ def _optimizer_flavor(optimizer) -> str | None:
 
 
 def _optimizer_has_state(optimizer) -> bool:
-    """False before the first step: there are no moments to save, and a fresh optimizer equals it."""
-    return any(len(o.optimizer.state) > 0 for o in _megatron_optimizers(optimizer))
+    """False before the first step: there are no moments to save, and a fresh optimizer equals it.
+
+    Decided over all ranks, since every rank must save the same keys (a distributed-optimizer
+    rank may own no parameters).
+    """
+    local = any(len(o.optimizer.state) > 0 for o in _megatron_optimizers(optimizer))
+    if torch.distributed.get_world_size() == 1:
+        return local
+    every_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every_rank, local)
+    return any(every_rank)
 
 
 def _json_round_trip(state: dict) -> dict:
@@ -456,7 +465,7 @@ def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer
             f"checkpoint.resume ({str(path)!r}) is a megatron checkpoint without megatron_ext's "
             f"state (iteration, scheduler, RNG): resume from a checkpoint written by "
             f"megatron_ext.training.checkpoint.save_checkpoint")
-    load_optimizer_state = _check_optimizer_matches(path, common["optimizer"], optimizer)
+    load_optimizer_state = _check_optimizer_matches(path, common, optimizer)
 
     sharded = _sharded_state_dict(model, optimizer if load_optimizer_state else None,
                                   common["sharding_metadata"], is_loading=True)
@@ -476,8 +485,9 @@ def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer
             "rng_restored": rng_restored}
 
 
-def _check_optimizer_matches(path: Path, saved: dict | None, optimizer) -> bool:
+def _check_optimizer_matches(path: Path, common: dict, optimizer) -> bool:
     """Whether to load optimizer state; an error, before any work, when it cannot be loaded."""
+    saved = common["optimizer"]
     if optimizer is None:
         return False
     if saved is None:
@@ -491,10 +501,29 @@ def _check_optimizer_matches(path: Path, saved: dict | None, optimizer) -> bool:
             f"optimizer; megatron-core cannot convert between them. Set "
             f"parallel.use_distributed_optimizer: {saved['flavor'] == 'distributed'} to resume, "
             f"or load the weights only (checkpoint.load_optimizer: false)")
-    if not saved["has_state"] and _is_rank0():
-        log.info(f"megatron_ext: {path} was saved before the first optimizer step; the "
-                 f"optimizer starts fresh")
-    return saved["has_state"]
+    if not saved["has_state"]:
+        if _is_rank0():
+            log.info(f"megatron_ext: {path} was saved before the first optimizer step; the "
+                     f"optimizer starts fresh")
+        return False
+    _check_dp_reshardable_layout(path, common)
+    return True
+
+
+def _check_dp_reshardable_layout(path: Path, common: dict) -> None:
+    """'dp_reshardable' optimizer state is laid out per TP/PP/EP rank: only DP may change."""
+    if common["sharding_metadata"]["distrib_optim_sharding_type"] != "dp_reshardable":
+        return
+    model_parallel = ("tensor", "pipeline", "context", "expert", "virtual_pipeline")
+    saved = {k: common["parallel_layout"].get(k) for k in model_parallel}
+    now = {k: _parallel_layout().get(k) for k in model_parallel}
+    if saved != now:
+        raise ValueError(
+            f"{path} holds distributed-optimizer state in the 'dp_reshardable' format, saved "
+            f"with {saved}; this run has {now}, and that format only lets the data-parallel "
+            f"size change. Resume with the saved sizes, or load the weights only "
+            f"(checkpoint.load_optimizer: false); save with optimizer_sharding="
+            f"'fully_reshardable' to change TP/PP later")
 
 
 def _load_rng(checkpoint: Path, saved_layout: dict) -> bool:

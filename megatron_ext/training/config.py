@@ -101,6 +101,7 @@ class CheckpointConfig:
     save_interval: int = 50
     keep_last: int | None = 2
     resume: str = "auto"  # auto (newest complete one, if any) | none | a checkpoint directory
+    pretrained: str | None = None  # weights to start from when there is nothing to resume (e.g. a converted HF model)
     load_optimizer: bool = True
 
 

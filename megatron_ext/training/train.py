@@ -54,6 +54,9 @@ def train(config: TrainConfig) -> TrainResult:
                                 scheduler=scheduler)
         start_iteration = state["iteration"]
         log.info(f"megatron_ext: resumed from {resume_from} at iteration {start_iteration}")
+    elif config.checkpoint.pretrained:
+        load_checkpoint(config.checkpoint.pretrained, model=model)  # weights only; iteration 0
+        log.info(f"megatron_ext: starting from the weights of {config.checkpoint.pretrained}")
 
     batches = build_batches(config, tokenizer, data_prefixes, start_iteration)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -66,7 +69,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     throughput = Throughput(config, vocab_size, world, device)
     stop = StopSignal(config.training.exit_signal_handler)
-    result = TrainResult()
+    result = TrainResult(last_checkpoint=str(resume_from) if resume_from else None)
 
     def save(iteration):
         state = checkpoint_state(config, model, tokenizer, iteration)
