@@ -13,10 +13,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.metrics import TrainLogger, flops_per_token, matmul_parameters, peak_tflops
+from megatron_ext.training.model_builder import build_gpt, padded_vocab_size
 
 log = logging.getLogger("megatron_ext")
 
@@ -187,45 +187,6 @@ def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_ite
 # --- model and optimizer -------------------------------------------------------------------
 
 
-def precision(config: TrainConfig, device) -> torch.dtype:
-    choice = config.training.precision
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if choice == "bf16" else torch.float32
-
-
-def transformer_config(config: TrainConfig, device):
-    """TrainConfig -> megatron's TransformerConfig (+ our rope section)."""
-    from megatron_ext.models import LongContextTransformerConfig
-    from megatron_ext.models.specs import transformer_engine_available
-
-    m, p, t = config.model, config.parallel, config.training
-    dtype = precision(config, device)
-    fused = device.type == "cuda" and transformer_engine_available()
-    recompute = dict(none={}, selective=dict(recompute_granularity="selective"),
-                     full=dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
-    return LongContextTransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_size,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
-        use_cpu_initialization=device.type == "cpu", params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16, normalization=m.normalization, layernorm_epsilon=m.norm_epsilon,
-        gated_linear_unit=m.swiglu, activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=False,
-        init_method_std=m.init_method_std, hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
-        bias_activation_fusion=fused, bias_dropout_fusion=fused, masked_softmax_fusion=False,
-        gradient_accumulation_fusion=fused, apply_rope_fusion=False, persist_layer_norm=False,
-        calculate_per_token_loss=True, rope=config.rope, **recompute[t.recompute],
-    )
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
-    """Round the vocabulary up to a multiple of 128 x TP (as Megatron-LM does): even TP shards, fast GEMMs."""
-    step = multiple * tp_size
-    return -(-vocab_size // step) * step
-
-
 def build_model(config: TrainConfig, vocab_size: int, device) -> list:
     """This pipeline stage's LongContextGPTModel, in Float16Module for bf16, in megatron's DDP."""
     from megatron.core import parallel_state as ps
@@ -233,15 +194,10 @@ def build_model(config: TrainConfig, vocab_size: int, device) -> list:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_ext.models import LongContextGPTModel, layer_spec
     from megatron_ext.models.init import layout_independent_init
 
-    tc = transformer_config(config, device)
-    model = LongContextGPTModel(
-        tc, layer_spec(normalization=config.model.normalization), vocab_size, config.model.seq_length,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=config.model.tie_embeddings,
-    ).to(device)
+    model = build_gpt(config, vocab_size, device)
+    tc = model.config
     layout_independent_init(model, config.training.seed)
     if tc.bf16:
         model = Float16Module(tc, model)
@@ -328,6 +284,7 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
 def checkpoint_state(config: TrainConfig, model, tokenizer, iteration) -> dict:
     """What a checkpoint records besides tensors: config, HARPE bases, tokenizer, data position."""
     from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
 
     groups = config.model.num_query_groups or config.model.num_attention_heads
     return dict(
@@ -336,6 +293,8 @@ def checkpoint_state(config: TrainConfig, model, tokenizer, iteration) -> dict:
         config=config.to_dict(),
         head_bases=config.rope.group_bases(groups).tolist(),
         tokenizer_model=str(Path(tokenizer.model_path).resolve()),
+        tokenizer_vocab_size=tokenizer.vocab_size,
+        padded_vocab_size=unwrap_model(model[0]).vocab_size,
         parallel=dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
                       cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size()),
     )
