@@ -72,8 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_megatron_warnings() -> None:
+    """megatron-core warns once per module that TE/apex are missing; we say which path runs in one line."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_megatron_warnings()
     return args.func(args)
 
 

@@ -116,6 +116,7 @@ def setup_distributed(config: TrainConfig) -> torch.device:
         from megatron_ext.compat import enable_cpu_mode
         enable_cpu_mode()
         device, backend = torch.device("cpu"), "gloo"
+    log.info(f"megatron_ext: device {device}, backend {backend}, fused kernels: {fused_kernels_line()}")
     if not torch.distributed.is_initialized():
         if "RANK" not in os.environ:  # a plain single-process run
             os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -133,6 +134,19 @@ def setup_distributed(config: TrainConfig) -> torch.device:
                                  pipeline_model_parallel_size=p.pipeline_model_parallel_size,
                                  context_parallel_size=p.context_parallel_size)
     return device
+
+
+def fused_kernels_line() -> str:
+    """Which optional GPU extras are importable (they change megatron's code paths)."""
+    from megatron_ext.models.specs import transformer_engine_available
+
+    try:
+        import apex  # noqa: F401  (NVIDIA apex, from the NGC container; never the PyPI package of that name)
+        has_apex = hasattr(apex, "optimizers")
+    except ImportError:
+        has_apex = False
+    te = "Transformer Engine" if transformer_engine_available() else "no Transformer Engine (local layers)"
+    return f"{te}, {'apex' if has_apex else 'no apex (torch optimizers)'}"
 
 
 def _free_port() -> int:

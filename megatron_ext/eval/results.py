@@ -1,0 +1,67 @@
+"""What every evaluation returns: a dataclass that prints as a table and saves as JSON; plus the progress bar.
+
+Standard library, numpy and tqdm only.
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+
+class EvalResult:
+    """Mixin for the result dataclasses: `.table()` (Markdown), `.to_json()`, `.save_json(path)`."""
+
+    task: str = "eval"
+
+    def table(self) -> str:  # each task says which columns matter
+        raise NotImplementedError
+
+    def to_json(self) -> dict:
+        return _plain(dataclasses.asdict(self)) | {"task": self.task}
+
+    def save_json(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        return path
+
+
+def _plain(value):
+    """JSON-safe copy: NaN/inf become null (JSON has neither), tuples become lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub Markdown table; floats with 4 significant digits, None as '-'."""
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress(total: int, description: str, enabled: bool = True):
+    """A tqdm bar on the reporting rank (rank 0); a silent stand-in elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="prompt", dynamic_ncols=True, leave=False,
+                disable=not (enabled and is_reporting_rank()))
+
+
+def is_reporting_rank() -> bool:
+    """Rank 0 prints and writes files; every rank computes the same numbers."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0

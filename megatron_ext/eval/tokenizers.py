@@ -1,0 +1,67 @@
+"""One text <-> token-id interface over our sentencepiece tokenizer and Hugging Face tokenizers.
+
+Prompts are assembled in token space from separately encoded pieces, so lengths and needle
+positions are exact; `encode_continuation` makes a piece tokenize as it would inside running text.
+No torch, no megatron.
+"""
+
+from typing import Protocol
+
+_ANCHOR = "x"  # a one-token word that text with a leading separator can follow without merging
+
+
+class EvalTokenizer(Protocol):
+    bos_id: int | None  # prepended to every evaluated sequence when not None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added."""
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def encode_continuation(tokenizer: EvalTokenizer, text: str) -> list[int]:
+    """Ids of `text` as it tokenizes after other text (`text` starts with its separator, e.g. " The" or "\\n").
+
+    sentencepiece prefixes a fresh string with a word-start marker and BPE tokenizers do not; encoding
+    "x" + text and dropping the ids of "x" gives the in-context form for both.
+    """
+    anchor = tokenizer.encode(_ANCHOR)
+    joined = tokenizer.encode(_ANCHOR + text)
+    if joined[: len(anchor)] == anchor:
+        return joined[len(anchor):]
+    return tokenizer.encode(text)  # the anchor merged with the text: fall back to a plain encoding
+
+
+class SentencePieceEvalTokenizer:
+    """megatron_ext's SentencePieceTokenizer (a checkpoint's tokenizer.model) behind EvalTokenizer."""
+
+    def __init__(self, model_path):
+        from megatron_ext.data.tokenizer import SentencePieceTokenizer
+
+        self._tokenizer = SentencePieceTokenizer(model_path)
+        self.bos_id = self._tokenizer.bos if self._tokenizer.bos >= 0 else None
+        self.vocab_size = self._tokenizer.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.tokenize(text)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.detokenize(ids)
+
+
+class HFEvalTokenizer:
+    """A Hugging Face tokenizer from a local directory behind EvalTokenizer."""
+
+    def __init__(self, local_dir):
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(str(local_dir), local_files_only=True,
+                                                        trust_remote_code=False)
+        self.bos_id = self._tokenizer.bos_token_id
+        self.vocab_size = len(self._tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids])
