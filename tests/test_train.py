@@ -49,13 +49,24 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = {name: {int(k): v for k, v in losses.items()}
                for name, losses in json.loads((work / "results.json").read_text()).items()}
-    lines = (work / "single.jsonl").read_text().splitlines()
-    results["single"] = {json.loads(l)["iteration"]: json.loads(l)["loss"] for l in lines}
+    rows = [json.loads(line) for line in (work / "single.jsonl").read_text().splitlines()]
+    results["single"] = {row["iteration"]: row["loss"] for row in rows}
+    results["single_metrics"] = rows
     return results
 
 
 def same_losses(a: dict, b: dict, iterations):
     assert [round(a[i], 5) for i in iterations] == pytest.approx([round(b[i], 5) for i in iterations], abs=2e-5)
+
+
+def test_metrics_file_has_a_row_per_iteration_with_throughput(runs):
+    rows = runs["single_metrics"]
+    assert [r["iteration"] for r in rows] == list(range(1, ITERS + 1))
+    for row in rows:
+        assert row["lr"] == pytest.approx(3e-3) and row["grad_norm"] > 0
+        # tokens/s is tokens per iteration over the step time; TFLOP/s follows from the FLOP formula
+        assert row["tokens_per_s"] == pytest.approx(4 * 64 / row["step_s"], rel=1e-6)
+        assert row["tflops_per_device"] > 0 and row["mfu"] is None  # no known peak on a CPU
 
 
 def test_single_process_run_learns(runs):
@@ -65,7 +76,7 @@ def test_single_process_run_learns(runs):
     assert losses[ITERS] < losses[1]
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2", "cp2", "dp2_distributed_optimizer"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2", "cp2", "dp2_distributed_optimizer", "dp2_full_recompute"])
 def test_parallel_layouts_match_the_single_process_run(runs, layout):
     same_losses(runs[layout], runs["single"], range(1, ITERS + 1))
 

@@ -36,6 +36,7 @@ def main(workdir: str, base_json: str):
         "pp2": run(base, "pp2", workdir, ["parallel.pipeline_model_parallel_size=2"]),
         "cp2": run(base, "cp2", workdir, ["parallel.context_parallel_size=2"]),
         "dp2_distributed_optimizer": run(base, "dp2_do", workdir, ["parallel.use_distributed_optimizer=true"]),
+        "dp2_full_recompute": run(base, "dp2_recompute", workdir, ["training.recompute=full"]),
     }
     first = run(base, "resumed", workdir, ["training.exit_interval=2"])
     second = run(base, "resumed", workdir, ["checkpoint.resume=auto"])

@@ -12,6 +12,7 @@ _ANCHOR = "x"  # a one-token word that text with a leading separator can follow 
 
 class EvalTokenizer(Protocol):
     bos_id: int | None  # prepended to every evaluated sequence when not None
+    eos_id: int | None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added."""
@@ -40,6 +41,7 @@ class SentencePieceEvalTokenizer:
 
         self._tokenizer = SentencePieceTokenizer(model_path)
         self.bos_id = self._tokenizer.bos if self._tokenizer.bos >= 0 else None
+        self.eos_id = self._tokenizer.eos
         self.vocab_size = self._tokenizer.vocab_size
 
     def encode(self, text: str) -> list[int]:
@@ -58,6 +60,7 @@ class HFEvalTokenizer:
         self._tokenizer = AutoTokenizer.from_pretrained(str(local_dir), local_files_only=True,
                                                         trust_remote_code=False)
         self.bos_id = self._tokenizer.bos_token_id
+        self.eos_id = self._tokenizer.eos_token_id
         self.vocab_size = len(self._tokenizer)
 
     def encode(self, text: str) -> list[int]:

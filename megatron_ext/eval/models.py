@@ -1,0 +1,278 @@
+"""The model interface every evaluation runs on, for megatron_ext checkpoints and Hugging Face causal LMs.
+
+`EvalModel.logits` returns next-token logits at chosen positions; `attention_probs` the attention
+distributions of chosen query positions, from the rotated q and k. megatron and transformers are
+imported only when a model of their kind is loaded.
+"""
+
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from megatron_ext.eval.tokenizers import EvalTokenizer, HFEvalTokenizer, SentencePieceEvalTokenizer
+
+
+class EvalModel(Protocol):
+    name: str
+    tokenizer: EvalTokenizer
+    context_window: int | None  # the length it was trained for (PoSE: the target length), for tables
+
+    def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [b, s] -> logits [b, s, V], or [b, len(rows), V] at the positions `rows` only.
+        position_ids default to 0 .. s-1 (also for PoSE-trained models)."""
+
+    def attention_probs(self, tokens: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the causal attention distribution of the query positions `rows`: [b, heads, r, s] (CPU, fp32)."""
+
+
+def load_eval_model(path, *, name: str | None = None, precision: str | None = None, tensor_parallel_size: int = 1,
+                    pipeline_parallel_size: int = 1, tokenizer_model=None) -> EvalModel:
+    """A megatron_ext checkpoint (a checkpoint root or one iter_ directory) or a Hugging Face model directory.
+
+    precision: "bf16" | "fp32" | None (bf16 on GPU, fp32 on CPU). TP/PP and tokenizer_model apply to
+    megatron checkpoints only (a Hugging Face directory carries its tokenizer).
+    """
+    path = Path(path)
+    if (path / "megatron_ext.json").is_file() or (path / "latest").is_file() or any(path.glob("iter_*")):
+        return MegatronExtModel(path, tensor_parallel_size=tensor_parallel_size, precision=precision, name=name,
+                                pipeline_parallel_size=pipeline_parallel_size, tokenizer_model=tokenizer_model)
+    if (path / "config.json").is_file():
+        if tensor_parallel_size * pipeline_parallel_size > 1:
+            raise ValueError(f"model {path} is a Hugging Face directory: it runs on one device; "
+                             "set tensor/pipeline parallel sizes to 1")
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
+        return HFCausalLM(path, dtype=dtype, name=name)
+    raise FileNotFoundError(f"model {path}: neither a megatron_ext checkpoint (megatron_ext.json, latest or iter_*) "
+                            "nor a Hugging Face model directory (config.json): pass one of those")
+
+
+def causal_row_softmax(query_rows: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) of the query positions `rows` over keys 0 .. row, in fp32.
+
+    query_rows [b, h, r, d], key [b, g, s, d] with g dividing h (query head i reads KV group i // (h/g),
+    megatron's and Hugging Face's GQA layout) -> [b, h, r, s].
+    """
+    heads, groups = query_rows.size(1), key.size(1)
+    key = key.repeat_interleave(heads // groups, dim=1).float()
+    scores = torch.matmul(query_rows.float(), key.transpose(-1, -2)) * scale
+    future = torch.arange(key.size(2), device=key.device)[None, :] > rows.to(key.device)[:, None]  # [r, s]
+    return scores.masked_fill(future, float("-inf")).softmax(-1)
+
+
+# --- megatron_ext checkpoints ---------------------------------------------------------------
+
+
+def resolve_checkpoint(path) -> Path:
+    """An iter_ directory as given, or the newest complete one under a checkpoint root."""
+    from megatron_ext.training.checkpoint import find_checkpoint
+
+    path = Path(path)
+    if (path / "megatron_ext.json").is_file():
+        return path
+    found = find_checkpoint(path, "auto")
+    if found is None:
+        raise FileNotFoundError(f"model {path}: no complete megatron_ext checkpoint in it; pass a checkpoint "
+                                "root (with `latest`) or one iter_ directory")
+    return found
+
+
+class MegatronExtModel:
+    """A LongContextGPTModel loaded from any saved TP/PP layout into this process's layout.
+
+    Without a process group this starts a one-process group (gloo on CPU, NCCL on GPU) at TP=PP=1.
+    Under torchrun, pass the TP/PP to evaluate with (every rank computes the same numbers; rank 0
+    writes them). Precision: the checkpoint's rule (bf16 on GPU, fp32 on CPU) unless given.
+    """
+
+    def __init__(self, checkpoint, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 precision: str | None = None, tokenizer_model=None, name: str | None = None):
+        from megatron_ext.training.checkpoint import load_checkpoint
+        from megatron_ext.training.config import ParallelConfig
+        from megatron_ext.training.model_builder import build_gpt, saved_config
+
+        path = resolve_checkpoint(checkpoint)
+        config, state = saved_config(path)
+        config.parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
+                                         pipeline_model_parallel_size=pipeline_parallel_size)
+        if precision:
+            config.training.precision = precision
+        self.device = _join_parallel_state(config)
+        self.model = build_gpt(config, state["padded_vocab_size"], self.device)
+        load_checkpoint(path, model=[self.model], restore_rng=False)
+        self.model.eval()
+        tokenizer_model = Path(tokenizer_model or state["tokenizer_model"])
+        if not tokenizer_model.is_file():
+            raise FileNotFoundError(f"the checkpoint's tokenizer {tokenizer_model} is gone: pass its new path "
+                                    "(--tokenizer / tokenizer_model)")
+        self.tokenizer = SentencePieceEvalTokenizer(tokenizer_model)
+        self.name = name or f"{path.parent.name}/{path.name}"
+        self.context_window = config.pose.target_length if config.pose.enabled else config.model.seq_length
+        self.num_layers = config.model.num_layers
+
+    @torch.no_grad()
+    def logits(self, tokens, position_ids=None, rows=None):
+        from megatron.core import parallel_state as ps
+
+        tokens = tokens.to(self.device)
+        if position_ids is None:
+            position_ids = torch.arange(tokens.size(1), device=self.device).expand_as(tokens)
+        position_ids = position_ids.to(self.device)
+        hook = None
+        if rows is not None and self.model.post_process:  # project only the rows asked for onto the vocabulary
+            hook = self.model.output_layer.register_forward_pre_hook(partial(_keep_rows, rows.to(self.device)))
+        try:
+            if ps.get_pipeline_model_parallel_world_size() == 1:
+                return self.model(tokens, position_ids, None, runtime_gather_output=True)
+            return self._pipeline_forward(tokens, position_ids, tokens.size(1) if rows is None else len(rows))
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _pipeline_forward(self, tokens, position_ids, num_rows):
+        """Run the stages with megatron's schedule; the last stage's logits reach every rank of the pipeline."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(batches, model):
+            batch = next(batches)
+            return model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True), None
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([dict(tokens=tokens, position_ids=position_ids)]),
+            model=[self.model], num_microbatches=1, seq_length=tokens.size(1), micro_batch_size=tokens.size(0),
+            forward_only=True, collect_non_loss_data=True,
+        )
+        shape = (tokens.size(0), num_rows, self.model.vocab_size)
+        logits = outputs[0] if ps.is_pipeline_last_stage() else torch.empty(
+            shape, dtype=self.model.config.params_dtype, device=self.device)
+        torch.distributed.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
+        return logits
+
+    @torch.no_grad()
+    def attention_probs(self, tokens, rows):
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            raise NotImplementedError("attention diagnostics hold every layer on one rank: load the checkpoint "
+                                      "with pipeline_parallel_size 1 (any saved layout loads)")
+        rows = rows.to(self.device)
+        captured, handles = {}, []
+        for index, layer in enumerate(self.model.decoder.layers):
+            core = layer.self_attention.core_attention
+            handles.append(core.register_forward_pre_hook(partial(self._capture, index, rows, captured),
+                                                          with_kwargs=True))
+        try:
+            self.logits(tokens, rows=rows[-1:])  # one projected row: the forward is what we need
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [captured[i] for i in range(len(captured))]
+
+    def _capture(self, index, rows, captured, module, args, kwargs):
+        """Pre-hook on core attention: q [s, b, h, d] and k [s, b, g, d] arrive rotated."""
+        from megatron.core import parallel_state as ps
+
+        query, key = args[0], args[1]
+        scale = getattr(module, "softmax_scale", None) or self.model.config.softmax_scale or query.size(-1) ** -0.5
+        probs = causal_row_softmax(query.index_select(0, rows).permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
+                                   rows, scale)
+        if ps.get_tensor_model_parallel_world_size() > 1:  # each TP rank holds a contiguous block of heads
+            parts = [torch.empty_like(probs) for _ in range(ps.get_tensor_model_parallel_world_size())]
+            torch.distributed.all_gather(parts, probs.contiguous(), group=ps.get_tensor_model_parallel_group())
+            probs = torch.cat(parts, dim=1)
+        captured[index] = probs.cpu()
+
+
+def _keep_rows(rows, module, args):
+    """Pre-hook on the output layer: hidden states [s, b, h] -> [len(rows), b, h]."""
+    return (args[0].index_select(0, rows), *args[1:])
+
+
+def _join_parallel_state(config) -> torch.device:
+    """Use megatron's parallel state if it is set up (it must match), else start one (training's setup)."""
+    from megatron.core import parallel_state as ps
+
+    wanted = (config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
+    if not ps.model_parallel_is_initialized():
+        from megatron_ext.training.train import setup_distributed
+
+        device = setup_distributed(config)
+    else:
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        if have != wanted:
+            raise ValueError(f"megatron's parallel state has TP, PP = {have} but the model asks for {wanted}: "
+                             "load every model of a run with the same tensor/pipeline parallel sizes")
+        if torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            from megatron_ext.compat import enable_cpu_mode
+
+            enable_cpu_mode()
+            device = torch.device("cpu")
+    if device.type == "cuda":  # GPU init draws from megatron's CUDA RNG tracker; the weights are then loaded
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(config.training.seed)
+    return device
+
+
+# --- Hugging Face causal LMs ----------------------------------------------------------------
+
+
+class HFCausalLM:
+    """`AutoModelForCausalLM` from a local directory (no downloads, no remote code), SDPA attention."""
+
+    def __init__(self, local_dir, *, device: str | None = None, dtype: torch.dtype | None = None,
+                 name: str | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(local_dir), local_files_only=True, trust_remote_code=False, dtype=dtype, attn_implementation="sdpa",
+        ).to(self.device).eval()
+        self.tokenizer = HFEvalTokenizer(local_dir)
+        self.name = name or Path(local_dir).name
+        self.context_window = getattr(self.model.config, "max_position_embeddings", None)
+        self.num_layers = self.model.config.num_hidden_layers
+
+    @torch.no_grad()
+    def logits(self, tokens, position_ids=None, rows=None):
+        tokens = tokens.to(self.device)
+        if position_ids is None:
+            position_ids = torch.arange(tokens.size(1), device=self.device).expand_as(tokens)
+        keep = 0 if rows is None else rows.to(self.device)  # 0: every position
+        return self.model(input_ids=tokens, position_ids=position_ids.to(self.device), use_cache=False,
+                          logits_to_keep=keep).logits
+
+    @torch.no_grad()
+    def attention_probs(self, tokens, rows):
+        rows = rows.to(self.device)
+        with _capturing_sdpa(rows) as captured:
+            self.logits(tokens, rows=rows[-1:])
+        return [captured[i] for i in range(len(captured))]
+
+
+@contextmanager
+def _capturing_sdpa(rows):
+    """Wrap transformers' "sdpa" attention function: q [b, h, s, d] and k [b, g, s, d] arrive rotated."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    captured = {}
+
+    def capturing(module, query, key, value, attention_mask, *args, **kwargs):
+        scale = kwargs.get("scaling") or query.size(-1) ** -0.5
+        captured[module.layer_idx] = causal_row_softmax(query[:, :, rows], key, rows, scale).cpu()
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = capturing
+    try:
+        yield captured
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = original

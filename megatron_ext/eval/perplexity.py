@@ -1,0 +1,174 @@
+"""Sliding-window perplexity per evaluated length, as in the PoSE paper's evaluation (after Press et al.).
+
+For a window of W tokens the model reads [BOS] + W-1 document tokens; the window moves by `stride`
+document tokens, and each window scores only the tokens no earlier window scored, so every document
+token is predicted exactly once, with up to W-1 tokens of context. Perplexity = exp(total NLL / scored
+tokens) over all documents (token-weighted, as PoSE's compute_perplexity).
+"""
+
+import glob
+import math
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_ext.eval.results import EvalResult, markdown_table, progress
+
+
+@dataclass
+class PerplexitySettings:
+    data: list[str] = field(default_factory=list, metadata=dict(
+        help="JSONL or text files (globs allowed; '{stdlib}' = this Python's standard library) or indexed-dataset "
+             "prefixes, tokenized with the model's tokenizer"))
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768], metadata=dict(
+        help="evaluated window sizes, BOS included"))
+    stride: int = field(default=1024, metadata=dict(
+        help="tokens a window moves by (PoSE: 1024); capped at the window's document span, so no token is skipped"))
+    truncate: bool = field(default=False, metadata=dict(
+        help="one window per document: its first length-1 tokens (PoSE's --truncate, used for GovReport)"))
+    num_documents: int = field(default=20, metadata=dict(help="documents evaluated (the first that qualify)"))
+    min_document_tokens: int = field(default=0, metadata=dict(help="skip documents with fewer tokens"))
+    max_document_tokens: int | None = field(default=None, metadata=dict(help="cut documents to this many tokens"))
+    json_key: str = field(default="text", metadata=dict(help="the text field of JSONL records"))
+
+    def validate(self) -> None:
+        if not self.data:
+            raise ValueError("perplexity.data is empty: give JSONL/text files or indexed-dataset prefixes")
+        if not self.lengths or min(self.lengths) < 2:
+            raise ValueError(f"perplexity.lengths ({self.lengths}) must be window sizes >= 2")
+        if self.stride < 1 or self.num_documents < 1:
+            raise ValueError(f"perplexity.stride ({self.stride}) and num_documents ({self.num_documents}) must be >= 1")
+
+
+@dataclass
+class PerplexityRow:
+    length: int
+    stride: int  # the stride used (capped at the window's document span)
+    perplexity: float
+    nll: float  # mean negative log-likelihood per token, nats
+    tokens: int  # scored tokens
+    windows: int
+
+
+@dataclass
+class PerplexityResult(EvalResult):
+    model: str
+    context_window: int | None
+    documents: int
+    rows: list[PerplexityRow] = field(default_factory=list)
+    task: str = "perplexity"
+
+    def table(self) -> str:
+        return markdown_table(["length", "stride", "perplexity", "nll/token", "tokens", "windows"],
+                              [[r.length, r.stride, r.perplexity, r.nll, r.tokens, r.windows] for r in self.rows])
+
+
+def evaluate_perplexity(model, settings: PerplexitySettings) -> PerplexityResult:
+    """Sliding-window perplexity of `model` at each of `settings.lengths` on the same documents."""
+    settings.validate()
+    documents = load_documents(settings.data, model.tokenizer, count=settings.num_documents,
+                               min_tokens=settings.min_document_tokens, max_tokens=settings.max_document_tokens,
+                               json_key=settings.json_key)
+    if not documents:
+        raise ValueError(f"perplexity.data {settings.data}: no document has >= {settings.min_document_tokens} "
+                         "tokens; lower min_document_tokens or add data")
+    result = PerplexityResult(model=model.name, context_window=model.context_window, documents=len(documents))
+    bos = model.tokenizer.bos_id is not None
+    for length in settings.lengths:
+        nll, tokens, windows = 0.0, 0, 0
+        span = length - 1 if bos else length  # document tokens per window
+        docs = [d[:span] for d in documents] if settings.truncate else documents
+        plans = [sliding_windows(len(d), length, settings.stride, bos) for d in docs]
+        with progress(sum(map(len, plans)), f"perplexity {length}") as bar:
+            for document, plan in zip(docs, plans):
+                for begin, end, scored in plan:
+                    nll += window_nll(model, document[begin:end], scored)
+                    tokens += scored
+                    windows += 1
+                    bar.update()
+        result.rows.append(PerplexityRow(length=length, stride=min(settings.stride, span), perplexity=math.exp(nll / tokens),
+                                         nll=nll / tokens, tokens=tokens, windows=windows))
+    return result
+
+
+def sliding_windows(num_tokens: int, length: int, stride: int, bos: bool) -> list[tuple[int, int, int]]:
+    """(begin, end, scored) per window over a document: tokens [begin, end) are read, the last `scored` scored.
+
+    Without BOS the first token has nothing to be predicted from and is never scored.
+    """
+    span = length - 1 if bos else length
+    stride = min(stride, span)
+    windows, scored_until = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + span, num_tokens)
+        scored = end - max(scored_until, 0 if bos else 1)
+        if scored > 0:
+            windows.append((begin, end, scored))
+        scored_until = end
+        if end == num_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def window_nll(model, window: list[int], scored: int) -> float:
+    """Summed NLL (nats) of the last `scored` tokens of `window`, read after BOS when the tokenizer has one."""
+    bos = [model.tokenizer.bos_id] if model.tokenizer.bos_id is not None else []
+    tokens = torch.tensor([bos + list(window)], dtype=torch.long)
+    targets = tokens[0, -scored:]
+    rows = torch.arange(tokens.size(1) - scored - 1, tokens.size(1) - 1)  # row i predicts token i + 1
+    logits = model.logits(tokens, rows=rows)[0]  # [scored, V]
+    nll = 0.0
+    for chunk in range(0, scored, 4096):  # fp32 log-softmax a few thousand rows at a time
+        part = logits[chunk:chunk + 4096].float().log_softmax(-1)
+        nll -= part.gather(-1, targets[chunk:chunk + 4096, None].to(part.device)).sum().item()
+    return nll
+
+
+# --- documents --------------------------------------------------------------------------------
+
+
+def load_documents(sources: list[str], tokenizer, *, count: int, min_tokens: int = 0, max_tokens: int | None = None,
+                   json_key: str = "text") -> list[list[int]]:
+    """The first `count` documents with >= min_tokens tokens (cut to max_tokens), in source order."""
+    documents = []
+    for tokens in _token_documents(sources, tokenizer, json_key):
+        if len(tokens) >= min_tokens:
+            documents.append(tokens[:max_tokens] if max_tokens else tokens)
+            if len(documents) == count:
+                break
+    return documents
+
+
+def _token_documents(sources, tokenizer, json_key):
+    from megatron_ext.data.documents import read_documents
+
+    for source in sources:
+        source = source.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+        if Path(source + ".idx").is_file() and Path(source + ".bin").is_file():
+            yield from _indexed_documents(source, tokenizer)
+            continue
+        paths = sorted(glob.glob(source, recursive=True))
+        if not paths:
+            raise FileNotFoundError(f"perplexity data {source!r}: no such file (nor {source}.idx/.bin): give JSONL or "
+                                    "text files, a glob, or an indexed-dataset prefix")
+        for path in paths:
+            for document in read_documents(path, json_key=json_key):
+                yield tokenizer.encode(document.text)
+
+
+def _indexed_documents(prefix, tokenizer):
+    """Documents of a megatron indexed dataset, without the BOS/EOD that preprocessing may have added."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    starts = dataset.document_indices
+    for first, last in zip(starts[:-1], starts[1:]):
+        tokens = [int(t) for i in range(first, last) for t in dataset[i]]
+        if tokens and tokens[0] == tokenizer.bos_id:
+            tokens = tokens[1:]
+        if tokens and tokens[-1] == tokenizer.eos_id:
+            tokens = tokens[:-1]
+        yield tokens
