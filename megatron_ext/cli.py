@@ -61,7 +61,19 @@ def _relaunch(nproc: int) -> int:
     return subprocess.call(command)
 
 
-COMMANDS = [_add_preprocess, _add_train]
+def _add_plan(subparsers):
+    from megatron_ext.launch.cli import add_plan_args
+
+    add_plan_args(subparsers)
+
+
+def _add_launch(subparsers):
+    from megatron_ext.launch.cli import add_launch_args
+
+    add_launch_args(subparsers)
+
+
+COMMANDS = [_add_preprocess, _add_train, _add_plan, _add_launch]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     swiglu: bool = True
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
@@ -144,8 +145,10 @@ CHOICES = {
 }
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML file, apply `key.sub=value` overrides, build and validate the config."""
+def load_config(path: str | Path, overrides: list[str] = (), *, check_files: bool = True) -> TrainConfig:
+    """Read a YAML file, apply `key.sub=value` overrides, build and validate the config.
+
+    check_files=False skips the data/tokenizer file checks (planning for a cluster elsewhere)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file; pick one of examples/configs/*.yaml")
@@ -155,7 +158,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     for item in overrides:
         apply_override(raw, item)
     config = from_dict(TrainConfig, raw, prefix="")
-    validate(config)
+    validate(config, check_files=check_files)
     return config
 
 
@@ -224,7 +227,7 @@ def _check(ok: bool, message: str):
         raise ConfigError(message)
 
 
-def validate(c: TrainConfig) -> None:
+def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     """Cross-field checks; each message names the key, the value and the fix."""
     m, p, t, o, pose = c.model, c.parallel, c.training, c.optimizer, c.pose
     for key, allowed in CHOICES.items():
@@ -278,10 +281,10 @@ def validate(c: TrainConfig) -> None:
            "data: set exactly one of data.train_data (indexed-dataset prefixes) or data.tiny_corpus: true")
     _check(c.data.tiny_corpus or c.data.tokenizer_model is not None,
            "data.tokenizer_model: give the sentencepiece .model the data was tokenized with")
-    for prefix in c.data.train_data:
+    for prefix in c.data.train_data if check_files else ():
         _check(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(),
                f"data.train_data: {prefix}.bin/.idx not found; make them with `megatron-ext preprocess`")
-    if c.data.tokenizer_model is not None:
+    if c.data.tokenizer_model is not None and check_files:
         _check(Path(c.data.tokenizer_model).is_file(),
                f"data.tokenizer_model: {c.data.tokenizer_model} not found")
     try:

@@ -109,6 +109,11 @@ def setup_distributed(config: TrainConfig) -> torch.device:
     """Join (or create) the process group and megatron's TP/PP/CP/DP groups; CPU mode without CUDA."""
     from megatron.core import parallel_state as ps
 
+    from megatron_ext.launch.slurm import distributed_env_from_slurm
+
+    if not torch.distributed.is_initialized():
+        for key, value in distributed_env_from_slurm(os.environ).items():  # srun without torchrun
+            os.environ.setdefault(key, value)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"

@@ -1,0 +1,178 @@
+"""Render an sbatch script: srun with one task per GPU, ranks from SLURM's variables
+(megatron_ext.launch.slurm, no torchrun), a pyxis/enroot or Apptainer container, NCCL settings, and for
+training: USR1 before the time limit -> every rank saves a checkpoint -> the job requeues -> resume auto.
+
+The scripts in examples/slurm/ are this module's output (a test keeps them equal). Imports no megatron.
+"""
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+TEMPLATE = """\
+#!/bin/bash
+# {{title}}
+#
+# Rendered by: {{generated_by}}
+{{notes}}#
+# Submit from the directory your config paths are relative to (it becomes the container's working
+# directory), after building the image (docs/launch.md):
+#   mkdir -p logs && sbatch {{script}} [more arguments for megatron-ext {{job}}]
+# Read from the environment at submission, default in brackets:
+#   CONTAINER_IMAGE    pyxis: a .sqsh file or registry#image:tag; Apptainer: a .sif [{{container_image}}]
+#   CONTAINER_MOUNTS   host:container,... besides this directory [{{container_mounts}}]
+#   CONTAINER_RUNTIME  pyxis (srun --container-image) or apptainer (apptainer exec --nv) [pyxis]
+#SBATCH --job-name={{job_name}}
+#SBATCH --nodes={{nodes}}
+#SBATCH --ntasks-per-node={{tasks_per_node}}
+#SBATCH --gpus-per-node={{gpus_per_node}}
+#SBATCH --cpus-per-task={{cpus_per_task}}
+#SBATCH --exclusive
+#SBATCH --time={{time}}
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+{{directives}}
+set -euo pipefail
+
+CONTAINER_IMAGE=${CONTAINER_IMAGE:-{{container_image}}}
+CONTAINER_MOUNTS=${CONTAINER_MOUNTS-{{container_mounts}}}  # set it empty for none
+
+# Rank 0 runs on the first node; every task derives the same port from the job id.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))
+export MASTER_ADDR MASTER_PORT
+
+export CUDA_DEVICE_MAX_CONNECTIONS=1      # megatron: TP/SP communication kernels run in issue order
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed collective ends the job instead of hanging it
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-{{cpus_per_task}}}
+export PYTHONUNBUFFERED=1
+# Fabric settings (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ...) are site-specific: see your cluster's guide.
+
+launcher=(srun --kill-on-bad-exit=1)
+mounts="$PWD:$PWD${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+case ${CONTAINER_RUNTIME:-pyxis} in
+  pyxis)
+    launcher+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$PWD"
+               --no-container-mount-home) ;;
+  apptainer)
+    launcher+=(apptainer exec --nv --bind "$mounts" --pwd "$PWD" "$CONTAINER_IMAGE") ;;
+  *)
+    echo "CONTAINER_RUNTIME must be pyxis or apptainer, not $CONTAINER_RUNTIME" >&2
+    exit 2 ;;
+esac
+
+# One task per GPU; megatron_ext.launch.slurm turns SLURM_PROCID/LOCALID/... into RANK/LOCAL_RANK/...
+command=(
+{{command}}
+  "$@"
+)
+
+{{run}}"""
+
+RUN_ONCE = """\
+"${launcher[@]}" python -m megatron_ext.launch.slurm -- "${command[@]}"
+"""
+
+RUN_WITH_REQUEUE = """\
+# Before the time limit SLURM sends USR1 to this script (--signal=B:USR1@...); srun forwards it to
+# every rank, which finishes its step, saves a checkpoint and exits. Then the job requeues itself
+# and the next run continues from the newest checkpoint (--resume auto).
+stop_requested=0
+srun_pid=
+# shellcheck disable=SC2317  # called by the trap below
+forward_stop() {
+  stop_requested=1
+  echo "$(date '+%F %T') time limit near: every rank saves a checkpoint and exits"
+  if [[ -n $srun_pid ]]; then kill -USR1 "$srun_pid" || true; fi
+}
+trap forward_stop USR1
+
+"${launcher[@]}" python -m megatron_ext.launch.slurm -- "${command[@]}" &
+srun_pid=$!
+status=0
+wait "$srun_pid" || status=$?
+while (( stop_requested )) && kill -0 "$srun_pid" 2>/dev/null; do  # the trap interrupted `wait`
+  status=0
+  wait "$srun_pid" || status=$?
+done
+if (( stop_requested )); then
+  echo "requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}); it resumes from the newest checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+exit "$status"
+"""
+
+DEFAULT_IMAGE = "$PWD/megatron_ext.sqsh"
+DEFAULT_MOUNTS = "/checkpoints:/checkpoints,/data:/data,/models:/models"
+
+
+@dataclass
+class SbatchJob:
+    """Everything an sbatch script needs; `command` is the megatron-ext command line (as a list)."""
+
+    job: str  # train | eval | convert
+    title: str
+    job_name: str
+    command: list[str]
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int = 8
+    cpus_per_task: int = 12
+    time: str = "04:00:00"
+    partition: str | None = None
+    account: str | None = None
+    container_image: str = DEFAULT_IMAGE
+    container_mounts: str = DEFAULT_MOUNTS
+    signal_seconds: int | None = None  # train: USR1 this long before the limit, then requeue
+    generated_by: str = ""
+    script: str = "job.sbatch"
+    notes: list[str] = field(default_factory=list)
+
+
+def render(job: SbatchJob) -> str:
+    directives = []
+    if job.partition:
+        directives.append(f"#SBATCH --partition={job.partition}")
+    if job.account:
+        directives.append(f"#SBATCH --account={job.account}")
+    if job.signal_seconds is not None:
+        directives += [f"#SBATCH --signal=B:USR1@{job.signal_seconds}", "#SBATCH --requeue"]
+    values = {
+        "title": job.title, "generated_by": job.generated_by, "script": job.script, "job": job.job,
+        "notes": "".join(f"# {line}\n" if line else "#\n" for line in job.notes),
+        "job_name": job.job_name, "nodes": job.nodes, "tasks_per_node": job.tasks_per_node,
+        "gpus_per_node": job.gpus_per_node, "cpus_per_task": job.cpus_per_task, "time": job.time,
+        "directives": "".join(line + "\n" for line in directives), "container_image": job.container_image,
+        "container_mounts": job.container_mounts,
+        "command": "\n".join("  " + line for line in _command_lines(job.command)),
+        "run": RUN_WITH_REQUEUE if job.signal_seconds is not None else RUN_ONCE,
+    }
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), TEMPLATE)
+
+
+def _command_lines(command: list[str]) -> list[str]:
+    """The program and its first option pair on one line, then one `--option value` per line."""
+    lines, current = [], []
+    for word in command:
+        if word.startswith("--") and current and any(w.startswith("--") for w in current):
+            lines.append(" ".join(current))
+            current = []
+        current.append(shlex.quote(word))
+    return lines + [" ".join(current)] if current else lines
+
+
+def mounts_for(paths: list[str | None]) -> str:
+    """host:container mounts for the top-level directories of the absolute paths a config names
+    (relative paths live under the submit directory, which the script mounts itself)."""
+    tops = sorted({PurePosixPath(p).parts[1] for p in paths if p and PurePosixPath(p).is_absolute()
+                   and len(PurePosixPath(p).parts) > 1})
+    return ",".join(f"/{top}:/{top}" for top in tops)
+
+
+def signal_lead_seconds(step_seconds: float, checkpoint_seconds: float = 300.0) -> int:
+    """How long before the time limit to ask for a checkpoint: the step in flight plus one more (the
+    estimate's margin) plus the save, in whole minutes (SLURM may signal up to a minute early)."""
+    return 60 * -(-int(2 * step_seconds + checkpoint_seconds) // 60)

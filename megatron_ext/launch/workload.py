@@ -1,0 +1,130 @@
+"""What the planner plans for (Workload: a model, a sequence length, a batch) and what it picks (Layout).
+
+Imports no megatron.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_ext.launch.presets import METHODS
+from megatron_ext.training.config import CHOICES, ConfigError, ModelConfig, TrainConfig, load_config
+
+RECOMPUTE = CHOICES["training.recompute"]  # none, selective, full
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training step's work.
+
+    seq_length:            tokens per sample that the GPUs process (PoSE: the short window L_c).
+    position_range:        position ids span [0, position_range) (PoSE: the target L_t).
+    per_head_bases:        HARPE: one RoPE base per KV group, so one cos/sin table per local group.
+    per_sample_positions:  PoSE: every sample has its own position ids (cos/sin per sample).
+    """
+
+    name: str
+    model: ModelConfig
+    seq_length: int
+    global_batch_size: int
+    position_range: int
+    per_head_bases: bool = False
+    per_sample_positions: bool = False
+    rotary_dim: int | None = None  # None: the whole head
+
+    @property
+    def head_dim(self) -> int:
+        return self.model.hidden_size // self.model.num_attention_heads
+
+    @property
+    def kv_groups(self) -> int:
+        return self.model.num_query_groups or self.model.num_attention_heads
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_length * self.global_batch_size
+
+    def describe(self) -> str:
+        rope = "one RoPE base per KV group (HARPE)" if self.per_head_bases else "one RoPE base"
+        if self.per_sample_positions:
+            return (f"{self.name}: PoSE, {self.seq_length}-token window with position ids up to "
+                    f"{self.position_range}, {rope}, global batch {self.global_batch_size}")
+        return f"{self.name}: {self.seq_length} tokens per sample, {rope}, global batch {self.global_batch_size}"
+
+
+def workload_from_preset(name: str, model: ModelConfig, seq_length: int, *, method: str = "harpe",
+                         pose_window: int = 2048, global_batch_size: int = 32) -> Workload:
+    """A preset model at seq_length: HARPE trains at seq_length; PoSE trains pose_window tokens whose
+    ids span seq_length; rope is one base for all heads (stock RoPE, PI, YaRN, ABF...)."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: pick one of {', '.join(METHODS)}")
+    if method == "pose":
+        if not 0 < pose_window <= seq_length:
+            raise ValueError(f"--pose-window ({pose_window}) must be in (0, --seq-length = {seq_length}]")
+        return Workload(name, dataclasses.replace(model, seq_length=pose_window), pose_window,
+                        global_batch_size, seq_length, per_sample_positions=True)
+    return Workload(name, dataclasses.replace(model, seq_length=seq_length), seq_length, global_batch_size,
+                    seq_length, per_head_bases=method == "harpe")
+
+
+def read_train_config(path, overrides=()) -> TrainConfig:
+    """A training YAML checked like `megatron-ext train` does, but the dataset files need not exist here."""
+    return load_config(path, list(overrides), check_files=False)
+
+
+def workload_from_config(config: TrainConfig, name: str) -> Workload:
+    m = config.model
+    if m.vocab_size is None:
+        raise ConfigError(f"model.vocab_size is null in {name}: the planner needs it; "
+                          "add --set model.vocab_size=32000 (or your tokenizer's size)")
+    pose = config.pose
+    return Workload(
+        name=name, model=m, seq_length=m.seq_length, global_batch_size=config.training.global_batch_size,
+        position_range=pose.target_length if pose.enabled else m.seq_length,
+        per_head_bases=config.rope.per_head, per_sample_positions=pose.enabled,
+        rotary_dim=config.rope.rotary_dim(m.hidden_size // m.num_attention_heads),
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout: TP x PP x CP x DP GPUs; sequence parallelism whenever TP > 1."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    micro_batch_size: int
+    recompute: str
+
+    @property
+    def sequence_parallel(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def micro_batches(self, global_batch_size: int) -> int:
+        """Micro-batches per step on every DP rank (gradient accumulation steps)."""
+        return global_batch_size // (self.micro_batch_size * self.dp)
+
+    def overrides(self, distributed_optimizer: bool) -> dict[str, object]:
+        """The training config's keys that select this layout."""
+        return {
+            "parallel.tensor_model_parallel_size": self.tp,
+            "parallel.pipeline_model_parallel_size": self.pp,
+            "parallel.context_parallel_size": self.cp,
+            "parallel.sequence_parallel": self.sequence_parallel,
+            "parallel.use_distributed_optimizer": distributed_optimizer,
+            "training.micro_batch_size": self.micro_batch_size,
+            "training.recompute": self.recompute,
+        }
+
+    def override_args(self, distributed_optimizer: bool) -> list[str]:
+        """The overrides as `key=value` for `megatron-ext train --set` (booleans as YAML writes them)."""
+        return [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                for key, value in self.overrides(distributed_optimizer).items()]
+
+    def __str__(self) -> str:
+        return (f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}, micro-batch {self.micro_batch_size}, "
+                f"recompute {self.recompute}")
