@@ -73,7 +73,13 @@ def _add_launch(subparsers):
     add_launch_args(subparsers)
 
 
-COMMANDS = [_add_preprocess, _add_train, _add_plan, _add_launch]
+def _add_eval(subparsers):
+    from megatron_ext.eval.cli import add_eval_args
+
+    add_eval_args(subparsers)
+
+
+COMMANDS = [_add_preprocess, _add_train, _add_eval, _add_plan, _add_launch]
 
 
 def build_parser() -> argparse.ArgumentParser:

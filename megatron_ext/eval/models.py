@@ -19,6 +19,7 @@ class EvalModel(Protocol):
     name: str
     tokenizer: EvalTokenizer
     context_window: int | None  # the length it was trained for (PoSE: the target length), for tables
+    source: str | None  # where it was loaded from (a checkpoint's iter_ directory, a model directory)
 
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,8 +39,9 @@ def load_eval_model(path, *, name: str | None = None, precision: str | None = No
     """
     path = Path(path)
     if (path / "megatron_ext.json").is_file() or (path / "latest").is_file() or any(path.glob("iter_*")):
-        return MegatronExtModel(path, tensor_parallel_size=tensor_parallel_size, precision=precision, name=name,
-                                pipeline_parallel_size=pipeline_parallel_size, tokenizer_model=tokenizer_model)
+        return MegatronExtModel.from_checkpoint(path, tensor_parallel_size=tensor_parallel_size, precision=precision,
+                                                pipeline_parallel_size=pipeline_parallel_size, name=name,
+                                                tokenizer_model=tokenizer_model)
     if (path / "config.json").is_file():
         if tensor_parallel_size * pipeline_parallel_size > 1:
             raise ValueError(f"model {path} is a Hugging Face directory: it runs on one device; "
@@ -56,10 +58,12 @@ def causal_row_softmax(query_rows: torch.Tensor, key: torch.Tensor, rows: torch.
     query_rows [b, h, r, d], key [b, g, s, d] with g dividing h (query head i reads KV group i // (h/g),
     megatron's and Hugging Face's GQA layout) -> [b, h, r, s].
     """
-    heads, groups = query_rows.size(1), key.size(1)
-    key = key.repeat_interleave(heads // groups, dim=1).float()
-    scores = torch.matmul(query_rows.float(), key.transpose(-1, -2)) * scale
-    future = torch.arange(key.size(2), device=key.device)[None, :] > rows.to(key.device)[:, None]  # [r, s]
+    batch, heads, num_rows, dim = query_rows.shape
+    groups, length = key.size(1), key.size(2)
+    query = query_rows.float().reshape(batch, groups, heads // groups, num_rows, dim)
+    scores = torch.matmul(query, key.float()[:, :, None].transpose(-1, -2)) * scale  # [b, g, h/g, r, s]
+    scores = scores.reshape(batch, heads, num_rows, length)
+    future = torch.arange(length, device=key.device)[None, :] > rows.to(key.device)[:, None]  # [r, s]
     return scores.masked_fill(future, float("-inf")).softmax(-1)
 
 
@@ -81,15 +85,29 @@ def resolve_checkpoint(path) -> Path:
 
 
 class MegatronExtModel:
-    """A LongContextGPTModel loaded from any saved TP/PP layout into this process's layout.
+    """A LongContextGPTModel (this rank's pipeline stage) with its tokenizer, behind EvalModel.
 
-    Without a process group this starts a one-process group (gloo on CPU, NCCL on GPU) at TP=PP=1.
-    Under torchrun, pass the TP/PP to evaluate with (every rank computes the same numbers; rank 0
-    writes them). Precision: the checkpoint's rule (bf16 on GPU, fp32 on CPU) unless given.
+    `from_checkpoint` loads any saved TP/PP layout into this process's layout. Built around a model in
+    memory, it evaluates during training too. Every rank computes the same numbers; rank 0 writes them.
     """
 
-    def __init__(self, checkpoint, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 precision: str | None = None, tokenizer_model=None, name: str | None = None):
+    def __init__(self, model, tokenizer: EvalTokenizer, *, name: str = "model", context_window: int | None = None,
+                 source: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.context_window = context_window
+        self.source = source
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                        precision: str | None = None, tokenizer_model=None, name: str | None = None):
+        """Load a checkpoint root (its newest checkpoint) or iter_ directory at the given TP/PP.
+
+        Without a process group this starts a one-process one (gloo on CPU, NCCL on GPU); under torchrun,
+        pass the TP/PP to evaluate with. Precision: the checkpoint's rule (bf16 on GPU, fp32 on CPU) unless given.
+        """
         from megatron_ext.training.checkpoint import load_checkpoint
         from megatron_ext.training.config import ParallelConfig
         from megatron_ext.training.model_builder import build_gpt, saved_config
@@ -100,18 +118,16 @@ class MegatronExtModel:
                                          pipeline_model_parallel_size=pipeline_parallel_size)
         if precision:
             config.training.precision = precision
-        self.device = _join_parallel_state(config)
-        self.model = build_gpt(config, state["padded_vocab_size"], self.device)
-        load_checkpoint(path, model=[self.model], restore_rng=False)
-        self.model.eval()
+        device = _join_parallel_state(config)
+        model = build_gpt(config, state["padded_vocab_size"], device)
+        load_checkpoint(path, model=[model], restore_rng=False)
         tokenizer_model = Path(tokenizer_model or state["tokenizer_model"])
         if not tokenizer_model.is_file():
             raise FileNotFoundError(f"the checkpoint's tokenizer {tokenizer_model} is gone: pass its new path "
                                     "(--tokenizer / tokenizer_model)")
-        self.tokenizer = SentencePieceEvalTokenizer(tokenizer_model)
-        self.name = name or f"{path.parent.name}/{path.name}"
-        self.context_window = config.pose.target_length if config.pose.enabled else config.model.seq_length
-        self.num_layers = config.model.num_layers
+        window = config.pose.target_length if config.pose.enabled else config.model.seq_length
+        return cls(model, SentencePieceEvalTokenizer(tokenizer_model), context_window=window, source=str(path),
+                   name=name or f"{path.parent.name}/{path.name}")
 
     @torch.no_grad()
     def logits(self, tokens, position_ids=None, rows=None):
@@ -126,11 +142,13 @@ class MegatronExtModel:
             hook = self.model.output_layer.register_forward_pre_hook(partial(_keep_rows, rows.to(self.device)))
         try:
             if ps.get_pipeline_model_parallel_world_size() == 1:
-                return self.model(tokens, position_ids, None, runtime_gather_output=True)
-            return self._pipeline_forward(tokens, position_ids, tokens.size(1) if rows is None else len(rows))
+                logits = self.model(tokens, position_ids, None)
+            else:
+                logits = self._pipeline_forward(tokens, position_ids, tokens.size(1) if rows is None else len(rows))
         finally:
             if hook is not None:
                 hook.remove()
+        return _gather_tensor_parallel(logits, dim=-1)  # [b, r, V/tp] -> [b, r, V]
 
     def _pipeline_forward(self, tokens, position_ids, num_rows):
         """Run the stages with megatron's schedule; the last stage's logits reach every rank of the pipeline."""
@@ -139,14 +157,14 @@ class MegatronExtModel:
 
         def forward_step(batches, model):
             batch = next(batches)
-            return model(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True), None
+            return model(batch["tokens"], batch["position_ids"], None), None
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([dict(tokens=tokens, position_ids=position_ids)]),
             model=[self.model], num_microbatches=1, seq_length=tokens.size(1), micro_batch_size=tokens.size(0),
             forward_only=True, collect_non_loss_data=True,
         )
-        shape = (tokens.size(0), num_rows, self.model.vocab_size)
+        shape = (tokens.size(0), num_rows, self.model.vocab_size // ps.get_tensor_model_parallel_world_size())
         logits = outputs[0] if ps.is_pipeline_last_stage() else torch.empty(
             shape, dtype=self.model.config.params_dtype, device=self.device)
         torch.distributed.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(),
@@ -175,17 +193,25 @@ class MegatronExtModel:
 
     def _capture(self, index, rows, captured, module, args, kwargs):
         """Pre-hook on core attention: q [s, b, h, d] and k [s, b, g, d] arrive rotated."""
-        from megatron.core import parallel_state as ps
-
         query, key = args[0], args[1]
         scale = getattr(module, "softmax_scale", None) or self.model.config.softmax_scale or query.size(-1) ** -0.5
         probs = causal_row_softmax(query.index_select(0, rows).permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
                                    rows, scale)
-        if ps.get_tensor_model_parallel_world_size() > 1:  # each TP rank holds a contiguous block of heads
-            parts = [torch.empty_like(probs) for _ in range(ps.get_tensor_model_parallel_world_size())]
-            torch.distributed.all_gather(parts, probs.contiguous(), group=ps.get_tensor_model_parallel_group())
-            probs = torch.cat(parts, dim=1)
-        captured[index] = probs.cpu()
+        captured[index] = _gather_tensor_parallel(probs, dim=1).cpu()  # TP ranks hold contiguous blocks of heads
+
+
+def _gather_tensor_parallel(tensor, dim: int):
+    """Concatenate the TP ranks' blocks along `dim`, in rank order (heads; vocabulary rows of the logits).
+
+    Used for the logits instead of megatron's runtime_gather_output, whose buffer is allocated on CUDA."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(tp)]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=dim)
 
 
 def _keep_rows(rows, module, args):
@@ -238,8 +264,8 @@ class HFCausalLM:
         ).to(self.device).eval()
         self.tokenizer = HFEvalTokenizer(local_dir)
         self.name = name or Path(local_dir).name
+        self.source = str(local_dir)
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
-        self.num_layers = self.model.config.num_hidden_layers
 
     @torch.no_grad()
     def logits(self, tokens, position_ids=None, rows=None):

@@ -15,31 +15,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
-
-
-@dataclass
-class PerplexitySettings:
-    data: list[str] = field(default_factory=list, metadata=dict(
-        help="JSONL or text files (globs allowed; '{stdlib}' = this Python's standard library) or indexed-dataset "
-             "prefixes, tokenized with the model's tokenizer"))
-    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768], metadata=dict(
-        help="evaluated window sizes, BOS included"))
-    stride: int = field(default=1024, metadata=dict(
-        help="tokens a window moves by (PoSE: 1024); capped at the window's document span, so no token is skipped"))
-    truncate: bool = field(default=False, metadata=dict(
-        help="one window per document: its first length-1 tokens (PoSE's --truncate, used for GovReport)"))
-    num_documents: int = field(default=20, metadata=dict(help="documents evaluated (the first that qualify)"))
-    min_document_tokens: int = field(default=0, metadata=dict(help="skip documents with fewer tokens"))
-    max_document_tokens: int | None = field(default=None, metadata=dict(help="cut documents to this many tokens"))
-    json_key: str = field(default="text", metadata=dict(help="the text field of JSONL records"))
-
-    def validate(self) -> None:
-        if not self.data:
-            raise ValueError("perplexity.data is empty: give JSONL/text files or indexed-dataset prefixes")
-        if not self.lengths or min(self.lengths) < 2:
-            raise ValueError(f"perplexity.lengths ({self.lengths}) must be window sizes >= 2")
-        if self.stride < 1 or self.num_documents < 1:
-            raise ValueError(f"perplexity.stride ({self.stride}) and num_documents ({self.num_documents}) must be >= 1")
+from megatron_ext.eval.settings import PerplexitySettings
 
 
 @dataclass
@@ -88,8 +64,8 @@ def evaluate_perplexity(model, settings: PerplexitySettings) -> PerplexityResult
                     tokens += scored
                     windows += 1
                     bar.update()
-        result.rows.append(PerplexityRow(length=length, stride=min(settings.stride, span), perplexity=math.exp(nll / tokens),
-                                         nll=nll / tokens, tokens=tokens, windows=windows))
+        result.rows.append(PerplexityRow(length=length, stride=min(settings.stride, span), nll=nll / tokens,
+                                         perplexity=math.exp(nll / tokens), tokens=tokens, windows=windows))
     return result
 
 

@@ -28,8 +28,7 @@ PASSKEY_ANSWER = " {key}"
 class Prompt:
     tokens: list[int]  # the whole sequence, answer included
     answer_spans: list[tuple[int, int]]  # [start, end) token indices of each answer item, in order
-    needle_starts: list[int]  # token index where each needle begins, in prompt order
-    answer_text: str
+    needle_spans: list[tuple[int, int]]  # [start, end) token indices of each needle, in prompt order
 
     @property
     def answer_start(self) -> int:
@@ -61,19 +60,19 @@ def build_prompt(tokenizer: EvalTokenizer, length: int, *, intro: str, needles: 
     stream = (filler * (filler_count // len(filler) + 1))[:filler_count]
 
     order = sorted(range(len(needles)), key=lambda i: depths[i])  # stable: equal depths keep their order
-    tokens, needle_starts, taken = list(head), [], 0
+    tokens, needle_spans, taken = list(head), [], 0
     for i in order:
         offset = round(depths[i] * filler_count)
         tokens += stream[taken:offset]
         taken = offset
-        needle_starts.append(len(tokens))
+        needle_spans.append((len(tokens), len(tokens) + len(needle_ids[i])))
         tokens += needle_ids[i]
     tokens += stream[taken:] + question_ids
     spans = []
     for ids in answer_ids:
         spans.append((len(tokens), len(tokens) + len(ids)))
         tokens += ids
-    return Prompt(tokens=tokens, answer_spans=spans, needle_starts=needle_starts, answer_text="".join(answers))
+    return Prompt(tokens=tokens, answer_spans=spans, needle_spans=needle_spans)
 
 
 def filler_tokens(tokenizer: EvalTokenizer, text: str) -> list[int]:

@@ -12,13 +12,13 @@ from pathlib import Path
 class EvalResult:
     """Mixin for the result dataclasses: `.table()` (Markdown), `.to_json()`, `.save_json(path)`."""
 
-    task: str = "eval"
+    task: str  # each result dataclass has it as its last field, so the JSON names its task
 
     def table(self) -> str:  # each task says which columns matter
         raise NotImplementedError
 
     def to_json(self) -> dict:
-        return _plain(dataclasses.asdict(self)) | {"task": self.task}
+        return _plain(dataclasses.asdict(self))
 
     def save_json(self, path) -> Path:
         path = Path(path)

@@ -17,7 +17,8 @@ class EvalTokenizer(Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added."""
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`; ids beyond the vocabulary (a model's padding rows) must not fail."""
 
 
 def encode_continuation(tokenizer: EvalTokenizer, text: str) -> list[int]:
@@ -48,7 +49,8 @@ class SentencePieceEvalTokenizer:
         return self._tokenizer.tokenize(text)
 
     def decode(self, ids) -> str:
-        return self._tokenizer.detokenize(ids)
+        # ids of a model's padded vocabulary rows are no pieces: they read as <unk> (id 0 in Llama's layout and ours)
+        return self._tokenizer.detokenize([i if 0 <= i < self.vocab_size else 0 for i in ids])
 
 
 class HFEvalTokenizer:
@@ -67,4 +69,4 @@ class HFEvalTokenizer:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids) -> str:
-        return self._tokenizer.decode([int(i) for i in ids])
+        return self._tokenizer.decode([int(i) for i in ids if 0 <= i < self.vocab_size])

@@ -1,0 +1,90 @@
+"""Long-context evaluation on megatron_ext checkpoints and Hugging Face causal LMs: sliding-window perplexity,
+passkey retrieval, needle-in-a-haystack grid, RULER-style tasks, attention entropy / JS divergence, and a suite
+that writes one Markdown report. Also the `megatron-ext eval` command (`add_eval_args`, `run_eval`).
+
+Importing this package imports neither torch nor megatron: names load from their modules on first use.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_LOADED_ON_FIRST_USE = {
+    "EvalModel": "megatron_ext.eval.models",
+    "HFCausalLM": "megatron_ext.eval.models",
+    "MegatronExtModel": "megatron_ext.eval.models",
+    "load_eval_model": "megatron_ext.eval.models",
+    "evaluate_perplexity": "megatron_ext.eval.perplexity",
+    "evaluate_passkey": "megatron_ext.eval.passkey",
+    "evaluate_needle": "megatron_ext.eval.needle",
+    "evaluate_ruler": "megatron_ext.eval.ruler",
+    "evaluate_attention": "megatron_ext.eval.attention",
+    "attention_entropy": "megatron_ext.eval.attention",
+    "js_divergence": "megatron_ext.eval.attention",
+    "check_answers": "megatron_ext.eval.scoring",
+    "greedy_generate": "megatron_ext.eval.scoring",
+    "build_prompt": "megatron_ext.eval.prompts",
+    "passkey_prompt": "megatron_ext.eval.prompts",
+    "PerplexitySettings": "megatron_ext.eval.settings",
+    "PasskeySettings": "megatron_ext.eval.settings",
+    "NeedleSettings": "megatron_ext.eval.settings",
+    "RulerSettings": "megatron_ext.eval.settings",
+    "AttentionSettings": "megatron_ext.eval.settings",
+    "SuiteConfig": "megatron_ext.eval.suite",
+    "load_suite_config": "megatron_ext.eval.suite",
+    "run_suite": "megatron_ext.eval.suite",
+    "add_eval_args": "megatron_ext.eval.cli",
+    "run_eval": "megatron_ext.eval.cli",
+}
+
+if TYPE_CHECKING:
+    from megatron_ext.eval.attention import attention_entropy, evaluate_attention, js_divergence
+    from megatron_ext.eval.cli import add_eval_args, run_eval
+    from megatron_ext.eval.models import EvalModel, HFCausalLM, MegatronExtModel, load_eval_model
+    from megatron_ext.eval.needle import evaluate_needle
+    from megatron_ext.eval.passkey import evaluate_passkey
+    from megatron_ext.eval.perplexity import evaluate_perplexity
+    from megatron_ext.eval.prompts import build_prompt, passkey_prompt
+    from megatron_ext.eval.ruler import evaluate_ruler
+    from megatron_ext.eval.scoring import check_answers, greedy_generate
+    from megatron_ext.eval.settings import (
+        AttentionSettings,
+        NeedleSettings,
+        PasskeySettings,
+        PerplexitySettings,
+        RulerSettings,
+    )
+    from megatron_ext.eval.suite import SuiteConfig, load_suite_config, run_suite
+
+__all__ = [
+    "AttentionSettings",
+    "EvalModel",
+    "HFCausalLM",
+    "MegatronExtModel",
+    "NeedleSettings",
+    "PasskeySettings",
+    "PerplexitySettings",
+    "RulerSettings",
+    "SuiteConfig",
+    "add_eval_args",
+    "attention_entropy",
+    "build_prompt",
+    "check_answers",
+    "evaluate_attention",
+    "evaluate_needle",
+    "evaluate_passkey",
+    "evaluate_perplexity",
+    "evaluate_ruler",
+    "greedy_generate",
+    "js_divergence",
+    "load_eval_model",
+    "load_suite_config",
+    "passkey_prompt",
+    "run_eval",
+    "run_suite",
+]
+
+
+def __getattr__(name: str):
+    if name not in _LOADED_ON_FIRST_USE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LOADED_ON_FIRST_USE[name]), name)

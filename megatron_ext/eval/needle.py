@@ -1,0 +1,117 @@
+"""Needle in a haystack: exact-match retrieval on a grid of context length x needle depth; heatmap PNG and CSV.
+
+The needle is the passkey sentence (a number: exact match is unambiguous, no judge model needed);
+the haystack the passkey filler, or any text. Each cell averages `trials` prompts with fresh keys.
+"""
+
+import csv
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_ext.eval.prompts import filler_tokens, passkey_prompt
+from megatron_ext.eval.results import EvalResult, markdown_table, progress
+from megatron_ext.eval.scoring import check_in_batches
+from megatron_ext.eval.settings import NeedleSettings
+
+CSV_COLUMNS = ["length", "depth", "accuracy", "token_accuracy", "trials"]
+
+
+@dataclass
+class NeedleCell:
+    length: int
+    depth: float
+    accuracy: float
+    token_accuracy: float
+    trials: int
+
+
+@dataclass
+class NeedleResult(EvalResult):
+    model: str
+    context_window: int | None
+    lengths: list[int]
+    depths: list[float]
+    cells: list[NeedleCell] = field(default_factory=list)
+    task: str = "needle"
+
+    def grid(self, metric: str = "accuracy") -> np.ndarray:
+        """[depths, lengths] array of a cell metric."""
+        values = {(c.length, c.depth): getattr(c, metric) for c in self.cells}
+        return np.array([[values[(length, depth)] for length in self.lengths] for depth in self.depths])
+
+    def average(self) -> float:
+        return float(self.grid().mean())
+
+    def table(self) -> str:
+        grid = self.grid()
+        rows = [[f"{depth:.0%}", *grid[i].tolist()] for i, depth in enumerate(self.depths)]
+        rows.append(["mean", *grid.mean(0).tolist()])
+        return markdown_table(["depth \\ length", *map(str, self.lengths)], rows) + \
+            f"\n\nmean accuracy over the grid: {self.average():.3f}"
+
+    def write_csv(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            for c in self.cells:
+                writer.writerow([c.length, c.depth, c.accuracy, c.token_accuracy, c.trials])
+        return path
+
+    def heatmap_figure(self):
+        """matplotlib Figure: depth (rows, top = 0 %) x length (columns), colour = exact-match accuracy."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        grid = self.grid()
+        figure, axes = plt.subplots(figsize=(1.0 + 0.9 * len(self.lengths), 1.2 + 0.4 * len(self.depths)))
+        image = axes.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        axes.set_xticks(range(len(self.lengths)), [str(n) for n in self.lengths])
+        axes.set_yticks(range(len(self.depths)), [f"{d:.0%}" for d in self.depths])
+        axes.set_xlabel("context length (tokens)")
+        axes.set_ylabel("needle depth")
+        for (i, j), value in np.ndenumerate(grid):
+            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        if self.context_window:  # the trained window, between the columns that straddle it
+            inside = sum(n <= self.context_window for n in self.lengths)
+            if 0 < inside < len(self.lengths):
+                axes.axvline(inside - 0.5, color="black", linestyle="--", linewidth=1)
+        figure.colorbar(image, ax=axes, label="accuracy")
+        axes.set_title(f"needle in a haystack: {self.model}", fontsize=9)
+        figure.tight_layout()
+        return figure
+
+    def write_heatmap(self, path) -> Path:
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure = self.heatmap_figure()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
+
+
+def evaluate_needle(model, settings: NeedleSettings) -> NeedleResult:
+    settings.validate()
+    filler = filler_tokens(model.tokenizer, settings.filler)
+    result = NeedleResult(model=model.name, context_window=model.context_window, lengths=list(settings.lengths),
+                          depths=list(settings.depths))
+    with progress(len(settings.lengths) * len(settings.depths) * settings.trials, "needle") as bar:
+        for length in settings.lengths:
+            for depth in settings.depths:
+                rng = random.Random(f"needle/{settings.seed}/{length}/{depth}")
+                keys = [rng.randint(1, settings.key_max) for _ in range(settings.trials)]
+                prompts = [passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler) for key in keys]
+                checks = check_in_batches(model, prompts, batch_size=settings.batch_size, number_answer=True, bar=bar)
+                result.cells.append(NeedleCell(
+                    length=length, depth=depth, trials=len(checks),
+                    accuracy=sum(c.correct for c in checks) / len(checks),
+                    token_accuracy=sum(c.token_accuracy for c in checks) / len(checks)))
+    return result

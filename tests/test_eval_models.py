@@ -1,0 +1,81 @@
+"""Models behind EvalModel: a saved checkpoint gives the saved model's logits at TP=PP=1 and at TP=2 / PP=2 (gloo
+ranks), chosen rows equal the full logits' rows, and the loader tells checkpoints from Hugging Face directories."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.eval.models import MegatronExtModel, load_eval_model
+
+pytest_plugins = ["test_eval_support"]
+
+WORKER = Path(__file__).with_name("test_eval_parallel_worker.py")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(single_rank, sp_tokenizer, tmp_path_factory):
+    """A HARPE model (4 heads, 2 KV groups) saved at TP=PP=1 as training would save it; (root, the model)."""
+    from megatron_ext.rope import RopeConfig
+    from megatron_ext.training.checkpoint import save_checkpoint
+    from megatron_ext.training.config import ModelConfig, TrainConfig
+    from megatron_ext.training.model_builder import build_gpt
+
+    config = TrainConfig(
+        model=ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                          ffn_hidden_size=128, seq_length=128, init_method_std=0.3),
+        rope=RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e3, "b_max": 1e5}))
+    torch.manual_seed(0)
+    model = build_gpt(config, 640, torch.device("cpu")).eval()
+    root = tmp_path_factory.mktemp("checkpoints")
+    save_checkpoint(root, 7, model=[model], state=dict(
+        config=config.to_dict(), padded_vocab_size=640, tokenizer_model=str(sp_tokenizer._tokenizer.model_path)))
+    return root, model
+
+
+def saved_model_logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, torch.arange(tokens.size(1)).expand_as(tokens), None)
+
+
+def test_a_checkpoint_root_loads_its_newest_checkpoint_with_the_saved_weights(checkpoint):
+    root, saved = checkpoint
+    loaded = load_eval_model(root, name="tiny")
+    assert isinstance(loaded, MegatronExtModel) and loaded.context_window == 128
+    tokens = torch.randint(0, 600, (2, 40), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loaded.logits(tokens), saved_model_logits(saved, tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_megatron", "tiny_llama"])
+def test_logits_of_chosen_rows_equal_those_rows_of_the_full_logits(request, model_fixture):
+    model = request.getfixturevalue(model_fixture)
+    tokens = torch.randint(0, 600, (2, 50), generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([0, 9, 31, 49])
+    torch.testing.assert_close(model.logits(tokens, rows=rows), model.logits(tokens)[:, rows], rtol=1e-5, atol=1e-5)
+
+
+def test_a_directory_that_is_no_model_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a megatron_ext checkpoint .* nor a Hugging Face"):
+        load_eval_model(tmp_path)
+
+
+@pytest.mark.distributed
+def test_tp2_and_pp2_loads_give_the_tp1_logits_and_attention(checkpoint, tmp_path):
+    root, saved = checkpoint
+    out = tmp_path / "parallel.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(WORKER), str(root), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = torch.load(out)
+    tokens, rows = results["tokens"], results["rows"]
+    single = MegatronExtModel(saved, load_eval_model(root).tokenizer)
+    expected = single.logits(tokens)
+    for case in ["tp2_pp1", "tp1_pp2"]:
+        torch.testing.assert_close(results[case]["logits"], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(results[case]["row_logits"], expected[:, rows], rtol=1e-5, atol=1e-5)
+    for tp2, tp1 in zip(results["tp2_pp1"]["attention"], single.attention_probs(tokens, rows)):
+        torch.testing.assert_close(tp2, tp1, rtol=1e-5, atol=1e-6)
