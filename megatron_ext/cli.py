@@ -79,7 +79,13 @@ def _add_eval(subparsers):
     add_eval_args(subparsers)
 
 
-COMMANDS = [_add_preprocess, _add_train, _add_eval, _add_plan, _add_launch]
+def _add_convert(subparsers):
+    from megatron_ext.convert.cli import add_convert_args
+
+    add_convert_args(subparsers)
+
+
+COMMANDS = [_add_preprocess, _add_train, _add_eval, _add_convert, _add_plan, _add_launch]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -312,9 +312,9 @@ def _save_rng(checkpoint: Path, states: dict) -> None:
 
 # --- save ----------------------------------------------------------------------------------
 
-def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Module], optimizer,
-                    scheduler, state: dict, keep_last: int | None = None,
-                    optimizer_sharding: str = "fully_reshardable") -> Path:
+def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Module], optimizer=None,
+                    scheduler=None, state: dict, keep_last: int | None = None,
+                    optimizer_sharding: str = "fully_reshardable", sharded_strategy=None) -> Path:
     """Save model chunks, optimizer, scheduler, RNG and `state` as root/iter_XXXXXXX; return it.
 
     Collective: every rank calls it. `state` (config, HARPE bases, data position, ...) must be
@@ -322,6 +322,10 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
     distributed optimizer's format ('fully_reshardable' or 'dp_reshardable', see the module
     docstring); other optimizers ignore it. keep_last=K then removes all but the K newest.
     The call leaves every RNG as it found it.
+
+    Weights only: optimizer=None and scheduler=None save the model tensors alone (a converted
+    model; load it with optimizer=None). `sharded_strategy` replaces megatron's default torch_dist
+    writer (same format), e.g. the converter's, which pulls each tensor from a source as it writes.
     """
     root = Path(root)
     _check_save_arguments(iteration, keep_last, optimizer_sharding)
@@ -337,7 +341,7 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
     if _is_rank0():
         staging.mkdir(parents=True)
     _barrier()
-    _write_tensors(staging, model, optimizer, common)
+    _write_tensors(staging, model, optimizer, common, sharded_strategy)
     _save_rng(staging, rng_states)
     _barrier()  # every rank's files are in
     final = root / name
@@ -380,14 +384,15 @@ def _common_part(iteration, optimizer, scheduler, state, optimizer_sharding) -> 
     }
 
 
-def _write_tensors(staging: Path, model, optimizer, common: dict) -> None:
+def _write_tensors(staging: Path, model, optimizer, common: dict, sharded_strategy=None) -> None:
     from megatron.core import dist_checkpointing
     metadata = common["sharding_metadata"]
     with_optimizer = common["optimizer"] is not None and common["optimizer"]["has_state"]
     sharded = _sharded_state_dict(model, optimizer if with_optimizer else None, metadata,
                                   is_loading=False)
     sharded[COMMON_KEY] = common
-    dist_checkpointing.save(sharded, str(staging), content_metadata=dict(metadata))
+    dist_checkpointing.save(sharded, str(staging), sharded_strategy=sharded_strategy,
+                            content_metadata=dict(metadata))
 
 
 def _finish(staging: Path, final: Path, common: dict, token: str) -> None:

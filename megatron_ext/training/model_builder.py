@@ -38,6 +38,7 @@ def transformer_config(config: TrainConfig, device):
         use_cpu_initialization=device.type == "cpu", params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, normalization=m.normalization, layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu, activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
         init_method_std=m.init_method_std, hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
         bias_activation_fusion=fused, bias_dropout_fusion=fused, masked_softmax_fusion=False,
         gradient_accumulation_fusion=fused, apply_rope_fusion=False, persist_layer_norm=False,
@@ -83,6 +84,13 @@ def load_model(checkpoint_dir, device, *, precision_override: str | None = None)
     config, state = saved_config(checkpoint_dir)
     if precision_override:
         config.training.precision = precision_override
+    from megatron.core import parallel_state as ps
+
+    # build for the layout we run now (megatron derives layers per stage from these), not the saved one
+    config.parallel.tensor_model_parallel_size = ps.get_tensor_model_parallel_world_size()
+    config.parallel.pipeline_model_parallel_size = ps.get_pipeline_model_parallel_world_size()
+    config.parallel.context_parallel_size = ps.get_context_parallel_world_size()
+    config.parallel.sequence_parallel = config.parallel.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
     model = build_gpt(config, state["padded_vocab_size"], device)  # the saved embedding's row count
     load_checkpoint(checkpoint_dir, model=[model], restore_rng=False)
     return model.eval(), config, state

@@ -1,0 +1,15 @@
+"""Hugging Face (Llama / Mistral / Qwen2, safetensors) <-> megatron_ext checkpoints, RoPE settings kept.
+
+    hf_to_mcore(hf_dir, out_dir, tp=1, pp=1)      streamed, checked before anything is written
+    mcore_to_hf(checkpoint, out_dir)              from any TP/PP the checkpoint was saved with
+
+Modules: adapters (one per family: a name table + named transforms), rope (HF RoPE forms <->
+RopeConfig), hf_io (safetensors in/out, tokenizer files), mcore_io (the one importing megatron),
+from_hf / to_hf (the two directions), cli. Importing this package imports no megatron.
+"""
+
+from megatron_ext.convert.errors import ConversionError
+from megatron_ext.convert.from_hf import hf_to_mcore
+from megatron_ext.convert.to_hf import mcore_to_hf
+
+__all__ = ["ConversionError", "hf_to_mcore", "mcore_to_hf"]

@@ -1,0 +1,170 @@
+"""megatron_ext checkpoint (any TP/PP it was saved with) -> Hugging Face safetensors directory, one layer at a time.
+
+The output directory appears only once complete: weights, config.json, tokenizer files.
+"""
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from megatron_ext.convert.adapters import adapter_for_family, adapter_for_hf
+from megatron_ext.convert.errors import ConversionError
+from megatron_ext.convert.hf_io import (
+    DTYPE_NAMES,
+    SafetensorsWriter,
+    copy_tokenizer_files,
+    parse_size,
+    read_config,
+    staged_directory,
+)
+
+log = logging.getLogger("megatron_ext")
+
+DEFAULT_SPECIAL_TOKENS = {"bos_token_id": 1, "eos_token_id": 2}  # Llama's sentencepiece layout
+
+
+def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | None = None,
+                hf_base=None, rope_form: str | None = None, max_shard_size: str | int = "5GB",
+                progress: bool = False) -> Path:
+    """Write a megatron_ext checkpoint as a Hugging Face model directory; returns it.
+
+    checkpoint: an iter_ directory, or a checkpoint root (its newest complete checkpoint).
+    family: llama | mistral | qwen2; default: the architecture it was converted from, else
+        qwen2 for a model with q/k/v biases and llama otherwise.
+    dtype: fp32 | bf16 | fp16; default: the dtype(s) it was converted from, else the saved one.
+    hf_base: a Hugging Face directory whose config.json (token ids, ...) and tokenizer files to
+        start from, e.g. the model the training began with.
+    rope_form: rope_parameters | rope_scaling | both; default: the source's form, else both.
+    """
+    from megatron_ext.training.model_builder import saved_config
+
+    path = resolve_checkpoint(checkpoint)
+    config, state = saved_config(path)
+    converted_from = state.get("hf") or {}
+    source = read_config(Path(hf_base)) if hf_base else converted_from.get("config")
+    adapter = (adapter_for_family(family) if family else
+               adapter_for_hf(source, f"{hf_base or path}'s source config") if source else
+               adapter_for_family("qwen2" if config.model.qkv_bias else "llama"))
+    padded = state["padded_vocab_size"]
+    tokenizer = _tokenizer_source(path, state, hf_base)
+
+    from megatron_ext.convert.mcore_io import ParameterReader, build_skeleton, single_process_group
+
+    started = time.perf_counter()
+    with single_process_group():
+        skeleton = build_skeleton(config, padded, torch.float32)  # for names and checkpoint keys only
+        sharding = json.loads((path / "megatron_ext.json").read_text())["sharding_metadata"]
+        reader = ParameterReader(path, skeleton.sharded_state_dict(metadata=dict(sharding)))
+        vocab_size = config.model.vocab_size or state.get("tokenizer_vocab_size") or padded
+        plan = adapter.bind(config, vocab_size, padded)
+        plan.check_covers(reader.chunks)
+        out_dtype = (DTYPE_NAMES[dtype] if dtype else _dtype_named(converted_from.get("dtype"))
+                     or reader.dtype("embedding.word_embeddings.weight"))
+        hf_config = adapter.hf_config(config, vocab_size=vocab_size, dtype=out_dtype, source=source,
+                                      rope_form=rope_form, special_tokens=_special_tokens(tokenizer))
+        if config.pose.enabled:
+            hf_config["megatron_ext"] = {"pose": asdict(config.pose), "trained_seq_length": config.model.seq_length}
+        groups = _layer_groups(list(plan.entries), config.model.num_layers)
+        kept = None if dtype else converted_from.get("tensor_dtypes")
+        layout = _output_layout(plan, groups, reader.shapes, out_dtype, kept)
+        with staged_directory(out_dir) as staging:
+            files = _write_weights(staging, plan, reader, groups, layout, parse_size(max_shard_size), progress)
+            (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+            _copy_tokenizer(tokenizer, staging)
+    out = Path(out_dir).expanduser().absolute()
+    log.info(f"megatron_ext: exported {path} ({adapter.family}, {len(files)} shard(s)) -> {out} "
+             f"in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def _output_layout(plan, groups, megatron_shapes, out_dtype, kept_dtypes: dict | None) -> list[tuple]:
+    """(name, shape, dtype) of every Hugging Face tensor in writing order. A tensor the source
+    kept in another dtype (e.g. fp32 norms in a bf16 model) goes back to it."""
+    hf_shapes = plan.hf_shapes(megatron_shapes)
+    kept = {name: _dtype_named(kind) for name, kind in (kept_dtypes or {}).items()}
+    return [(hf_name, hf_shapes[hf_name], kept.get(hf_name) or out_dtype)
+            for names in groups for name in names for hf_name in plan.entries[name][0]]
+
+
+def _write_weights(directory: Path, plan, reader, groups, layout, max_shard_bytes: int, progress: bool) -> list[Path]:
+    """Read one group (a layer) at a time, write its Hugging Face tensors straight into their shards."""
+    from tqdm import tqdm
+
+    writer = SafetensorsWriter(directory, layout, max_shard_bytes)
+    dtypes = {name: kind for name, _, kind in layout}
+    for names in tqdm(groups, desc="mcore -> hf", unit="layer", disable=not progress):
+        loaded = reader.read(names)
+        for name in names:
+            for hf_name, tensor in plan.to_hf(name, loaded.pop(name)).items():
+                writer.add(hf_name, tensor.to(dtypes[hf_name]))
+    return writer.close()
+
+
+def _dtype_named(name: str | None) -> torch.dtype | None:
+    dtype = getattr(torch, name, None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def resolve_checkpoint(checkpoint) -> Path:
+    """An iter_ directory as given, or the newest complete one under a checkpoint root."""
+    from megatron_ext.training.checkpoint import find_checkpoint, is_complete_checkpoint
+
+    path = Path(checkpoint).expanduser().absolute()
+    if is_complete_checkpoint(path):
+        return path
+    found = find_checkpoint(path, "auto") if path.is_dir() else None
+    if found is None:
+        raise ConversionError(f"--ckpt {path}: no complete megatron_ext checkpoint there (an iter_XXXXXXX "
+                              f"directory, or a directory holding them)")
+    return found
+
+
+def _layer_groups(names: list[str], num_layers: int) -> list[list[str]]:
+    """Embedding first, then each layer's tensors, then the final norm and output layer (HF's order)."""
+    layers = [[n for n in names if n.startswith(f"decoder.layers.{i}.")] for i in range(num_layers)]
+    rest = [n for n in names if not n.startswith("decoder.layers.")]
+    first = [n for n in rest if n.startswith("embedding.")]
+    return [first, *layers, [n for n in rest if n not in first]]
+
+
+def _tokenizer_source(path: Path, state: dict, hf_base) -> Path | None:
+    """Where the model's tokenizer files are: --hf-base, the converted model's copy, or what training recorded."""
+    if hf_base:
+        return Path(hf_base)
+    copied = (state.get("hf") or {}).get("tokenizer_dir")
+    if copied and (path / copied).is_dir():
+        return path / copied
+    recorded = state.get("tokenizer_model")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    log.warning(f"megatron_ext: {path} records no tokenizer that exists here ({recorded}); the export has "
+                f"weights and config only: pass --hf-base DIR to copy a tokenizer")
+    return None
+
+
+def _special_tokens(tokenizer: Path | None) -> dict:
+    """BOS/EOS ids for a config.json written from scratch: the sentencepiece model's, else Llama's."""
+    model = tokenizer if tokenizer and tokenizer.is_file() else (tokenizer / "tokenizer.model" if tokenizer else None)
+    if model is None or not model.is_file():
+        return dict(DEFAULT_SPECIAL_TOKENS)
+    import sentencepiece
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    return {"bos_token_id": processor.bos_id() if processor.bos_id() >= 0 else None,
+            "eos_token_id": processor.eos_id() if processor.eos_id() >= 0 else None}
+
+
+def _copy_tokenizer(tokenizer: Path | None, out: Path) -> None:
+    if tokenizer is None:
+        return
+    if tokenizer.is_dir():
+        copy_tokenizer_files(tokenizer, out)
+    else:  # the sentencepiece model training used
+        shutil.copy2(tokenizer, out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}, indent=2) + "\n")
+
