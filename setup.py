@@ -25,6 +25,7 @@ setup(
             "transformers>=4.46",
             "safetensors",
             "matplotlib",
+            "triton",  # the fused rotary kernel's tests run in Triton's CPU interpreter
         ],
         "gpu": [
             "transformer-engine[pytorch]",

@@ -38,12 +38,29 @@ class SDPACoreAttention(torch.nn.Module):
             value = _GatherSequence.apply(value, self.cp_group)
             mask = _zigzag_causal_mask(query.size(0), cp_size, get_pg_rank(self.cp_group), query.device)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=k.size(1) != q.size(1),
-        )
+        context = grouped_sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+                               dropout_p=self.dropout if self.training else 0.0)
         context = context.permute(2, 0, 1, 3)  # [s, b, heads, d]
         return context.reshape(context.size(0), context.size(1), -1)
+
+
+# torch >= 2.5 runs grouped-query attention inside SDPA (flash, cuDNN and memory-efficient backends
+# on CUDA) without repeating K/V; setup.py allows torch 2.4, which lacks the argument.
+SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+def grouped_sdpa(q, k, v, **kwargs):
+    """scaled_dot_product_attention for q [b, h, s, d] and k, v [b, g, s, d] with h % g == 0.
+
+    On CUDA in bf16/fp16 without a mask torch picks its flash (or cuDNN) kernel: O(s) memory.
+    """
+    if k.size(1) == q.size(1):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    repeats = q.size(1) // k.size(1)
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(repeats, dim=1),
+                                          v.repeat_interleave(repeats, dim=1), **kwargs)
 
 
 def zigzag_token_indices(local_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
