@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_ext.compat import cpu as cpu_compat
 from megatron_ext.models.core_attention import SDPACoreAttention

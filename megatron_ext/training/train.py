@@ -208,7 +208,6 @@ def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_ite
 
 def build_model(config: TrainConfig, vocab_size: int, device) -> list:
     """This pipeline stage's LongContextGPTModel, in Float16Module for bf16, in megatron's DDP."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
