@@ -85,7 +85,13 @@ def _add_convert(subparsers):
     add_convert_args(subparsers)
 
 
-COMMANDS = [_add_preprocess, _add_train, _add_eval, _add_convert, _add_plan, _add_launch]
+def _add_repro(subparsers):
+    from megatron_ext.repro.cli import add_repro_args
+
+    add_repro_args(subparsers)
+
+
+COMMANDS = [_add_preprocess, _add_train, _add_eval, _add_convert, _add_plan, _add_launch, _add_repro]
 
 
 def build_parser() -> argparse.ArgumentParser:

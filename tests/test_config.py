@@ -58,6 +58,7 @@ def test_overrides_and_defaults(tmp_path):
     ({"training": {"recompute": "some"}}, "training.recompute"),
     ({"optimizer": {"min_lr": 1.0}}, "optimizer.min_lr"),
     ({"optimizer": {"warmup_iters": 1000}}, "optimizer.warmup_iters .1000."),
+    ({"training": {"train_iters": 10}, "optimizer": {"warmup_iters": 10}}, "optimizer.warmup_iters .10. must be in .0, 10."),
     ({"optimizer": {"adam_beta2": 1.5}}, "adam_beta"),
     ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last"),
     ({"pose": {"enabled": True, "target_length": 16}}, "pose.target_length .16. must be >= model.seq_length"),

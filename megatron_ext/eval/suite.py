@@ -83,15 +83,10 @@ class SuiteConfig:
 
 def load_suite_config(path, overrides: list[str] = ()) -> SuiteConfig:
     """YAML + `key.sub=value` overrides -> a validated SuiteConfig (errors name the key)."""
-    from megatron_ext.training.config import apply_override, from_dict
+    from megatron_ext.training.config import read_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file; see examples/configs/eval_*.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        apply_override(raw, item)
-    config = from_dict(SuiteConfig, raw, prefix="")
+    config = read_config(path, SuiteConfig, overrides, example="examples/configs/eval_*.yaml",
+                         missing=FileNotFoundError)
     config.validate()
     return config
 

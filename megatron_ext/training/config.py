@@ -149,17 +149,24 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_files: boo
     """Read a YAML file, apply `key.sub=value` overrides, build and validate the config.
 
     check_files=False skips the data/tokenizer file checks (planning for a cluster elsewhere)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file; pick one of examples/configs/*.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, rope:, ...)")
-    for item in overrides:
-        apply_override(raw, item)
-    config = from_dict(TrainConfig, raw, prefix="")
+    config = read_config(path, TrainConfig, overrides, example="examples/configs/*.yaml")
     validate(config, check_files=check_files)
     return config
+
+
+def read_config(path: str | Path, cls, overrides: list[str] = (), *, example: str, missing=ConfigError):
+    """YAML file + `key.sub=value` overrides -> dataclass `cls` (unknown keys and wrong types rejected).
+
+    `example` is named when the file is missing (raised as `missing`); validation is the caller's."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing(f"--config {path}: no such file; see {example}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(cls, raw, prefix="")
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -264,8 +271,10 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
            f"training.micro_batch_size ({t.micro_batch_size})")
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optimizer.lr ({o.lr}) must be > 0 and optimizer.min_lr ({o.min_lr}) in [0, lr]")
-    _check(0 <= o.warmup_iters <= t.train_iters,
-           f"optimizer.warmup_iters ({o.warmup_iters}) must be in [0, training.train_iters = {t.train_iters}]")
+    decay_iters = o.lr_decay_iters or t.train_iters
+    _check(0 <= o.warmup_iters < decay_iters,
+           f"optimizer.warmup_iters ({o.warmup_iters}) must be in [0, {decay_iters}) (fewer than optimizer.lr_decay_iters, "
+           "default training.train_iters): megatron's scheduler needs at least one decay step after warmup")
     _check(0 < o.adam_beta1 < 1 and 0 < o.adam_beta2 < 1,
            f"optimizer.adam_beta1/adam_beta2 ({o.adam_beta1}, {o.adam_beta2}) must be in (0, 1)")
     _check(o.clip_grad >= 0, f"optimizer.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")

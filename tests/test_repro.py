@@ -1,0 +1,201 @@
+"""The small-scale reproduction (`megatron-ext repro`): the method table, and one --smoke run end to end
+whose outputs are checked: every method present with finite numbers, and each method trained the way it
+claims (PoSE: short sequences with long position ids; HARPE: its per-head bases in the checkpoint;
+ABF-multi: three stages with growing length and base, each starting from the one before)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_ext.repro.config import SMOKE_OVERRIDES, load_repro_config
+from megatron_ext.repro.methods import (
+    ABF_REFERENCE,
+    build_methods,
+    harpe_range,
+    slowest_wavelength,
+    transfer_base,
+)
+from megatron_ext.rope.config import RopeConfig
+from megatron_ext.training.config import ConfigError, load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "reproduction" / "cpu_8x.yaml"
+
+
+# --- the methods, without training -----------------------------------------------------------
+
+
+def test_transfer_base_keeps_the_wavelength_to_target_ratio():
+    assert transfer_base(ABF_REFERENCE, 128, 32_768) == pytest.approx(500_000, rel=1e-12)
+    base = transfer_base(ABF_REFERENCE, 32, 2048)
+    reference_ratio = slowest_wavelength(500_000, 128) / 32_768
+    assert slowest_wavelength(base, 32) / 2048 == pytest.approx(reference_ratio, rel=1e-12)
+    # a longer target needs a bigger base; HARPE's range keeps its order
+    assert transfer_base(ABF_REFERENCE, 32, 4096) > base
+    low, high = harpe_range(32, 2048)
+    assert 10_000 < low < high
+
+
+def test_methods_differ_as_claimed():
+    methods = build_methods(base_length=256, scale=8, head_dim=32)
+    assert list(methods) == ["original", "vanilla", "pi", "ntk", "abf", "yarn", "abf_multi", "pose", "pose_linear",
+                             "pose_yarn", "harpe_uniform", "harpe_peak_valley", "harpe_pose"]
+    assert methods["original"].stages == []
+    inv_freqs = {}
+    for name, method in methods.items():
+        if not method.stages:
+            continue
+        last = method.stages[-1]
+        pose = name.startswith("pose") or name == "harpe_pose"
+        assert last.seq_length == (256 if pose else 2048), name
+        assert bool(last.pose) == pose and (not pose or last.pose["target_length"] == 2048), name
+        assert sum(stage.budget_share for stage in method.stages) == pytest.approx(1.0)
+        rope = RopeConfig(**{"base": 10_000.0, **last.rope})
+        inv_freqs[name] = rope.inv_freq(rope.group_bases(4), 32)[0]
+    # every full-length method rotates differently from every other one (pose variants share their partner's RoPE)
+    distinct = ["vanilla", "pi", "ntk", "abf", "yarn", "harpe_uniform", "harpe_peak_valley"]  # abf_multi ends as abf
+    for i, a in enumerate(distinct):
+        for b in distinct[i + 1:]:
+            assert (inv_freqs[a] - inv_freqs[b]).abs().max() > 1e-9, (a, b)
+    assert (inv_freqs["pose"] == inv_freqs["vanilla"]).all() and (inv_freqs["pose_linear"] == inv_freqs["pi"]).all()
+    assert (inv_freqs["harpe_pose"] == inv_freqs["harpe_uniform"]).all()
+    # HARPE: four distinct bases per model, one per head
+    for name in ("harpe_uniform", "harpe_peak_valley"):
+        bases = RopeConfig(**methods[name].stages[0].rope).group_bases(4)
+        assert len(set(bases.tolist())) == 4, name
+    ladder = methods["abf_multi"].stages
+    assert [stage.seq_length for stage in ladder] == [512, 1024, 2048]
+    assert ladder[0].rope["base"] < ladder[1].rope["base"] < ladder[2].rope["base"]
+    assert ladder[2].rope["base"] == methods["abf"].stages[0].rope["base"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods=[original,nope]", "methods: unknown 'nope'"),
+    ("methods=[vanilla]", "must include 'original'"),
+    ("scale=6", "scale .6. must be a power of two"),
+    ("extend.tokens_per_iter=3000", "extend.tokens_per_iter .3000. must be a multiple of the target length"),
+    ("seeds=[]", "seeds is empty"),
+    ("extend.iters=2", "extend.iters .2. must give each of up to 3 stages"),
+    ("data.pretrain_passkey_chars=[50,10]", r"data.pretrain_passkey_chars .\[50, 10\]."),
+])
+def test_bad_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_repro_config(CONFIG, [override])
+
+
+def test_shipped_config_and_smoke_settings_validate():
+    config = load_repro_config(CONFIG)
+    assert config.target_length == 2048 and config.eval_lengths() == [256, 512, 1024, 2048]
+    assert load_repro_config(CONFIG, SMOKE_OVERRIDES).extend.iters == 3
+
+
+# --- one smoke run, end to end ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",
+               "--set", f"output_dir={out}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), done.stdout
+
+
+def test_smoke_run_reports_every_method_with_finite_numbers(smoke_run):
+    out, results, stdout = smoke_run
+    config = load_repro_config(CONFIG, SMOKE_OVERRIDES)
+    names = [r["method"] for r in results["results"]]
+    assert names == list(config.method_table())
+    lengths = [str(n) for n in config.eval_lengths()]
+    for result in results["results"]:
+        assert sorted(result["perplexity"], key=int) == lengths and sorted(result["passkey"], key=int) == lengths
+        assert all(math.isfinite(v) and v > 1 for v in result["perplexity"].values()), result["method"]
+        assert all(0 <= v <= 1 for v in result["passkey"].values())
+        assert math.isfinite(result["entropy"]) and result["entropy"] > 0
+        if result["stages"]:
+            assert result["seconds"] > 0 and result["peak_rss_mib"] > 50
+    trained = {r["tokens"] for r in results["results"] if r["stages"]}
+    assert trained == {config.extend.iters * config.extend.tokens_per_iter}  # one token budget for all
+    report = (out / "report.md").read_text()
+    for name in names:
+        assert f"| `{name}` |" in report
+    for picture in ("ppl_vs_length.png", "passkey_heatmap.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in report
+    assert "megatron-ext repro --config" in report and "Machine:" in report
+    assert "report:" in stdout
+
+
+def _stages(results, method):
+    return next(r for r in results["results"] if r["method"] == method)["stages"]
+
+
+def _saved_state(checkpoint):
+    return json.loads((Path(checkpoint) / "megatron_ext.json").read_text())["state"]
+
+
+def test_smoke_pose_batches_are_short_with_long_position_ids(smoke_run, single_rank):
+    from megatron_ext.data import SentencePieceTokenizer
+    from megatron_ext.training.train import build_batches
+
+    out, results, _ = smoke_run
+    for method in ("pose", "pose_linear", "pose_yarn", "harpe_pose"):
+        (stage,) = _stages(results, method)
+        config = load_config(out / "seed1" / method / "stage0" / "train.yaml")
+        assert config.model.seq_length == 256 and config.pose.enabled and config.pose.target_length == 2048
+        batches = build_batches(config, SentencePieceTokenizer(config.data.tokenizer_model),
+                                config.data.train_data, 0).next_iteration()
+        ids = [batch["position_ids"] for batch in batches]
+        assert all(i.shape[-1] == 256 for i in ids)
+        largest = max(int(i.max()) for i in ids)
+        assert 0.6 * 2048 <= largest < 2048, (method, largest)
+        assert all((i.diff(dim=-1) >= 1).all() for i in ids)  # increasing, with skips
+        assert any((i.diff(dim=-1) > 1).any() for i in ids)
+    (vanilla,) = _stages(results, "vanilla")
+    assert vanilla["seq_length"] == 2048 and not vanilla["pose"]
+
+
+def test_smoke_harpe_checkpoints_hold_the_requested_bases(smoke_run):
+    out, results, _ = smoke_run
+    config = load_repro_config(CONFIG, SMOKE_OVERRIDES)
+    methods = config.method_table()
+    heads = config.model.num_attention_heads
+    for name in ("harpe_uniform", "harpe_peak_valley", "harpe_pose"):
+        (stage,) = _stages(results, name)
+        saved = _saved_state(stage["checkpoint"])["head_bases"]
+        requested = RopeConfig(**{"base": config.model.rope_base, **methods[name].stages[0].rope}).group_bases(heads)
+        assert saved == pytest.approx(requested.tolist(), rel=1e-12), name
+        assert len(set(saved)) == heads
+    (vanilla,) = _stages(results, "vanilla")
+    assert len(set(_saved_state(vanilla["checkpoint"])["head_bases"])) == 1
+
+
+def test_smoke_abf_multi_runs_its_stages_in_order(smoke_run):
+    out, results, _ = smoke_run
+    stages = _stages(results, "abf_multi")
+    assert [s["seq_length"] for s in stages] == [512, 1024, 2048]
+    bases = [s["rope"]["base"] for s in stages]
+    assert bases == sorted(bases) and len(set(bases)) == 3
+    base_checkpoint = json.loads((out / "pretrain" / "summary.json").read_text())["checkpoint"]
+    previous = base_checkpoint
+    for index, stage in enumerate(stages):
+        raw = yaml.safe_load((out / "seed1" / "abf_multi" / f"stage{index}" / "train.yaml").read_text())
+        assert raw["checkpoint"]["pretrained"] == previous  # each stage starts from the one before
+        saved = _saved_state(stage["checkpoint"])["config"]
+        assert saved["model"]["seq_length"] == stage["seq_length"] and saved["rope"]["base"] == stage["rope"]["base"]
+        assert stage["iterations"] >= 1
+        previous = stage["checkpoint"]
+    assert sum(s["iterations"] for s in stages) == load_repro_config(CONFIG, SMOKE_OVERRIDES).extend.iters
+
+
+def test_a_finished_run_is_reused(smoke_run):
+    out, _, _ = smoke_run
+    command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",
+               "--set", f"output_dir={out}", "--set", "methods=[original,pose]"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pretraining: reusing" in done.stdout and "pose: kept from an earlier run" in done.stdout
