@@ -81,6 +81,7 @@ def test_methods_differ_as_claimed():
     ("seeds=[]", "seeds is empty"),
     ("extend.iters=2", "extend.iters .2. must give each of up to 3 stages"),
     ("data.pretrain_passkey_chars=[50,10]", r"data.pretrain_passkey_chars .\[50, 10\]."),
+    ("eval.perplexity_data=[/nowhere/*.txt]", "eval.perplexity_data: '/nowhere/.*' .* matches no file"),
 ])
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -91,6 +92,33 @@ def test_shipped_config_and_smoke_settings_validate():
     config = load_repro_config(CONFIG)
     assert config.target_length == 2048 and config.eval_lengths() == [256, 512, 1024, 2048]
     assert load_repro_config(CONFIG, SMOKE_OVERRIDES).extend.iters == 3
+
+
+def _fake_result(method, seed, ppl, stages=1):
+    stage = dict(iterations=3, global_batch=1, seq_length=2048, pose={}, last_loss=2.0 + seed)
+    return dict(method=method, seed=seed, description=f"{method} (fake)", stages=[stage] * stages, seconds=10.0 * seed,
+                peak_rss_mib=500.0 + seed, tokens=6144 * bool(stages),
+                perplexity={"256": ppl, "512": ppl * 2, "1024": ppl * 3, "2048": ppl * 4},
+                passkey={"256": 0.5, "512": 0.25, "1024": 0.0, "2048": 0.0},
+                passkey_token_accuracy={"256": 0.8, "512": 0.6, "1024": 0.4, "2048": 0.2}, entropy=5.0 + seed)
+
+
+def test_report_shows_mean_and_spread_over_seeds(tmp_path):
+    from megatron_ext.repro.report import results_table, spread, write_report
+
+    assert spread([1.0]) == "1.00" and spread([10.0, 20.0]) == "15.00 ± 7.07" and spread([None]) == "–"
+    assert spread([100.0, 300.0], 0) == "200 ± 141"
+    config = load_repro_config(CONFIG, ["seeds=[1,2]", f"output_dir={tmp_path}"])
+    results = {(seed, method): _fake_result(method, seed, ppl, stages)
+               for seed in (1, 2) for method, ppl, stages in (("original", 30.0, 0), ("pi", 20.0 + seed, 1))}
+    table = results_table(config, results)
+    assert "| `pi` | 15 ± 7 | 502 ± 1 | 6,144 | 21.50 ± 0.71 | 43.00 ± 1.41 |" in table
+    assert "| `original` | – | – | 0 | 30.00 | 60.00 |" in table  # identical seeds: a spread of 0 is shown
+    pretrain = dict(first_loss=7.0, last_loss=2.0, seconds=100.0)
+    report = write_report(config, pretrain, results, tmp_path, command="megatron-ext repro ...", seconds=60.0)
+    text = report.read_text()
+    assert "mean ± standard deviation over seeds" in text and "Extension seeds: 1, 2" in text
+    assert (tmp_path / "ppl_vs_length.png").stat().st_size > 1000
 
 
 # --- one smoke run, end to end ----------------------------------------------------------------

@@ -52,12 +52,15 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+PROGRESS_BARS = {"enabled": True}  # a caller with its own progress lines (megatron-ext repro) turns the bars off
+
+
 def progress(total: int, description: str, enabled: bool = True):
     """A tqdm bar on the reporting rank (rank 0); a silent stand-in elsewhere."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=description, unit="prompt", dynamic_ncols=True, leave=False,
-                disable=not (enabled and is_reporting_rank()))
+                disable=not (enabled and PROGRESS_BARS["enabled"] and is_reporting_rank()))
 
 
 def is_reporting_rank() -> bool:

@@ -1,6 +1,9 @@
 """ReproConfig: the YAML of `megatron-ext repro` (examples/reproduction/cpu_8x.yaml), every default once."""
 
+import glob
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from megatron_ext.training.config import ConfigError, read_config
 
@@ -132,6 +135,11 @@ class ReproConfig:
               "length minus one step)")
         check(self.eval.passkey_trials >= 1 and self.eval.attention_trials >= 1 and self.eval.perplexity_documents >= 1,
               "eval: passkey_trials, attention_trials and perplexity_documents must be >= 1")
+        for source in self.eval.perplexity_data:
+            path = source.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+            check(bool(glob.glob(path)) or Path(path + ".idx").is_file(),
+                  f"eval.perplexity_data: {source!r} ({path}) matches no file; give JSONL/text files, a glob or an "
+                  "indexed-dataset prefix (a Python without its test suite has no test/test_*.py: try '{stdlib}/*.py')")
         check(bool(self.eval.length_multiples) and all(x >= 1 for x in self.eval.length_multiples),
               f"eval.length_multiples ({self.eval.length_multiples}) must be a non-empty list of integers >= 1")
 
@@ -144,10 +152,11 @@ def load_repro_config(path, overrides: list[str] = ()) -> ReproConfig:
 
 # A few steps of everything on a very small model: the pipeline end to end in about two minutes (the tests).
 SMOKE_OVERRIDES = [
+    "seeds=[1]",
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
     "data.num_documents=120", "data.pretrain_passkey_chars=[40,120]", "data.extension_passkey_chars=[120,600]",
     "data.vocab_size=400", "pretrain.iters=4", "pretrain.global_batch_size=4", "pretrain.micro_batch_size=4",
     "pretrain.warmup_iters=1", "extend.iters=3", "extend.tokens_per_iter=2048", "extend.micro_batch_tokens=2048",
     "extend.warmup_iters=1", "eval.passkey_trials=2", "eval.perplexity_documents=1", "eval.attention_trials=1",
-    "eval.batch_size=2",
+    "eval.batch_size=2", "eval.perplexity_data=['{stdlib}/*.py']",
 ]

@@ -49,11 +49,12 @@ def _digits(value: float) -> int:
 
 
 def _by_method(results: dict) -> dict:
-    """method -> [result per seed], methods in first-seen order."""
+    """method -> [result per seed], methods in first-seen order; an untrained model (the same for every
+    seed) once."""
     grouped = {}
     for (_, method), result in results.items():
         grouped.setdefault(method, []).append(result)
-    return grouped
+    return {method: runs if runs[0]["stages"] else runs[:1] for method, runs in grouped.items()}
 
 
 def _metric(runs: list, key: str, length=None) -> list:

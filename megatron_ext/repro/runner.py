@@ -146,6 +146,9 @@ def evaluate(config: ReproConfig, checkpoint: str, name: str, assets: Path) -> d
     from megatron_ext.eval.perplexity import evaluate_perplexity
     from megatron_ext.eval.settings import AttentionSettings, PasskeySettings, PerplexitySettings
 
+    from megatron_ext.eval.results import PROGRESS_BARS
+
+    PROGRESS_BARS["enabled"] = False  # the runner logs one line per method instead
     lengths, ev = config.eval_lengths(), config.eval
     model = load_eval_model(checkpoint, name=name, precision="fp32")
     perplexity = evaluate_perplexity(model, PerplexitySettings(
@@ -190,6 +193,11 @@ def run_repro(config: ReproConfig, *, command: str, fresh: bool = False) -> Path
             if result_file.is_file() and not fresh:
                 results[seed, method.name] = json.loads(result_file.read_text())
                 log(f"[{done}/{total}] seed {seed} {method.name}: kept from an earlier run")
+                continue
+            earlier = next((r for (_, name), r in results.items() if name == method.name), None)
+            if not method.stages and earlier is not None:  # the pretrained model does not depend on the seed
+                results[seed, method.name] = dict(earlier, seed=seed)
+                log(f"[{done}/{total}] seed {seed} {method.name}: the same model as seed {earlier['seed']}")
                 continue
             log(f"[{done}/{total}] seed {seed} {method.name}: {method.description}")
             trained = (extend(config, method, seed, data, base["checkpoint"], method_dir, log) if method.stages
