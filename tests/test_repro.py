@@ -220,6 +220,25 @@ def test_smoke_abf_multi_runs_its_stages_in_order(smoke_run):
     assert sum(s["iterations"] for s in stages) == load_repro_config(CONFIG, SMOKE_OVERRIDES).extend.iters
 
 
+def test_changed_settings_in_a_used_output_dir_fail_before_any_work(smoke_run):
+    out, _, _ = smoke_run
+    command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",
+               "--set", f"output_dir={out}", "--set", "extend.lr=1e-3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "[repro" not in done.stdout  # nothing started
+    assert f"output_dir ({out}) holds a run made with other extend settings" in done.stderr
+
+
+def test_a_bad_generated_training_setting_is_named_before_any_work(tmp_path):
+    from megatron_ext.repro.runner import check_settings
+
+    config = load_repro_config(CONFIG, [f"output_dir={tmp_path}", "extend.min_lr=1.0"])
+    message = r"vanilla stage 1 \(extend\.\*\): optimizer.lr .0.0005. must be > 0 and optimizer.min_lr .1.0. in"
+    with pytest.raises(ConfigError, match=message):
+        check_settings(config, tmp_path)
+    assert not (tmp_path / "settings.json").exists()
+
+
 def test_a_finished_run_is_reused(smoke_run):
     out, _, _ = smoke_run
     command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",

@@ -4,7 +4,6 @@ Importing this package must not import megatron-core: spawned preprocessing work
 megatron-core costs each ~4 s and ~300 MB. Names whose module needs megatron-core (or torch, ~1 s) load on
 first use."""
 
-import importlib
 from typing import TYPE_CHECKING
 
 from megatron_ext.data.corpus import build_tiny_corpus
@@ -17,6 +16,7 @@ from megatron_ext.data.preprocess import (
     preprocess,
     run_preprocess,
 )
+from megatron_ext.lazy import lazy_getattr
 
 _LOADED_ON_FIRST_USE = {
     "SentencePieceTokenizer": "megatron_ext.data.tokenizer",
@@ -57,8 +57,4 @@ __all__ = [
     "train_sentencepiece",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _LOADED_ON_FIRST_USE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_LOADED_ON_FIRST_USE[name]), name)
+__getattr__ = lazy_getattr(__name__, _LOADED_ON_FIRST_USE)

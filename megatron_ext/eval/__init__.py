@@ -5,8 +5,9 @@ that writes one Markdown report. Also the `megatron-ext eval` command (`add_eval
 Importing this package imports neither torch nor megatron: names load from their modules on first use.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from megatron_ext.lazy import lazy_getattr
 
 _LOADED_ON_FIRST_USE = {
     "EvalModel": "megatron_ext.eval.models",
@@ -83,8 +84,4 @@ __all__ = [
     "run_suite",
 ]
 
-
-def __getattr__(name: str):
-    if name not in _LOADED_ON_FIRST_USE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_LOADED_ON_FIRST_USE[name]), name)
+__getattr__ = lazy_getattr(__name__, _LOADED_ON_FIRST_USE)

@@ -58,13 +58,8 @@ def _by_method(results: dict) -> dict:
 
 
 def _metric(runs: list, key: str, length=None) -> list:
-    values = []
-    for run in runs:
-        value = run[key]
-        if length is not None:
-            value = value.get(str(length), value.get(length)) if isinstance(value, dict) else None
-        values.append(value)
-    return values
+    """`key` of every run; per-length metrics (JSON objects keyed by the length as text) at `length`."""
+    return [run[key] if length is None else run[key][str(length)] for run in runs]
 
 
 def results_table(config, results: dict) -> str:

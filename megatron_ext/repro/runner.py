@@ -16,6 +16,7 @@ Layout of the output directory:
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -56,10 +57,7 @@ def train_yaml(config: ReproConfig, *, seq_length: int, rope: dict, pose: dict, 
 def run_training(raw: dict, run_dir: Path) -> dict:
     """Train in a child process; its wall time, peak RSS, last checkpoint and losses. Raises on failure."""
     from megatron_ext.training.checkpoint import find_checkpoint
-    from megatron_ext.training.config import from_dict, validate
-    from megatron_ext.training.config import TrainConfig
 
-    validate(from_dict(TrainConfig, raw, prefix=""))  # a bad generated config fails here, not in the child
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     metrics = Path(raw["logging"]["metrics_file"])
@@ -83,6 +81,63 @@ def run_training(raw: dict, run_dir: Path) -> dict:
                 first_loss=losses[min(losses)], last_loss=losses[max(losses)], command=" ".join(command))
 
 
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all (a temporary file renamed into place): a rerun trusts what it finds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(value, indent=1) + "\n")
+    staging.replace(path)
+
+
+def pretrain_settings(config: ReproConfig) -> dict:
+    """The pretraining run's `train_yaml` settings (paths, seed and init aside)."""
+    p = config.pretrain
+    return dict(seq_length=config.base_length, rope={}, pose={}, iters=p.iters, global_batch=p.global_batch_size,
+                micro_batch=p.micro_batch_size, lr=p.lr, min_lr=p.min_lr, warmup=p.warmup_iters)
+
+
+def stage_settings(config: ReproConfig, method) -> list[tuple]:
+    """(stage, `train_yaml` settings) per stage of `method`: the same tokens per step for every method, the
+    steps split by budget share, each stage warming up for at most its length minus one step."""
+    e, planned = config.extend, []
+    for stage, iters in zip(method.stages, stage_iterations(e.iters, method.stages)):
+        global_batch = e.tokens_per_iter // stage.seq_length
+        planned.append((stage, dict(seq_length=stage.seq_length, rope=stage.rope, pose=stage.pose, iters=iters,
+                                    global_batch=global_batch,
+                                    micro_batch=min(global_batch, e.micro_batch_tokens // stage.seq_length),
+                                    lr=e.lr, min_lr=e.min_lr, warmup=min(e.warmup_iters, iters - 1))))
+    return planned
+
+
+def check_settings(config: ReproConfig, out: Path) -> None:
+    """Before any work: every training run the config makes is a valid TrainConfig, and `out` holds no run
+    made with other settings (its kept phases would be mixed with these)."""
+    from megatron_ext.training.config import ConfigError, TrainConfig, from_dict, validate
+
+    runs = [("pretraining (pretrain.*)", pretrain_settings(config))]
+    for method in config.selected_methods():
+        runs += [(f"{method.name} stage {index + 1} (extend.*)", settings)
+                 for index, (_, settings) in enumerate(stage_settings(config, method))]
+    for label, settings in runs:
+        raw = train_yaml(config, data_prefix="unchecked", tokenizer_model="unchecked", seed=0, run_dir=out,
+                         pretrained=None, **settings)
+        try:
+            validate(from_dict(TrainConfig, raw, prefix=""), check_files=False)
+        except ConfigError as error:
+            raise ConfigError(f"{label}: {error}") from None
+    recorded = {key: value for key, value in asdict(config).items() if key not in ("output_dir", "seeds", "methods")}
+    recorded = json.loads(json.dumps(recorded))  # as it reads back
+    settings_file = out / "settings.json"
+    if settings_file.is_file():
+        earlier = json.loads(settings_file.read_text())
+        changed = sorted(key for key in recorded if earlier.get(key) != recorded[key])
+        if changed:
+            raise ConfigError(f"output_dir ({out}) holds a run made with other {', '.join(changed)} settings; its "
+                              "kept phases would be mixed with these: pick a new output_dir or remove the old one")
+    else:
+        write_json(settings_file, recorded)
+
+
 def _child_environment() -> dict:
     """This process's environment without the rendezvous variables its own (evaluation) process group set."""
     names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -100,37 +155,30 @@ def pretrain(config: ReproConfig, data, out: Path, log) -> dict:
         if find_checkpoint(run_dir / "checkpoints", "auto") is not None:
             log(f"pretraining: reusing {summary['checkpoint']}")
             return summary
-    raw = train_yaml(config, seq_length=config.base_length, rope={}, pose={}, data_prefix=data.pretrain_prefix,
-                     tokenizer_model=data.tokenizer_model, iters=p.iters, global_batch=p.global_batch_size,
-                     micro_batch=p.micro_batch_size, lr=p.lr, min_lr=p.min_lr, warmup=p.warmup_iters, seed=p.seed,
-                     run_dir=run_dir, pretrained=None)
+    raw = train_yaml(config, data_prefix=data.pretrain_prefix, tokenizer_model=data.tokenizer_model, seed=p.seed,
+                     run_dir=run_dir, pretrained=None, **pretrain_settings(config))
     log(f"pretraining at {config.base_length}: {p.iters} iterations of {p.global_batch_size} sequences "
         f"(log: {run_dir / 'train.log'})")
     summary = run_training(raw, run_dir)
     log(f"pretraining done in {summary['seconds']:.0f} s, loss {summary['first_loss']:.3f} -> "
         f"{summary['last_loss']:.3f}")
-    summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(summary_file, summary)
     return summary
 
 
 def extend(config: ReproConfig, method, seed: int, data, base_checkpoint: str, out: Path, log) -> dict:
     """Run a method's stages from the pretrained checkpoint; per-stage and total measurements."""
-    e = config.extend
     stages, checkpoint = [], base_checkpoint
-    for index, (stage, iters) in enumerate(zip(method.stages, stage_iterations(e.iters, method.stages))):
-        global_batch = e.tokens_per_iter // stage.seq_length
-        micro_batch = min(global_batch, e.micro_batch_tokens // stage.seq_length)
+    for index, (stage, settings) in enumerate(stage_settings(config, method)):
         run_dir = out / f"stage{index}"
-        raw = train_yaml(config, seq_length=stage.seq_length, rope=stage.rope, pose=stage.pose,
-                         data_prefix=data.extension_prefix, tokenizer_model=data.tokenizer_model, iters=iters,
-                         global_batch=global_batch, micro_batch=micro_batch, lr=e.lr, min_lr=e.min_lr,
-                         warmup=min(e.warmup_iters, iters - 1), seed=seed, run_dir=run_dir, pretrained=checkpoint)
+        raw = train_yaml(config, data_prefix=data.extension_prefix, tokenizer_model=data.tokenizer_model, seed=seed,
+                         run_dir=run_dir, pretrained=checkpoint, **settings)
         log(f"  {method.name} stage {index + 1}/{len(method.stages)}{' ' + stage.label if stage.label else ''}: "
-            f"{iters} iterations x {global_batch} sequences of {stage.seq_length}"
+            f"{settings['iters']} iterations x {settings['global_batch']} sequences of {stage.seq_length}"
             + (f", PoSE ids up to {stage.pose['target_length']}" if stage.pose else ""))
         measured = run_training(raw, run_dir)
-        measured.update(seq_length=stage.seq_length, iterations=iters, global_batch=global_batch,
-                        rope=raw["rope"], pose=stage.pose, label=stage.label)
+        measured.update(seq_length=stage.seq_length, iterations=settings["iters"],
+                        global_batch=settings["global_batch"], rope=raw["rope"], pose=stage.pose, label=stage.label)
         stages.append(measured)
         checkpoint = measured["checkpoint"]
     return dict(checkpoint=checkpoint, stages=stages, seconds=sum(s["seconds"] for s in stages),
@@ -159,14 +207,12 @@ def evaluate(config: ReproConfig, checkpoint: str, name: str, assets: Path) -> d
     attention = evaluate_attention(model, AttentionSettings(lengths=[max(lengths)], trials=ev.attention_trials))
     for result in (perplexity, passkey, attention):
         result.save_json(assets / f"{result.task}.json")
-    layers = sorted(attention.layers, key=lambda layer: layer.layer)
-    return dict(
-        perplexity={row.length: row.perplexity for row in perplexity.rows},
-        passkey={row.length: row.accuracy for row in passkey.rows},
-        passkey_token_accuracy={row.length: row.token_accuracy for row in passkey.rows},
-        entropy_length=max(lengths),
-        entropy_per_layer=[sum(layer.entropy) / len(layer.entropy) for layer in layers],
-        entropy=sum(sum(layer.entropy) / len(layer.entropy) for layer in layers) / len(layers),
+    per_layer = [statistics.fmean(layer.entropy) for layer in sorted(attention.layers, key=lambda l: l.layer)]
+    return dict(  # lengths as text: the keys read back from result.json are text too
+        perplexity={str(row.length): row.perplexity for row in perplexity.rows},
+        passkey={str(row.length): row.accuracy for row in passkey.rows},
+        passkey_token_accuracy={str(row.length): row.token_accuracy for row in passkey.rows},
+        entropy_length=max(lengths), entropy_per_layer=per_layer, entropy=statistics.fmean(per_layer),
     )
 
 
@@ -179,6 +225,7 @@ def run_repro(config: ReproConfig, *, command: str, fresh: bool = False) -> Path
     def log(message):
         print(f"[repro {time.perf_counter() - started:6.0f} s] {message}", flush=True)
 
+    check_settings(config, out)
     methods = config.selected_methods()
     data = prepare_repro_data(out / "data", config.data)
     log(f"data ready: tokenizer {data.tokenizer_model}")
@@ -204,17 +251,15 @@ def run_repro(config: ReproConfig, *, command: str, fresh: bool = False) -> Path
                        else dict(checkpoint=base["checkpoint"], stages=[], seconds=0.0, peak_rss_mib=None, tokens=0))
             evaluation = evaluate(config, trained["checkpoint"], method.name, method_dir / "eval")
             result = dict(method=method.name, description=method.description, seed=seed, **trained, **evaluation)
-            result_file.parent.mkdir(parents=True, exist_ok=True)
-            result_file.write_text(json.dumps(result, indent=1) + "\n")
+            write_json(result_file, result)
             results[seed, method.name] = result
             longest = max(config.eval_lengths())
             log(f"[{done}/{total}] seed {seed} {method.name}: extension {trained['seconds']:.0f} s, "
-                f"PPL@{longest} {evaluation['perplexity'][longest]:.2f}, passkey@{longest} "
-                f"{evaluation['passkey'][longest]:.2f}")
+                f"PPL@{longest} {evaluation['perplexity'][str(longest)]:.2f}, passkey@{longest} "
+                f"{evaluation['passkey'][str(longest)]:.2f}")
     from megatron_ext.repro.report import write_report
 
     report = write_report(config, base, results, out, command=command, seconds=time.perf_counter() - started)
-    (out / "results.json").write_text(json.dumps(dict(config=asdict(config), pretrain=base,
-                                                      results=list(results.values())), indent=1) + "\n")
+    write_json(out / "results.json", dict(config=asdict(config), pretrain=base, results=list(results.values())))
     log(f"report: {report}")
     return report
