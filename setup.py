@@ -22,7 +22,11 @@ setup(
     extras_require={
         "dev": [
             "pytest",
-            "transformers>=4.46",
+            # 5.0: RoPE settings as `rope_parameters` (megatron_ext.hf.load_harpe_model's stand-in config;
+            # the conversion tests' LlamaConfig(rope_parameters=...)). Older floors of what the code passes:
+            # from_pretrained(dtype=...) 4.56, logits_to_keep=<tensor of rows> 4.49,
+            # transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS 4.48 (megatron_ext/eval/models.py).
+            "transformers>=5.0",
             "safetensors",
             "matplotlib",
             "triton",  # the fused rotary kernel's tests run in Triton's CPU interpreter

@@ -29,9 +29,10 @@ CASES = ("stock megatron RoPE", "HARPE (per-head bases)", "PoSE ids (shared base
 def setup_megatron(device):
     from megatron.core import parallel_state
 
-    from megatron_ext.compat import enable_cpu_mode
+    from megatron_ext.compat import enable_stock_rope_on_cpu, prepare_megatron
 
-    enable_cpu_mode()
+    prepare_megatron()
+    enable_stock_rope_on_cpu()  # the stock case builds megatron's own RotaryEmbedding
     if not torch.distributed.is_initialized():
         with socket.socket() as probe:  # a free port: memory measurements run in child processes
             probe.bind(("127.0.0.1", 0))
@@ -59,7 +60,7 @@ def layer_config(case, args, dtype, use_te):
     )
     if case == CASES[0]:
         return TransformerConfig(apply_rope_fusion=use_te, **common)
-    rope = RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e4, "b_max": 5e6}) \
+    rope = RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 1e4, "b_max": 5e6}) \
         if case == CASES[1] else RopeConfig()
     return LongContextTransformerConfig(apply_rope_fusion=False, rope=rope, **common)
 
@@ -190,7 +191,7 @@ def main():
         return
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    from megatron_ext.models.specs import transformer_engine_available
+    from megatron_ext.compat.extras import transformer_engine_available
 
     use_te = device == "cuda" and transformer_engine_available()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

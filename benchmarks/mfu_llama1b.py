@@ -7,7 +7,7 @@ timed step is a whole training step: forward, backward, gradient finalisation an
 sequence per step.
   stock  megatron's GPTModel, position_embedding_type='rope' (TE's fused RoPE when TE is installed)
   HARPE  LongContextGPTModel, one base per KV group (uniform 1e4..5e6), the Triton rotary on CUDA
-FLOPs (PaLM, App. B; megatron_ext.training.metrics): per token 6 N + 12 L h s, N = weights that multiply
+FLOPs (PaLM, App. B; megatron_ext.sizes): per token 6 N + 12 L h s, N = weights that multiply
 activations (all but the input embedding), attention's QK^T and AV counted in full (no causal halving),
 recompute not counted. MFU = FLOPs per step / step time / the device's dense bf16 peak.
 recompute auto: none up to 16k, full above (activations of 22 layers at 32k+ do not fit in 80 GB otherwise).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from layer_step import setup_megatron, stock_layer_spec
 from rotary_bandwidth import device_name, save_results, seconds_each
 
-from megatron_ext.training.metrics import flops_per_token, matmul_parameters, peak_tflops
+from megatron_ext.sizes import flops_per_token, matmul_parameters, peak_tflops
 
 CASES = ("stock megatron RoPE", "HARPE (per-head bases)")
 GPU_SHAPE = dict(layers=22, hidden=2048, heads=32, groups=4, ffn=5632, vocab=32000)
@@ -55,7 +55,7 @@ def model_config(case, shape, dtype, use_te, recompute):
     )
     if case == CASES[0]:
         return TransformerConfig(apply_rope_fusion=use_te, **common)
-    rope = RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e4, "b_max": 5e6})
+    rope = RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 1e4, "b_max": 5e6})
     return LongContextTransformerConfig(apply_rope_fusion=False, rope=rope, **common)
 
 
@@ -114,7 +114,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    from megatron_ext.models.specs import transformer_engine_available
+    from megatron_ext.compat.extras import transformer_engine_available
 
     use_te = device == "cuda" and transformer_engine_available()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

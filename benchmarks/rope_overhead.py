@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.compat import enable_cpu_mode
+from megatron_ext.compat import enable_stock_rope_on_cpu, prepare_megatron
 from megatron_ext.models import LongContextGPTModel, LongContextTransformerConfig, local_layer_spec
 from megatron_ext.rope import RopeConfig, head_bases, pose_position_ids
 
@@ -47,7 +47,7 @@ def build_models(args, device, dtype):
     torch.manual_seed(0)
     stock = GPTModel(model_config(RopeConfig(), **shape), stock_spec, VOCAB, args.seq_length,
                      position_embedding_type="rope", rotary_base=10000)
-    harpe_rope = RopeConfig(head_bases="uniform",
+    harpe_rope = RopeConfig(head_base_strategy="uniform",
                             head_base_params={"b_min": 1e4, "b_max": 5e6, "order": "ascending"})
     torch.manual_seed(0)
     harpe = LongContextGPTModel(model_config(harpe_rope, **shape), local_layer_spec(), VOCAB, args.seq_length)
@@ -135,7 +135,8 @@ def main():
         print(rotary_memory_case(args.memory_case, args.memory_seq_length, args.memory_heads, 128))
         return
 
-    enable_cpu_mode()
+    prepare_megatron()
+    enable_stock_rope_on_cpu()  # the stock model uses megatron's own RotaryEmbedding
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if not torch.distributed.is_initialized():

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.training.config import TrainConfig, apply_override, from_dict, validate
+from megatron_ext.config import TrainConfig, apply_override, from_dict, validate
 
 TINY = Path(__file__).resolve().parent.parent / "examples" / "configs" / "tiny_harpe_cpu.yaml"
 
 
 def variants(seq_length: int) -> dict[str, list[str]]:
     return {
-        "stock RoPE (one base)": ["rope.head_bases=null"],
+        "stock RoPE (one base)": ["rope.head_base_strategy=null"],
         "HARPE (per-head bases)": [],  # the tiny example's uniform per-head bases
         f"PoSE (L_c={seq_length // 8}, L_t={seq_length})": [
-            "rope.head_bases=null", f"model.seq_length={seq_length // 8}", "pose.enabled=true",
+            "rope.head_base_strategy=null", f"model.seq_length={seq_length // 8}", "pose.enabled=true",
             f"pose.target_length={seq_length}", "rope.scaling=linear", "rope.scaling_params={factor: 8.0}",
             # same tokens per iteration as the others
             "training.micro_batch_size=16", "training.global_batch_size=64",

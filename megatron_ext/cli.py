@@ -1,119 +1,70 @@
-"""`megatron-ext` command line: one subcommand per tool, each module imported only when its command runs.
+"""`megatron-ext`: one subcommand per tool, each defined in its package's cli.py and imported when the parser is built.
 
-Keep this module free of megatron (and of anything heavy) at import time: worker processes
-started with spawn re-import it.
+The contract every subcommand follows: a mistake the user can fix raises megatron_ext.errors.UserError
+(ConfigError, ConversionError, CheckpointError, ...) and is printed here as one line,
+`megatron-ext <command>: <message>`, with exit code 2 and no traceback; anything else keeps its
+traceback. Logging is configured here, once. Keep this module and the packages' cli.py free of
+megatron (and of anything heavy) at import time: worker processes started with spawn re-import it.
+No package imports this module.
 """
 
 import argparse
+import importlib
+import logging
 import sys
 
+from megatron_ext.errors import UserError
 
-def _add_preprocess(subparsers):
-    from megatron_ext.data.preprocess import add_preprocess_args
-
-    add_preprocess_args(subparsers)
-
-
-def _add_train(subparsers):
-    parser = subparsers.add_parser("train", help="train or resume a model from a YAML config",
-                                   description="Train a LongContextGPTModel (HARPE / PoSE / any RoPE scaling).")
-    parser.add_argument("--config", required=True, help="YAML file, e.g. examples/configs/tiny_harpe_cpu.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set optimizer.lr=1e-4 (repeatable)")
-    parser.add_argument("--resume", help="auto | none | a checkpoint directory (overrides checkpoint.resume)")
-    parser.add_argument("--nproc-per-node", type=int, default=1,
-                        help="start this many local processes with torch.distributed.run (CPU: gloo ranks)")
-    parser.set_defaults(func=_run_train)
+# subcommand -> (its package's cli module, the function that adds its parser and sets `func`)
+COMMANDS = {
+    "preprocess": ("megatron_ext.data.cli", "add_preprocess_args"),
+    "train": ("megatron_ext.training.cli", "add_train_args"),
+    "eval": ("megatron_ext.eval.cli", "add_eval_args"),
+    "convert": ("megatron_ext.convert.cli", "add_convert_args"),
+    "plan": ("megatron_ext.launch.cli", "add_plan_args"),
+    "launch": ("megatron_ext.launch.cli", "add_launch_args"),
+    "repro": ("megatron_ext.repro.cli", "add_repro_args"),
+}
 
 
-def _run_train(args) -> int:
-    import logging
-    import os
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's usage errors as one line, `megatron-ext <command>: <message>`, exit code 2."""
 
-    from megatron_ext.training.config import load_config
-
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    config = load_config(args.config, overrides)  # every setting checked before any process starts
-    if args.nproc_per_node > 1 and "RANK" not in os.environ:
-        return _relaunch(args.nproc_per_node)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # megatron-core's own INFO is very chatty
-    from megatron_ext.training.train import train
-
-    result = train(config)
-    if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
-        print(f"checkpoint: {result.last_checkpoint}")
-        print(f"metrics: {config.logging.metrics_file}  tensorboard: {config.logging.tensorboard_dir}")
-    return 0
-
-
-def _relaunch(nproc: int) -> int:
-    """Re-run this very command under torch.distributed.run with nproc local ranks."""
-    import subprocess
-
-    argv = [a for a in sys.argv[1:]]
-    if "--nproc-per-node" in argv:
-        i = argv.index("--nproc-per-node")
-        del argv[i:i + 2]
-    argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_ext.cli", *argv]
-    return subprocess.call(command)
-
-
-def _add_plan(subparsers):
-    from megatron_ext.launch.cli import add_plan_args
-
-    add_plan_args(subparsers)
-
-
-def _add_launch(subparsers):
-    from megatron_ext.launch.cli import add_launch_args
-
-    add_launch_args(subparsers)
-
-
-def _add_eval(subparsers):
-    from megatron_ext.eval.cli import add_eval_args
-
-    add_eval_args(subparsers)
-
-
-def _add_convert(subparsers):
-    from megatron_ext.convert.cli import add_convert_args
-
-    add_convert_args(subparsers)
-
-
-def _add_repro(subparsers):
-    from megatron_ext.repro.cli import add_repro_args
-
-    add_repro_args(subparsers)
-
-
-COMMANDS = [_add_preprocess, _add_train, _add_eval, _add_convert, _add_plan, _add_launch, _add_repro]
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="megatron-ext", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(subparsers)
+    parser = OneLineErrors(prog="megatron-ext", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrors)
+    for module, add in COMMANDS.values():
+        getattr(importlib.import_module(module), add)(subparsers)
     return parser
 
 
-def quiet_megatron_warnings() -> None:
-    """megatron-core warns once per module that TE/apex are missing; we say which path runs in one line."""
+def configure_logging() -> None:
+    """Our INFO lines as plain messages; megatron-core's own INFO (very chatty) and its TE/apex notes muted."""
     import warnings
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    # megatron-core warns once per module that TE/apex are missing; compat says which path runs in one line
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
     warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
+    warnings.filterwarnings("ignore", module=r"megatron\.")  # deprecation notes about settings we do not use
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    quiet_megatron_warnings()
-    return args.func(args)
+    args.argv = argv  # for commands that record how they were called
+    configure_logging()
+    try:
+        return args.func(args)
+    except UserError as error:
+        message = " ".join(str(error).split())  # one line, whatever the message's own layout
+        print(f"megatron-ext {args.command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

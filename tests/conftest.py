@@ -25,12 +25,13 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def single_rank():
-    """CPU mode on, a one-process gloo world and megatron's (global) parallel state at size 1."""
+    """megatron prepared as the product prepares it, a one-process gloo world and megatron's (global) parallel
+    state at size 1."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.compat import enable_cpu_mode
+    from megatron_ext.compat import prepare_megatron
 
-    enable_cpu_mode()
+    prepare_megatron()
     created = not torch.distributed.is_initialized()
     if created:
         torch.distributed.init_process_group(

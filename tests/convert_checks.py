@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.compat import enable_cpu_mode
+from megatron_ext.compat import prepare_megatron
 
 
 def init_layout(tp: int, pp: int) -> None:
@@ -52,7 +52,7 @@ def full_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
 
 
 def run_case(case: dict, out_dir: str) -> None:
-    from megatron_ext.training.model_builder import load_model
+    from megatron_ext.models.builder import load_model
 
     init_layout(case["tp"], case["pp"])
     model, _, _ = load_model(case["checkpoint"], torch.device("cpu"))
@@ -63,7 +63,7 @@ def run_case(case: dict, out_dir: str) -> None:
 
 
 def main(cases_file: str, out_dir: str) -> None:
-    enable_cpu_mode()
+    prepare_megatron()
     torch.distributed.init_process_group("gloo")
     torch.set_num_threads(1)
     for case in json.loads(Path(cases_file).read_text()):

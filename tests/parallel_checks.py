@@ -12,14 +12,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.compat import enable_cpu_mode
+from megatron_ext.compat import prepare_megatron
 from megatron_ext.models import LongContextGPTModel, LongContextTransformerConfig, local_layer_spec
 from megatron_ext.models.init import global_param_name, tp_shard
 from megatron_ext.rope import RopeConfig, pose_position_ids
 from megatron_ext.training.train import forward_step
 
 VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 128, 32, 2, 4
-HARPE = RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e4, "b_max": 1e6, "order": "ascending"})
+HARPE = RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 1e4, "b_max": 1e6, "order": "ascending"})
 STOCK = RopeConfig(base=10000.0)
 
 
@@ -130,7 +130,7 @@ def compare(case, rope, batches, tp=1, pp=1, cp=1, stage_batches=None):
 
 
 def main(out_path):
-    enable_cpu_mode()
+    prepare_megatron()
     torch.distributed.init_process_group("gloo")
     torch.set_num_threads(1)
     results = [

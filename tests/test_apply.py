@@ -21,9 +21,9 @@ def stock_rope():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_ext.compat import enable_cpu_mode
+    from megatron_ext.compat import enable_stock_rope_on_cpu
 
-    enable_cpu_mode()
+    enable_stock_rope_on_cpu()
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
                                apply_rope_fusion=False, use_cpu_initialization=True)
     group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None

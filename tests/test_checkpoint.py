@@ -1,4 +1,4 @@
-"""megatron_ext.training.checkpoint on one CPU rank: exact resume, crash safety, keep_last, errors.
+"""megatron_ext.checkpoint.store on one CPU rank: exact resume, crash safety, keep_last, errors.
 
 The reference for every resume is the same run continued without saving and loading.
 Resharding across TP/PP (several ranks) is checked by the training tests.
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from megatron_ext.models import LongContextGPTModel, LongContextTransformerConfig, local_layer_spec
 from megatron_ext.rope import RopeConfig
-from megatron_ext.training import checkpoint as ckpt
-from megatron_ext.training.checkpoint import (
+from megatron_ext.checkpoint import layout, store
+from megatron_ext.checkpoint.store import (
     find_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -23,7 +23,7 @@ from megatron_ext.training.checkpoint import (
 )
 
 VOCAB, SEQ, MICRO_BATCH = 64, 16, 2
-HARPE = RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e4, "b_max": 1e6})
+HARPE = RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 1e4, "b_max": 1e6})
 STATE = {"config": {"seq_length": SEQ, "rope": {"head_bases": "uniform"}},
          "head_bases": [1e4, 1e6], "consumed_samples": 4, "tokenizer_model": "/data/tok.model"}
 
@@ -234,10 +234,10 @@ def test_keep_last_two_keeps_the_two_newest_and_latest_is_complete(tmp_path):
     training = build_training(seed=0, distributed=False)
     for iteration in range(1, 5):
         save(tmp_path, iteration, training, keep_last=2)
-        newest = [ckpt.checkpoint_name(i) for i in range(max(1, iteration - 1), iteration + 1)]
+        newest = [layout.checkpoint_name(i) for i in range(max(1, iteration - 1), iteration + 1)]
         assert [p.name for p in list_checkpoints(tmp_path)] == newest
         latest = tmp_path / (tmp_path / "latest").read_text().strip()
-        assert latest.name == newest[-1] and ckpt.is_complete_checkpoint(latest)
+        assert latest.name == newest[-1] and layout.is_complete_checkpoint(latest)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000004", "latest"]
 
 
@@ -347,7 +347,7 @@ def test_rng_is_left_alone_when_the_parallel_layout_changed(tmp_path, monkeypatc
     torch.manual_seed(42)
     expected = torch.rand(3)
     torch.manual_seed(42)
-    monkeypatch.setattr(ckpt, "_parallel_layout", lambda: {"world_size": 2, "tensor": 2})
+    monkeypatch.setattr(store, "_parallel_layout", lambda: {"world_size": 2, "tensor": 2})
     info = load_checkpoint(path, model=[model])
     assert not info["rng_restored"]
     assert torch.equal(torch.rand(3), expected)

@@ -1,6 +1,8 @@
-"""megatron_ext.compat.cpu: each patch, exercised through the megatron-core code it fixes.
+"""megatron_ext.compat on a CPU: each patch, exercised through the megatron-core code it fixes.
 
-Single process, gloo, world size 1. Multi-process PP/CP/DP checks live elsewhere.
+The CPU patches, the torch.optim fixes (the distributed optimizer's checkpoints) and the stock-RoPE
+opt-in. Single process, gloo, world size 1. Multi-process PP/CP/DP checks live elsewhere; which
+group a machine gets is in test_compat_prepare.py.
 """
 import logging
 
@@ -8,13 +10,19 @@ import pytest
 import torch
 
 from megatron_ext.compat import cpu as cpu_compat
-from megatron_ext.models.core_attention import SDPACoreAttention
 from megatron_ext.compat import (
     CPU_PATCHES,
+    TORCH_OPTIM_FIXES,
     cpu_mode_enabled,
     describe_cpu_patches,
+    describe_torch_optim_fixes,
     enable_cpu_mode,
+    enable_stock_rope_on_cpu,
+    enable_torch_optim_fixes,
+    prepare_megatron,
 )
+from megatron_ext.compat.stock_rope import STOCK_ROPE_PATCHES, describe_stock_rope_patches
+from megatron_ext.models.core_attention import SDPACoreAttention
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compatibility mode only")
 
@@ -23,6 +31,8 @@ VOCAB, SEQ, HIDDEN, HEADS, MICRO_BATCH = 64, 16, 32, 4, 2
 
 @pytest.fixture(scope="module", autouse=True)
 def parallel_state(single_rank):
+    prepare_megatron()  # the CPU patches and, megatron finding no Apex/TE here, the torch.optim fixes
+    enable_stock_rope_on_cpu()  # the RoPE tests below build megatron's own RotaryEmbedding
     return single_rank
 
 
@@ -106,6 +116,9 @@ def megatron_optimizers(optimizer):
 
 # --- the registry and the switch -------------------------------------------------------------
 
+GROUPS = [CPU_PATCHES, TORCH_OPTIM_FIXES, STOCK_ROPE_PATCHES]
+
+
 def test_enable_cpu_mode_is_idempotent_and_returns_registry_names():
     names = [patch.name for patch in CPU_PATCHES]
     assert len(set(names)) == len(names)
@@ -114,16 +127,42 @@ def test_enable_cpu_mode_is_idempotent_and_returns_registry_names():
     assert cpu_mode_enabled()
 
 
-def test_every_patch_has_a_one_line_why_naming_a_megatron_file():
-    for patch in CPU_PATCHES:
+def test_torch_optim_fixes_and_stock_rope_are_idempotent_and_return_registry_names():
+    for group, enable in [(TORCH_OPTIM_FIXES, enable_torch_optim_fixes),
+                          (STOCK_ROPE_PATCHES, enable_stock_rope_on_cpu)]:
+        names = [patch.name for patch in group]
+        assert len(set(names)) == len(names)
+        assert enable() == names
+        assert enable() == names
+        assert group.is_applied()
+
+
+def test_patch_names_are_unique_across_groups():
+    names = [patch.name for group in GROUPS for patch in group]
+    assert len(set(names)) == len(names)
+
+
+def test_each_distopt_patch_sits_with_its_cause():
+    assert {patch.name for patch in TORCH_OPTIM_FIXES} == {
+        "distopt_state_dict_before_first_step", "distopt_keep_loaded_step",
+        "distopt_dp_reshardable_load_no_grad", "distopt_unshare_step_tensor"}
+    assert "distopt_dp_zero_gather_on_cpu" in CPU_PATCHES.names()  # a .cuda() call
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=["cpu", "torch_optim", "stock_rope"])
+def test_every_patch_has_a_one_line_why_naming_a_megatron_file(group):
+    for patch in group:
         assert ".py" in patch.why and "\n" not in patch.why, patch.name
 
 
-def test_describe_cpu_patches_lists_every_name_with_its_why():
-    header, _rule, *rows = describe_cpu_patches().splitlines()
+@pytest.mark.parametrize("group, describe", [
+    (CPU_PATCHES, describe_cpu_patches), (TORCH_OPTIM_FIXES, describe_torch_optim_fixes),
+    (STOCK_ROPE_PATCHES, describe_stock_rope_patches)], ids=["cpu", "torch_optim", "stock_rope"])
+def test_describe_lists_every_name_with_its_why(group, describe):
+    header, _rule, *rows = describe().splitlines()
     assert [cell.strip() for cell in header.split("|")] == ["name", "why"]
     table = dict(tuple(cell.strip() for cell in row.split(" | ", 1)) for row in rows)
-    assert table == {patch.name: patch.why for patch in CPU_PATCHES}
+    assert table == {patch.name: patch.why for patch in group}
 
 
 def test_logs_which_path_runs(monkeypatch, caplog):
@@ -138,6 +177,7 @@ def test_with_cuda_available_megatron_runs_unpatched(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cpu_compat, "_path_logged", True)
     assert enable_cpu_mode() == []
+    assert enable_stock_rope_on_cpu() == []
 
 
 def test_real_torch_is_untouched_outside_the_listed_modules():
@@ -397,13 +437,6 @@ def test_torch_dist_round_trip_restores_weights_bitwise(tmp_path, asynchronous):
     restored.load_state_dict(state)
     for (name, param), ref in zip(restored.named_parameters(), saved.parameters()):
         assert torch.equal(param, ref), name
-
-
-def test_checkpoint_writer_reports_zero_memory_without_psutil(monkeypatch):
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    assert filesystem_async._process_memory() > 0  # psutil installed: the real RSS
-    monkeypatch.setattr(filesystem_async, "HAVE_PSUTIL", False)
-    assert filesystem_async._process_memory() == 0
 
 
 @pytest.mark.parametrize("sharding_type", ["fully_reshardable", "dp_reshardable"])

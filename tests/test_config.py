@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_ext.training.config import ConfigError, TrainConfig, load_config
+from megatron_ext.config import ConfigError, TrainConfig, load_config
 
 EXAMPLES = Path(__file__).parent.parent / "examples" / "configs"
 TINY = dict(data=dict(tiny_corpus=True))
@@ -66,8 +66,8 @@ def test_overrides_and_defaults(tmp_path):
     ({"pose": {"variant": "mine"}}, "pose.variant"),
     ({"rope": {"scaling": "superyarn"}}, "rope:.*superyarn"),
     ({"rope": {"scaling": "linear"}}, "rope:.*factor"),
-    ({"rope": {"head_bases": "explicit", "head_base_params": {"bases": [1e4, 2e4]}}}, "rope:"),
-    ({"rope": {"head_bases": "uniform", "head_base_params": {"b_min": 5e6, "b_max": 1e6}}}, "rope:.*b_max"),
+    ({"rope": {"head_base_strategy": "explicit", "head_base_params": {"bases": [1e4, 2e4]}}}, "rope:"),
+    ({"rope": {"head_base_strategy": "uniform", "head_base_params": {"b_min": 5e6, "b_max": 1e6}}}, "rope:.*b_max"),
     ({"data": {"tiny_corpus": False}}, "data: set exactly one"),
     ({"data": {"tiny_corpus": False, "train_data": ["/nope/x"], "tokenizer_model": "/nope/t.model"}},
      r"data.train_data: /nope/x.bin/.idx not found"),

@@ -84,7 +84,7 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def megatron_logits(checkpoint: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from megatron_ext.training.model_builder import load_model
+    from megatron_ext.models.builder import load_model
 
     model, config, _ = load_model(checkpoint, torch.device("cpu"))
     with torch.no_grad():
@@ -288,7 +288,7 @@ def test_unknown_rope_parameters_are_refused_not_dropped():
 
 # --- HARPE: born in megatron_ext, run in transformers -------------------------------------------------
 
-HARPE = RopeConfig(head_bases="uniform", head_base_params={"b_min": 100.0, "b_max": 1e5},
+HARPE = RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 100.0, "b_max": 1e5},
                    scaling="yarn", scaling_params={"factor": 4.0, "original_max_position_embeddings": 16})
 
 
@@ -297,9 +297,9 @@ def harpe_model(tmp_path_factory, single_rank):
     """A HARPE + YaRN + GQA model initialised in megatron_ext, saved as training saves, exported to HF."""
     from megatron_ext.data.tokenizer import train_sentencepiece
     from megatron_ext.models.init import layout_independent_init
-    from megatron_ext.training.checkpoint import save_checkpoint
-    from megatron_ext.training.config import TrainConfig
-    from megatron_ext.training.model_builder import build_gpt
+    from megatron_ext.checkpoint.store import save_checkpoint
+    from megatron_ext.config import TrainConfig
+    from megatron_ext.models.builder import build_gpt
 
     root = tmp_path_factory.mktemp("harpe")
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -407,7 +407,7 @@ def test_harpe_hf_model_converts_back_with_its_bases(harpe_model):
     checkpoint = hf_to_mcore(exported, root / "again")
     state = json.loads((checkpoint / "megatron_ext.json").read_text())["state"]
     assert state["head_bases"] == config.rope.group_bases(4).tolist()
-    assert state["config"]["rope"]["head_bases"] == "uniform"
+    assert state["config"]["rope"]["head_base_strategy"] == "uniform"
     assert_logits_close(megatron_logits(checkpoint, tokens), logits)
 
 
@@ -506,7 +506,7 @@ def test_cli_streams_a_sharded_model_in_a_fraction_of_its_size(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = ["hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "mcore"), "--tp", "2",
                "--no-progress"]
-    proc = subprocess.run([sys.executable, "-m", "megatron_ext.convert.cli", *command],
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext.cli", "convert", *command],
                           env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("peak memory"))
@@ -518,12 +518,14 @@ def test_cli_streams_a_sharded_model_in_a_fraction_of_its_size(tmp_path):
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
-    from megatron_ext.convert.cli import main
+    from megatron_ext.cli import main
 
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"]}))
-    assert main(["hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
-    assert "unknown architecture FalconForCausalLM" in capsys.readouterr().err
+    assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-ext convert: ") and err.count("\n") == 1
+    assert "unknown architecture FalconForCausalLM" in err
 
 
 def test_cli_is_wired_as_a_megatron_ext_subcommand():

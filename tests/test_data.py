@@ -19,11 +19,11 @@ import sentencepiece
 from megatron_ext.data import (
     SentencePieceTokenizer,
     UpsampleRule,
-    add_preprocess_args,
     build_tiny_corpus,
     preprocess,
     train_sentencepiece,
 )
+from megatron_ext.data.cli import add_preprocess_args
 from megatron_ext.data.corpus import PASSKEY_INTRO
 
 VOCAB_SIZE = 500

@@ -1,17 +1,26 @@
-"""`megatron-ext eval`: flags come from the settings dataclasses, bad settings stop before any model loads, and
-`eval suite` writes one report with every table and picture."""
+"""`megatron-ext eval`: flags come from the settings dataclasses, bad settings stop before any model loads with
+one line on stderr and exit code 2, and `eval suite` writes one report with every table and picture."""
 
 import argparse
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from megatron_ext.eval.cli import TASKS, add_eval_args, main, settings_from_args
+from megatron_ext.cli import main
+from megatron_ext.eval.cli import add_eval_args, settings_from_args
+from megatron_ext.eval.registry import TASKS
 from megatron_ext.eval.settings import PasskeySettings
 
 pytest_plugins = ["test_eval_support"]
+
+
+def eval_main(*argv) -> int:
+    """`megatron-ext eval ...` in this process."""
+    return main(["eval", *argv])
 
 
 def parse(argv):
@@ -22,7 +31,7 @@ def parse(argv):
 
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_setting_has_a_flag_and_unset_flags_keep_the_defaults(task):
-    settings_class = TASKS[task][0]
+    settings_class = TASKS[task].settings
     args = parse([task, "--model", "m"])
     assert settings_from_args(args, settings_class) == settings_class()
     assert all(hasattr(args, f"setting_{f.name}") for f in dataclasses.fields(settings_class))
@@ -35,8 +44,22 @@ def test_flags_set_their_settings():
 
 
 def test_a_bad_setting_stops_before_the_model_loads(capsys):
-    assert main(["passkey", "--model", "/nonexistent", "--trials", "0"]) == 2
+    assert eval_main("passkey", "--model", "/nonexistent", "--trials", "0") == 2
     assert "trials (0)" in capsys.readouterr().err
+
+
+def test_a_bad_setting_is_one_line_on_stderr_and_exit_code_2():
+    run = subprocess.run([sys.executable, "-m", "megatron_ext.cli", "eval", "passkey", "--model", "/nonexistent",
+                          "--trials", "0"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith("megatron-ext eval: passkey: ") and "trials (0)" in run.stderr
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+def test_a_missing_suite_config_is_a_one_line_error(tmp_path, capsys):
+    assert eval_main("suite", "--config", str(tmp_path / "absent.yaml")) == 2
+    assert capsys.readouterr().err == f"megatron-ext eval: --config {tmp_path / 'absent.yaml'}: no such file; " \
+                                      "see examples/configs/eval_*.yaml\n"
 
 
 def write_suite(path, **changes):
@@ -55,7 +78,7 @@ def write_suite(path, **changes):
 def test_bad_suite_configs_name_the_key(tmp_path, capsys, changes, message):
     import re
 
-    assert main(["suite", "--config", str(write_suite(tmp_path / "suite.yaml", **changes))]) == 2
+    assert eval_main("suite", "--config", str(write_suite(tmp_path / "suite.yaml", **changes))) == 2
     assert re.search(message, capsys.readouterr().err)
 
 
@@ -74,7 +97,7 @@ def test_suite_writes_one_report_with_every_table_and_picture(llama_dir, tmp_pat
         attention=dict(lengths=[200], trials=1),
     )
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(config))
-    assert main(["suite", "--config", str(tmp_path / "suite.yaml"), "--set", "passkey.trials=3"]) == 0
+    assert eval_main("suite", "--config", str(tmp_path / "suite.yaml"), "--set", "passkey.trials=3") == 0
     report = (tmp_path / "out" / "eval_tiny.md").read_text()
     for heading in ["# tiny suite", "## Summary", "## Sliding-window perplexity", "## Passkey retrieval",
                     "## Needle in a haystack", "## RULER-style tasks", "## Attention entropy and JS divergence",
@@ -94,8 +117,8 @@ def test_suite_writes_one_report_with_every_table_and_picture(llama_dir, tmp_pat
 
 
 def test_a_task_command_prints_its_table_and_writes_json_png_and_csv(llama_dir, tmp_path, capsys):
-    assert main(["needle", "--model", str(llama_dir), "--name", "tiny", "--lengths", "200", "240", "--depths", "0",
-                 "1", "--trials", "1", "--output-dir", str(tmp_path)]) == 0
+    assert eval_main("needle", "--model", str(llama_dir), "--name", "tiny", "--lengths", "200", "240", "--depths", "0",
+                     "1", "--trials", "1", "--output-dir", str(tmp_path)) == 0
     assert "| depth \\ length | 200 | 240 |" in capsys.readouterr().out
     result = json.loads((tmp_path / "needle.json").read_text())
     assert (result["task"], result["model"], result["lengths"], result["depths"]) == ("needle", "tiny", [200, 240],

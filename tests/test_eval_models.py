@@ -19,20 +19,22 @@ WORKER = Path(__file__).with_name("test_eval_parallel_worker.py")
 @pytest.fixture(scope="module")
 def checkpoint(single_rank, sp_tokenizer, tmp_path_factory):
     """A HARPE model (4 heads, 2 KV groups) saved at TP=PP=1 as training would save it; (root, the model)."""
+    from megatron_ext.checkpoint.state import CheckpointState
+    from megatron_ext.checkpoint.store import save_checkpoint
     from megatron_ext.rope import RopeConfig
-    from megatron_ext.training.checkpoint import save_checkpoint
-    from megatron_ext.training.config import ModelConfig, TrainConfig
-    from megatron_ext.training.model_builder import build_gpt
+    from megatron_ext.config import ModelConfig, TrainConfig
+    from megatron_ext.models.builder import build_gpt
 
     config = TrainConfig(
         model=ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                           ffn_hidden_size=128, seq_length=128, init_method_std=0.3),
-        rope=RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e3, "b_max": 1e5}))
+        rope=RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 1e3, "b_max": 1e5}))
     torch.manual_seed(0)
     model = build_gpt(config, 640, torch.device("cpu")).eval()
     root = tmp_path_factory.mktemp("checkpoints")
-    save_checkpoint(root, 7, model=[model], state=dict(
-        config=config.to_dict(), padded_vocab_size=640, tokenizer_model=str(sp_tokenizer._tokenizer.model_path)))
+    state = CheckpointState.of_run(config, iteration=7, padded_vocab_size=640, tokenizer_vocab_size=None,
+                                   tokenizer_model=str(sp_tokenizer._tokenizer.model_path), parallel={})
+    save_checkpoint(root, 7, model=[model], state=state.to_json())
     return root, model
 
 

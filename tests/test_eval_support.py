@@ -38,7 +38,7 @@ def megatron_config(tp: int = 1, pp: int = 1):
     from megatron_ext.models import LongContextTransformerConfig
     from megatron_ext.rope import RopeConfig
 
-    rope = RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e3, "b_max": 1e5})
+    rope = RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 1e3, "b_max": 1e5})
     return LongContextTransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

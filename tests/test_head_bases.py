@@ -71,9 +71,20 @@ def test_explicit_bases_are_validated(bases, message):
 
 
 def test_validate_head_bases_is_the_one_check():
-    assert validate_head_bases(torch.tensor([1.0, 2.0]), 2).dtype == torch.float64
+    assert validate_head_bases(torch.tensor([1e4, 2e4]), 2).dtype == torch.float64
     with pytest.raises(ValueError, match="expected 4 bases"):
-        validate_head_bases([1.0, 2.0], 4)
+        validate_head_bases([1e4, 2e4], 4)
+
+
+@pytest.mark.parametrize("base", [1.0, 0.5, -1.0, float("inf"), float("nan")])
+def test_a_head_base_follows_the_same_rule_as_rope_base(base):
+    from megatron_ext.rope import RopeConfig
+
+    with pytest.raises(ValueError, match="must be finite and > 1"):
+        validate_head_bases([1e4, base], 2)
+    if math.isfinite(base):
+        with pytest.raises(ValueError, match=r"rope.base .* must be > 1"):
+            RopeConfig(base=base).validate(num_attention_heads=2)
 
 
 def test_unknown_strategy_error_names_it_and_lists_the_known_ones():

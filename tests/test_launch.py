@@ -3,6 +3,7 @@ match what `megatron-ext launch` renders, and requeue after the pre-timeout sign
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ext.launch.cli import main
-from megatron_ext.launch.slurm import distributed_env_from_slurm, expand_hostlist, expand_tasks_per_node
+from megatron_ext.cli import main
+from megatron_ext.distributed import distributed_env_from_slurm, expand_hostlist, expand_tasks_per_node
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted((ROOT / "examples" / "slurm").glob("*.sbatch"))
@@ -122,9 +123,27 @@ def test_train_script_checks_the_layout_of_its_config(capsys):
     assert "Layout (from the config): TP2 PP1 CP8 DP4, micro-batch 1, recompute none" in text
     assert "#SBATCH --partition=gpu\n" in text and "#SBATCH --requeue\n" in text
     assert "--set parallel" not in text  # the config's own layout
-    with pytest.raises(SystemExit, match=r"the config's layout \(TP2 PP1 CP1 DP32, .*\) on 64 GPUs: needs"):
-        main(["launch", "--config", "examples/configs/llama2_7b_harpe_128k.yaml", "--nodes", "8", "--keep-layout",
-              "--set", "training.recompute=none", "--set", "parallel.context_parallel_size=1"])
+    assert main(["launch", "--config", "examples/configs/llama2_7b_harpe_128k.yaml", "--nodes", "8", "--keep-layout",
+                 "--set", "training.recompute=none", "--set", "parallel.context_parallel_size=1"]) == 2
+    error = capsys.readouterr().err
+    assert re.match(r"megatron-ext launch: the config's layout \(TP2 PP1 CP1 DP32, .*\) on 64 GPUs: needs .*"
+                    r"drop --keep-layout to let the planner choose\n$", error)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nodes", "1"], "--job train needs --config (the training YAML the job runs)"),
+    (["--nodes", "0", "--job", "eval"], "--nodes 0: give at least 1"),
+    (["--nodes", "1", "--job", "eval", "--config", "examples/configs/tiny_harpe_cpu.yaml"],
+     "--job eval takes its settings at submission"),
+    (["--nodes", "1", "--config", "examples/configs/llama2_7b_harpe_128k.yaml", "--gpu", "a100-80gb",
+      "--gpus-per-node", "1"], "no layout of examples/configs/llama2_7b_harpe_128k.yaml fits 1 x "),
+])
+def test_bad_launch_arguments_are_one_line_errors(capsys, monkeypatch, flags, message):
+    monkeypatch.chdir(ROOT)
+    assert main(["launch", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"megatron-ext launch: {message}") and captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err and captured.out == ""
 
 
 def _fake_cluster(tmp_path, trainer_exit):

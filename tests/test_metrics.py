@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_ext.training.metrics import flops_per_token, matmul_parameters, peak_tflops
+from megatron_ext.sizes import flops_per_token, matmul_parameters, peak_tflops
 
 
 def test_llama2_7b_matmul_parameters_by_hand():

@@ -25,9 +25,14 @@ def long_context_model(rope, **overrides):
 
 
 def stock_model(rotary_base, **gpt_kwargs):
+    """megatron's own GPTModel with its RotaryEmbedding: the reference (runs on CPU only with the opt-in)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_ext.compat import enable_stock_rope_on_cpu
+
+    enable_stock_rope_on_cpu()
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
@@ -46,8 +51,8 @@ ARANGE = torch.arange(SEQ).expand(2, SEQ)
 
 @pytest.mark.parametrize("rope", [
     RopeConfig(base=50000.0),
-    RopeConfig(head_bases="constant", head_base_params={"base": 50000.0}),
-    RopeConfig(head_bases="explicit", head_base_params={"bases": [50000.0] * 4}),
+    RopeConfig(head_base_strategy="constant", head_base_params={"base": 50000.0}),
+    RopeConfig(head_base_strategy="explicit", head_base_params={"bases": [50000.0] * 4}),
 ])
 def test_equal_bases_match_stock_gpt_model(single_rank, rope):
     stock = stock_model(50000)
@@ -65,7 +70,7 @@ def test_linear_scaling_matches_stock_seq_len_interpolation(single_rank):
 
 def test_distinct_bases_change_the_output_and_each_layer_holds_them(single_rank):
     bases = [1e4, 1e5, 1e6, 5e6]
-    harpe = long_context_model(RopeConfig(head_bases="explicit", head_base_params={"bases": bases}))
+    harpe = long_context_model(RopeConfig(head_base_strategy="explicit", head_base_params={"bases": bases}))
     stock = long_context_model(RopeConfig(base=1e4))
     harpe.load_state_dict(stock.state_dict())
     for layer in harpe.decoder.layers:
@@ -77,7 +82,7 @@ def test_distinct_bases_change_the_output_and_each_layer_holds_them(single_rank)
 
 
 def test_positions_shared_by_the_batch_equal_per_sample_positions(single_rank):
-    harpe = long_context_model(RopeConfig(head_bases="uniform",
+    harpe = long_context_model(RopeConfig(head_base_strategy="uniform",
                                           head_base_params={"b_min": 1e4, "b_max": 1e6}))
     ids = torch.arange(100, 100 + SEQ)
     shared = logits(harpe, ids.expand(2, SEQ))
@@ -94,9 +99,9 @@ def test_missing_position_ids_is_a_clear_error(single_rank):
 
 
 @pytest.mark.parametrize("rope, overrides, message", [
-    (RopeConfig(head_bases="explicit", head_base_params={"bases": [1e4, 2e4, 3e4]}), {}, "length|4"),
-    (RopeConfig(head_bases="explicit", head_base_params={"bases": [1e4, -1.0, 3e4, 4e4]}), {}, "> 0|positive"),
-    (RopeConfig(head_bases="zigzag"), {}, "zigzag"),
+    (RopeConfig(head_base_strategy="explicit", head_base_params={"bases": [1e4, 2e4, 3e4]}), {}, "length|4"),
+    (RopeConfig(head_base_strategy="explicit", head_base_params={"bases": [1e4, -1.0, 3e4, 4e4]}), {}, "> 1"),
+    (RopeConfig(head_base_strategy="zigzag"), {}, "zigzag"),
     (RopeConfig(scaling="superyarn"), {}, "superyarn"),
     (RopeConfig(scaling="linear"), {}, "factor"),
     (RopeConfig(), dict(num_attention_heads=6, num_query_groups=6, hidden_size=60, tensor_model_parallel_size=4),

@@ -3,17 +3,18 @@ ones are rejected with the reason, and the ranking does not depend on enumeratio
 
 import dataclasses
 import random
+import re
 
 import pytest
 
-from megatron_ext.launch.cli import main
+from megatron_ext.cli import main
 from megatron_ext.launch.memory import GIB, layer_activations, peak_memory, stage_memory
 from megatron_ext.launch.planner import PlanRequest, enumerate_layouts, evaluate, plan
 from megatron_ext.launch.presets import GPUS, model_preset
 from megatron_ext.launch.timing import step_time
 from megatron_ext.launch.workload import Layout, workload_from_preset
 from megatron_ext.rope.apply import CHUNK_ELEMENTS
-from megatron_ext.training.config import ModelConfig
+from megatron_ext.config import ModelConfig
 
 H100 = GPUS["h100-80gb"]
 
@@ -183,6 +184,70 @@ def test_plan_command_prints_table_breakdown_and_overrides(capsys):
     assert "--set parallel.context_parallel_size=" in out and "\ntraining:\n  micro_batch_size: 1\n" in out
     assert main(["plan", "--model", "llama2-7b", "--seq-length", "131072", "--gpus", "1"]) == 1
     assert "no layout fits" in capsys.readouterr().out
+
+
+def _listed_layouts(out: str) -> list[tuple[str, float | None]]:
+    """(layout, GiB needed or None) of each rejected layout the report lists."""
+    rows = re.findall(r"^  (TP\d+ PP\d+ CP\d+ DP\d+, micro-batch \d+, recompute \w+): (.*)$", out, re.M)
+    return [(layout, float(m.group(1)) if (m := re.match(r"needs ([\d.]+) GiB", why)) else None)
+            for layout, why in rows]
+
+
+def test_when_nothing_fits_the_closest_layouts_are_listed_with_their_reasons(capsys):
+    """Llama 2 70B at 128k on one H100: 18 layouts, none fits. The report lists the least memory first,
+    each with its reason, and --show-rejected N lists exactly N."""
+    request = PlanRequest(workload_from_preset("llama2-70b", model_preset("llama2-70b"), 131072), H100, gpus=1)
+    needed = sorted(evaluate(request, layout).memory.total / GIB for layout in enumerate_layouts(request))
+    assert len(needed) == 18 and needed[0] > 71.6
+    for flags, count in (([], 5), (["--show-rejected", "3"], 3), (["--show-rejected", "7"], 7)):
+        argv = ["plan", "--model", "llama2-70b", "--seq-length", "131072", "--gpus", "1", *flags]
+        assert main(argv) == 1
+        out = capsys.readouterr().out
+        assert f"no layout fits; the closest {count} of 18 rejected:" in out
+        listed = _listed_layouts(out)
+        assert [gib for _, gib in listed] == pytest.approx([round(g, 1) for g in needed[:count]], abs=0.051)
+        assert listed[0][0] == "TP1 PP1 CP1 DP1, micro-batch 1, recompute full"
+        assert "> 71.6 GiB usable; largest: optimizer (fp32 master, Adam m and v)" in out
+
+
+def test_layouts_that_cannot_run_at_all_are_listed_too(capsys):
+    """70B on 3 GPUs: 3 divides neither the 64 heads, the 80 layers, 2 x 131072 nor the global batch 32,
+    so no layout even reaches the memory estimate; the report still lists N of them with the reason."""
+    argv = ["plan", "--model", "llama2-70b", "--seq-length", "131072", "--gpus", "3", "--show-rejected", "4"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "layouts: 72 enumerated, 0 fit, 72 rejected" in out and "the closest 4 of 72 rejected:" in out
+    listed = _listed_layouts(out)
+    assert len(listed) == 4 and all(gib is None for _, gib in listed)
+    assert "the global batch 32 must be a multiple of micro-batch x DP = 3" in out
+
+
+def test_show_rejected_lists_the_closest_misses_next_to_the_ranking(capsys):
+    argv = ["plan", "--model", "llama2-7b", "--seq-length", "131072", "--gpus", "16", "--show-rejected", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    listed = _listed_layouts(out.split("rejected (the closest 4 of ")[1])
+    usable = 71.6
+    assert len(listed) == 4 and all(gib > usable for _, gib in listed)
+    assert [gib for _, gib in listed] == sorted(gib for _, gib in listed)
+    assert main([*argv, "--format", "markdown"]) == 0
+    assert _listed_layouts(capsys.readouterr().out) == listed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "llama2-7b", "--gpus", "8"], "--model needs --seq-length"),
+    (["--model", "llama2-7b", "--seq-length", "4096", "--gpus", "8", "--mfu", "1.5"], "--mfu 1.5: give a fraction"),
+    (["--model", "llama2-7b", "--seq-length", "4096", "--gpus", "0"], "--gpus (0) and --gpus-per-node (8)"),
+    (["--model", "llama2-7b", "--seq-length", "4096", "--gpus", "8", "--set", "a.b=1"], "--set needs --config"),
+    (["--model", "llama2-7b", "--seq-length", "4096", "--gpus", "8", "--recompute", "some"], "--recompute 'some'"),
+    (["--model", "llama2-7b", "--seq-length", "4096", "--gpus", "8", "--method", "pose", "--pose-window", "8192"],
+     "--pose-window (8192) must be in (0, --seq-length = 4096]"),
+])
+def test_bad_plan_arguments_are_one_line_errors(capsys, flags, message):
+    assert main(["plan", *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"megatron-ext plan: {message}") and captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err and captured.out == ""
 
 
 def test_plan_reads_a_training_config(capsys):

@@ -21,7 +21,7 @@ from megatron_ext.repro.methods import (
     transfer_base,
 )
 from megatron_ext.rope.config import RopeConfig
-from megatron_ext.training.config import ConfigError, load_config
+from megatron_ext.config import ConfigError, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "reproduction" / "cpu_8x.yaml"
 

@@ -18,7 +18,7 @@ def base_config(cache_dir: Path) -> dict:
     """Tiny HARPE + PoSE + GQA model, fp32, constant LR (so runs of other lengths share a schedule)."""
     return dict(
         model=dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, seq_length=64),
-        rope=dict(head_bases="uniform", head_base_params=dict(b_min=1e4, b_max=1e6)),
+        rope=dict(head_base_strategy="uniform", head_base_params=dict(b_min=1e4, b_max=1e6)),
         pose=dict(enabled=True, target_length=512),
         data=dict(tiny_corpus=True, tiny_corpus_documents=40, tokenizer_vocab_size=400, cache_dir=str(cache_dir)),
         training=dict(train_iters=ITERS, micro_batch_size=1, global_batch_size=4, precision="fp32"),

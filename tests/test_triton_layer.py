@@ -27,7 +27,7 @@ def build_layer(*, heads=4, groups=2, hidden=32, use_te=False, dtype=torch.float
         activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-        rope=RopeConfig(head_bases="uniform", head_base_params={"b_min": 1e4, "b_max": 5e6}),
+        rope=RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 1e4, "b_max": 5e6}),
     )
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)

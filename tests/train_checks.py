@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_ext.training.config import TrainConfig, apply_override, from_dict, validate
+from megatron_ext.config import TrainConfig, apply_override, from_dict, validate
 from megatron_ext.training.train import train
 
 

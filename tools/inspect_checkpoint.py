@@ -14,8 +14,9 @@ import math
 import sys
 from pathlib import Path
 
+from megatron_ext.checkpoint.state import read_checkpoint
 from megatron_ext.convert.rope import describe, hf_rope_parameters, needs_megatron_ext, rope_from_hf
-from megatron_ext.training.config import TrainConfig, from_dict
+from megatron_ext.errors import UserError
 
 
 def main(argv=None) -> int:
@@ -24,65 +25,58 @@ def main(argv=None) -> int:
     parser.add_argument("--tensors", action="store_true", help="also list every tensor with its shape and dtype")
     args = parser.parse_args(argv)
     path = Path(args.path)
-    if (path / "config.json").is_file():
-        inspect_hf(path, args.tensors)
-    else:
-        inspect_megatron(_checkpoint_dir(path), args.tensors)
+    try:
+        if (path / "config.json").is_file():
+            inspect_hf(path, args.tensors)
+        else:
+            inspect_megatron(path, args.tensors)
+    except UserError as error:
+        print(f"inspect_checkpoint: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    from megatron_ext.training.checkpoint import find_checkpoint, is_complete_checkpoint
-
-    if is_complete_checkpoint(path):
-        return path
-    found = find_checkpoint(path, "auto") if path.is_dir() else None
-    if found is None:
-        sys.exit(f"{path}: neither a Hugging Face model (config.json) nor a megatron_ext checkpoint")
-    return found
-
-
-def inspect_megatron(path: Path, list_tensors: bool) -> None:
+def inspect_megatron(argument: Path, list_tensors: bool) -> None:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    summary = json.loads((path / "megatron_ext.json").read_text())
-    state = summary["state"]
-    config = from_dict(TrainConfig, state["config"], prefix="")
-    m, saved = config.model, summary["parallel_layout"]
+    checkpoint = read_checkpoint(argument, setting="path")
+    path, state = checkpoint.path, checkpoint.state
+    config, saved = state.config, checkpoint.parallel_layout
+    m = config.model
     groups = m.num_query_groups or m.num_attention_heads
     print(f"megatron_ext checkpoint {path}")
-    print(f"  iteration {summary['iteration']}, saved {summary.get('saved_at', '?')}, "
-          f"format {summary['format_version']}")
-    print(f"  saved by {saved['world_size']} rank(s): TP {saved.get('tensor')}, PP {saved.get('pipeline')}, "
+    print(f"  iteration {checkpoint.iteration}, saved {checkpoint.saved_at or '?'}, "
+          f"format {checkpoint.format_version}")
+    print(f"  saved by {saved.get('world_size')} rank(s): TP {saved.get('tensor')}, PP {saved.get('pipeline')}, "
           f"CP {saved.get('context')} (loads at any TP/PP: dist_checkpointing reshards)")
     p = config.parallel
     print(f"  config's layout: TP {p.tensor_model_parallel_size}, PP {p.pipeline_model_parallel_size}, "
           f"CP {p.context_parallel_size}, sequence parallel {p.sequence_parallel}")
     attention = "MHA" if groups == m.num_attention_heads else "MQA" if groups == 1 else "GQA"
-    vocab = m.vocab_size or state.get("tokenizer_vocab_size")
+    vocab = m.vocab_size or state.tokenizer_vocab_size
     print(f"  model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads, "
           f"{groups} KV groups ({attention}), ffn {m.ffn_size}, "
-          f"vocab {vocab} (padded {state.get('padded_vocab_size')}), "
+          f"vocab {vocab} (padded {state.padded_vocab_size}), "
           f"{m.normalization}, {'SwiGLU' if m.swiglu else 'GeLU'}, tied embeddings {m.tie_embeddings}, "
           f"q/k/v bias {m.qkv_bias}, seq_length {m.seq_length}")
     print(f"  RoPE: {describe(config.rope, groups)}")
     pose = config.pose
     print("  PoSE: " + (f"on, target_length {pose.target_length}, {pose.num_chunks} chunks ({pose.variant})"
                          if pose.enabled else "off"))
-    print(f"  tokenizer: {state.get('tokenizer_model') or 'not recorded'}")
-    hf = state.get("hf")
+    print(f"  tokenizer: {state.tokenizer_model or 'not recorded'}")
+    hf = state.hf
     if hf:
         print(f"  converted from: {hf['architecture']} at {hf['source']} "
               f"({hf['dtype']}, RoPE in {hf['rope_form']} form)")
-    optimizer = summary.get("optimizer")
+    optimizer = checkpoint.optimizer
     print(f"  optimizer state: {'none (weights only)' if not optimizer else optimizer['flavor']}")
 
     metadata = FileSystemReader(str(path)).read_metadata()
     tensors = {key: md for key, md in metadata.state_dict_metadata.items()
                if isinstance(md, TensorStorageMetadata) and not key.startswith("optimizer")}
     count = sum(math.prod(md.size) for md in tensors.values())
-    padding = (state.get("padded_vocab_size", 0) - (vocab or 0)) * m.hidden_size * (1 if m.tie_embeddings else 2)
+    padding = (state.padded_vocab_size - (vocab or 0)) * m.hidden_size * (1 if m.tie_embeddings else 2)
     dtypes = sorted({str(md.properties.dtype).removeprefix("torch.") for md in tensors.values()})
     size = sum(math.prod(md.size) * md.properties.dtype.itemsize for md in tensors.values())
     print(f"  parameters: {count:,} ({count - max(padding, 0):,} without vocabulary padding) in {len(tensors)} "

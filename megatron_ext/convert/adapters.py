@@ -15,7 +15,7 @@ import torch
 
 from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.rope import dynamic_max_positions, hf_rope_parameters, rope_from_hf, rope_to_hf, set_hf_rope
-from megatron_ext.training.config import ModelConfig, TrainConfig
+from megatron_ext.config import ModelConfig, TrainConfig
 
 log = logging.getLogger("megatron_ext")
 

@@ -1,10 +1,10 @@
-"""`megatron-ext convert hf-to-mcore | mcore-to-hf`, also runnable as `python -m megatron_ext.convert.cli ...`.
+"""`megatron-ext convert hf-to-mcore | mcore-to-hf`.
 
-Imports nothing heavy until a command runs (megatron_ext.cli builds its parser at start-up).
+Imports nothing heavy until a command runs (megatron_ext.cli builds its parser at start-up). Bad input
+raises ConversionError (a UserError): one line, exit code 2, before anything is written.
 """
 
 import argparse
-import sys
 
 
 def add_convert_args(subparsers) -> argparse.ArgumentParser:
@@ -53,34 +53,24 @@ def _add_common(parser, dtype_default: str) -> None:
 
 
 def run_convert(args) -> int:
-    """Run the parsed command; prints the output path and the peak memory. 0 on success, 2 on bad input."""
-    import logging
-
-    from megatron_ext.convert.errors import ConversionError
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    """Run the parsed command; prints the output path and the peak memory."""
     import megatron_ext.convert.mcore_io  # noqa: F401  (imports megatron: counted in the baseline below)
 
     _return_freed_memory()
     baseline = _start_peak_memory_count()
-    try:
-        if args.convert_command == "hf-to-mcore":
-            from megatron_ext.convert.from_hf import hf_to_mcore
+    if args.convert_command == "hf-to-mcore":
+        from megatron_ext.convert.from_hf import hf_to_mcore
 
-            result = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                 progress=not args.no_progress)
-            print(f"checkpoint: {result}  (train from it with checkpoint.pretrained: {result})")
-        else:
-            from megatron_ext.convert.to_hf import mcore_to_hf
+        result = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                             progress=not args.no_progress)
+        print(f"checkpoint: {result}  (train from it with checkpoint.pretrained: {result})")
+    else:
+        from megatron_ext.convert.to_hf import mcore_to_hf
 
-            result = mcore_to_hf(args.ckpt, args.out, family=args.family, dtype=args.dtype, hf_base=args.hf_base,
-                                 rope_form=args.rope_format, max_shard_size=args.max_shard_size,
-                                 progress=not args.no_progress)
-            print(f"model: {result}")
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        result = mcore_to_hf(args.ckpt, args.out, family=args.family, dtype=args.dtype, hf_base=args.hf_base,
+                             rope_form=args.rope_format, max_shard_size=args.max_shard_size,
+                             progress=not args.no_progress)
+        print(f"model: {result}")
     peak = _peak_rss_bytes()
     print(f"peak memory: {peak / 2**20:.0f} MiB max RSS, {(peak - baseline) / 2**20:.0f} MiB above the "
           f"{baseline / 2**20:.0f} MiB after imports")
@@ -130,17 +120,3 @@ def _proc_status_bytes(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024  # kB
     raise OSError(f"no {field} in /proc/self/status")
-
-
-def main(argv=None) -> int:
-    from megatron_ext.cli import quiet_megatron_warnings
-
-    parser = argparse.ArgumentParser(prog="megatron-ext convert", description=__doc__.splitlines()[0])
-    _add_commands(parser)
-    args = parser.parse_args(argv)
-    quiet_megatron_warnings()
-    return run_convert(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,8 @@ from megatron_ext.convert.hf_io import (
     staged_directory,
 )
 from megatron_ext.convert.rope import hf_rope_parameters
-from megatron_ext.training.config import TrainConfig
+from megatron_ext.checkpoint.state import CheckpointState
+from megatron_ext.config import TrainConfig
 
 log = logging.getLogger("megatron_ext")
 
@@ -37,8 +38,9 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
     to train with: divisibility is checked now and the vocabulary padded for that TP, as training
     pads it. `dtype` ('fp32', 'bf16', 'fp16') defaults to the weights' own. Returns the iter_ dir.
     """
-    from megatron_ext.training.checkpoint import checkpoint_name, save_checkpoint
-    from megatron_ext.training.model_builder import padded_vocab_size
+    from megatron_ext.checkpoint.layout import checkpoint_name
+    from megatron_ext.checkpoint.store import save_checkpoint
+    from megatron_ext.sizes import padded_vocab_size
 
     hf_dir = Path(hf_dir).expanduser().absolute()
     hf_config = read_config(hf_dir)
@@ -50,7 +52,8 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
     weights_dtype = DTYPE_NAMES[dtype] if dtype else source.lossless_dtype()
     padded = padded_vocab_size(config.model.vocab_size, tp)
 
-    from megatron_ext.convert.mcore_io import PullingSaveStrategy, build_skeleton, single_process_group
+    from megatron_ext.convert.mcore_io import PullingSaveStrategy, build_skeleton
+    from megatron_ext.distributed import single_process_group
 
     started = time.perf_counter()
     with single_process_group():
@@ -65,7 +68,7 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
             state = checkpoint_state(config, padded, hf_dir, hf_config, adapter.architecture, source, final,
                                      tokenizer_files, tp, pp)
             with _Puller(plan, source, weights_dtype, progress) as pull:
-                saved = save_checkpoint(staging, 0, model=[skeleton], state=state,
+                saved = save_checkpoint(staging, 0, model=[skeleton], state=state.to_json(),
                                         sharded_strategy=PullingSaveStrategy(pull))
             copy_tokenizer_files(hf_dir, saved / TOKENIZER_DIR)
     log.info(f"megatron_ext: converted {hf_dir} ({adapter.family}, {source.nbytes() / 2**30:.2f} GiB) -> {final} "
@@ -114,28 +117,22 @@ def _ignorable(name: str, config: TrainConfig) -> bool:
 
 
 def checkpoint_state(config: TrainConfig, padded: int, hf_dir: Path, hf_config: dict, architecture: str,
-                     source: SafetensorsCheckpoint, final: Path, tokenizer_files: list[str], tp: int, pp: int) -> dict:
-    """The checkpoint's plain state, with the keys a training checkpoint has plus the source model."""
-    groups = config.model.num_query_groups or config.model.num_attention_heads
+                     source: SafetensorsCheckpoint, final: Path, tokenizer_files: list[str], tp: int,
+                     pp: int) -> CheckpointState:
+    """The checkpoint's state, as a training checkpoint's at iteration 0, plus the source model."""
     main = source.main_dtype()
     tokenizer_dir = final / TOKENIZER_DIR
     if "tokenizer.model" in tokenizer_files:  # sentencepiece: what megatron_ext's training reads
         config.data.tokenizer_model = str(tokenizer_dir / "tokenizer.model")
     tokenizer = config.data.tokenizer_model or (str(tokenizer_dir) if _has_tokenizer(tokenizer_files) else None)
-    return dict(
-        iteration=0,
-        consumed_samples=0,
-        config=config.to_dict(),
-        head_bases=config.rope.group_bases(groups).tolist(),
-        tokenizer_model=tokenizer,
+    return CheckpointState.of_run(
+        config, iteration=0, padded_vocab_size=padded, tokenizer_model=tokenizer,
         tokenizer_vocab_size=config.model.vocab_size,
-        padded_vocab_size=padded,
         parallel=dict(tp=tp, pp=pp, cp=1, dp=1),  # the layout it was prepared for (it loads at any)
         hf=dict(source=str(hf_dir), architecture=architecture, config=hf_config,
                 dtype=_name(main), rope_form=hf_rope_parameters(hf_config)[1],
                 tensor_dtypes={n: _name(d) for n, d in source.dtypes.items() if d != main},  # for the way back
-                tokenizer_dir=TOKENIZER_DIR if tokenizer_files else None, tokenizer_files=tokenizer_files),
-    )
+                tokenizer_dir=TOKENIZER_DIR if tokenizer_files else None, tokenizer_files=tokenizer_files))
 
 
 def _name(dtype) -> str | None:

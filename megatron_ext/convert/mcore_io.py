@@ -10,7 +10,6 @@ The one module of megatron_ext.convert that imports megatron.
 import contextlib
 import copy
 import dataclasses
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,44 +30,14 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_ext.compat import enable_cpu_mode
 from megatron_ext.convert.errors import ConversionError
-from megatron_ext.training.config import ParallelConfig, TrainConfig
-
-
-@contextlib.contextmanager
-def single_process_group():
-    """A one-process gloo group and megatron's parallel state at size 1, unless the caller has them.
-
-    Conversion builds the full (unsharded) model in one process: dist_checkpointing then saves
-    global tensors that load at any TP/PP, and loads any TP/PP checkpoint into full tensors.
-    """
-    enable_cpu_mode()
-    made_group = not torch.distributed.is_initialized()
-    with tempfile.TemporaryDirectory() as rendezvous:
-        if made_group:
-            torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}/store",
-                                                 rank=0, world_size=1)
-        elif torch.distributed.get_world_size() != 1:
-            raise ConversionError("conversion runs in a single process: start it without torchrun")
-        made_state = not ps.model_parallel_is_initialized()
-        if made_state:
-            ps.initialize_model_parallel()
-        elif ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() != 1:
-            raise ConversionError("conversion needs megatron's parallel state at TP=PP=1")
-        try:
-            yield
-        finally:
-            if made_state:
-                ps.destroy_model_parallel()
-            if made_group:
-                torch.distributed.destroy_process_group()
+from megatron_ext.config import ParallelConfig, TrainConfig
 
 
 def build_skeleton(config: TrainConfig, padded_vocab_size: int, dtype: torch.dtype):
     """The full LongContextGPTModel of `config` in `dtype`, parameters allocated but never touched."""
     from megatron_ext.models import LongContextGPTModel, local_layer_spec
-    from megatron_ext.training.model_builder import transformer_config
+    from megatron_ext.models.builder import transformer_config
 
     config = copy.deepcopy(config)
     config.parallel = ParallelConfig()  # one process holds the whole model

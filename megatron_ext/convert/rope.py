@@ -104,7 +104,7 @@ def _custom_from_hf(rope_type: str, base: float, params: dict) -> RopeConfig:
         bases = params.get("head_bases")
         if not isinstance(bases, list) or not bases:
             raise ConversionError("rope_type 'harpe' needs head_bases: a list with one base per KV head")
-        rope.head_bases, rope.head_base_params = _head_base_source(
+        rope.head_base_strategy, rope.head_base_params = _head_base_source(
             bases, params.get("head_base_strategy"), dict(params.get("head_base_params") or {}))
     return rope
 
@@ -130,7 +130,7 @@ def rope_to_hf(rope: RopeConfig, *, num_query_groups: int, head_dim: int) -> dic
     revised YaRN and partial rotation need megatron_ext.hf (rope_type 'megatron_ext').
     """
     params = dict(rope.scaling_params)
-    stock = rope.head_bases is None and rope.rotary_percent == 1.0
+    stock = rope.head_base_strategy is None and rope.rotary_percent == 1.0
     if stock and rope.scaling in STOCK_ROPE_PARAMETERS:
         if rope.scaling == "dynamic":  # its original length travels as max_position_embeddings
             params.pop("original_max_position_embeddings")
@@ -141,11 +141,11 @@ def rope_to_hf(rope: RopeConfig, *, num_query_groups: int, head_dim: int) -> dic
         return {"rope_type": "default", "rope_theta": _ntk_scaled_base(rope.base, head_dim, params["factor"])}
     if stock and rope.scaling == "abf":
         return {"rope_type": "default", "rope_theta": float(params["new_base"])}
-    custom = {"rope_type": CUSTOM_ROPE_TYPE if rope.head_bases is None else HARPE_ROPE_TYPE,
+    custom = {"rope_type": CUSTOM_ROPE_TYPE if rope.head_base_strategy is None else HARPE_ROPE_TYPE,
               "rope_theta": rope.base, "scaling": rope.scaling, "scaling_params": params}
-    if rope.head_bases is not None:
+    if rope.head_base_strategy is not None:
         custom.update(head_bases=rope.group_bases(num_query_groups).tolist(),
-                      head_base_strategy=rope.head_bases, head_base_params=dict(rope.head_base_params))
+                      head_base_strategy=rope.head_base_strategy, head_base_params=dict(rope.head_base_params))
     if rope.rotary_percent != 1.0:
         custom["rotary_percent"] = rope.rotary_percent
     return custom
@@ -185,7 +185,7 @@ def needs_megatron_ext(hf_config: dict) -> bool:
 
 def dynamic_max_positions(rope: RopeConfig) -> int | None:
     """transformers' dynamic NTK reads its original length from max_position_embeddings."""
-    if rope.scaling == "dynamic" and rope.head_bases is None and rope.rotary_percent == 1.0:
+    if rope.scaling == "dynamic" and rope.head_base_strategy is None and rope.rotary_percent == 1.0:
         return int(rope.scaling_params["original_max_position_embeddings"])
     return None
 
@@ -195,10 +195,10 @@ def describe(rope: RopeConfig, num_query_groups: int) -> str:
     text = f"base {rope.base:g}, scaling {rope.scaling}"
     if rope.scaling_params:
         text += " " + ", ".join(f"{k}={v}" for k, v in rope.scaling_params.items())
-    if rope.head_bases is not None:
+    if rope.head_base_strategy is not None:
         bases = rope.group_bases(num_query_groups).tolist()
         shown = ", ".join(f"{b:.6g}" for b in bases[:8]) + (", ..." if len(bases) > 8 else "")
-        text += f"; HARPE {rope.head_bases} bases per KV group [{shown}]"
+        text += f"; HARPE {rope.head_base_strategy} bases per KV group [{shown}]"
     if rope.rotary_percent != 1.0:
         text += f"; rotary_percent {rope.rotary_percent}"
     return text

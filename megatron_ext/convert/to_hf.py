@@ -41,26 +41,26 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
         start from, e.g. the model the training began with.
     rope_form: rope_parameters | rope_scaling | both; default: the source's form, else both.
     """
-    from megatron_ext.training.model_builder import saved_config
+    from megatron_ext.checkpoint.state import read_checkpoint
 
-    path = resolve_checkpoint(checkpoint)
-    config, state = saved_config(path)
-    converted_from = state.get("hf") or {}
+    saved = read_checkpoint(Path(checkpoint).expanduser().absolute(), setting="--ckpt")
+    path, state, config = saved.path, saved.state, saved.state.config
+    converted_from = state.hf or {}
     source = read_config(Path(hf_base)) if hf_base else converted_from.get("config")
     adapter = (adapter_for_family(family) if family else
                adapter_for_hf(source, f"{hf_base or path}'s source config") if source else
                adapter_for_family("qwen2" if config.model.qkv_bias else "llama"))
-    padded = state["padded_vocab_size"]
+    padded = state.padded_vocab_size
     tokenizer = _tokenizer_source(path, state, hf_base)
 
-    from megatron_ext.convert.mcore_io import ParameterReader, build_skeleton, single_process_group
+    from megatron_ext.convert.mcore_io import ParameterReader, build_skeleton
+    from megatron_ext.distributed import single_process_group
 
     started = time.perf_counter()
     with single_process_group():
         skeleton = build_skeleton(config, padded, torch.float32)  # for names and checkpoint keys only
-        sharding = json.loads((path / "megatron_ext.json").read_text())["sharding_metadata"]
-        reader = ParameterReader(path, skeleton.sharded_state_dict(metadata=dict(sharding)))
-        vocab_size = config.model.vocab_size or state.get("tokenizer_vocab_size") or padded
+        reader = ParameterReader(path, skeleton.sharded_state_dict(metadata=dict(saved.sharding_metadata)))
+        vocab_size = config.model.vocab_size or state.tokenizer_vocab_size or padded
         plan = adapter.bind(config, vocab_size, padded)
         plan.check_covers(reader.chunks)
         out_dtype = (DTYPE_NAMES[dtype] if dtype else _dtype_named(converted_from.get("dtype"))
@@ -110,20 +110,6 @@ def _dtype_named(name: str | None) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def resolve_checkpoint(checkpoint) -> Path:
-    """An iter_ directory as given, or the newest complete one under a checkpoint root."""
-    from megatron_ext.training.checkpoint import find_checkpoint, is_complete_checkpoint
-
-    path = Path(checkpoint).expanduser().absolute()
-    if is_complete_checkpoint(path):
-        return path
-    found = find_checkpoint(path, "auto") if path.is_dir() else None
-    if found is None:
-        raise ConversionError(f"--ckpt {path}: no complete megatron_ext checkpoint there (an iter_XXXXXXX "
-                              f"directory, or a directory holding them)")
-    return found
-
-
 def _layer_groups(names: list[str], num_layers: int) -> list[list[str]]:
     """Embedding first, then each layer's tensors, then the final norm and output layer (HF's order)."""
     layers = [[n for n in names if n.startswith(f"decoder.layers.{i}.")] for i in range(num_layers)]
@@ -132,14 +118,14 @@ def _layer_groups(names: list[str], num_layers: int) -> list[list[str]]:
     return [first, *layers, [n for n in rest if n not in first]]
 
 
-def _tokenizer_source(path: Path, state: dict, hf_base) -> Path | None:
+def _tokenizer_source(path: Path, state, hf_base) -> Path | None:
     """Where the model's tokenizer files are: --hf-base, the converted model's copy, or what training recorded."""
     if hf_base:
         return Path(hf_base)
-    copied = (state.get("hf") or {}).get("tokenizer_dir")
+    copied = (state.hf or {}).get("tokenizer_dir")
     if copied and (path / copied).is_dir():
         return path / copied
-    recorded = state.get("tokenizer_model")
+    recorded = state.tokenizer_model
     if recorded and Path(recorded).exists():
         return Path(recorded)
     log.warning(f"megatron_ext: {path} records no tokenizer that exists here ({recorded}); the export has "

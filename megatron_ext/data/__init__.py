@@ -8,14 +8,7 @@ from typing import TYPE_CHECKING
 
 from megatron_ext.data.corpus import build_tiny_corpus
 from megatron_ext.data.documents import Document, read_documents
-from megatron_ext.data.preprocess import (
-    PreprocessResult,
-    SourceStats,
-    UpsampleRule,
-    add_preprocess_args,
-    preprocess,
-    run_preprocess,
-)
+from megatron_ext.data.preprocess import PreprocessResult, SourceStats, UpsampleRule, preprocess
 from megatron_ext.lazy import lazy_getattr
 
 _LOADED_ON_FIRST_USE = {
@@ -46,13 +39,11 @@ __all__ = [
     "SentencePieceTokenizer",
     "SourceStats",
     "UpsampleRule",
-    "add_preprocess_args",
     "build_gpt_dataset",
     "build_tiny_corpus",
     "global_sample_indices",
     "preprocess",
     "read_documents",
-    "run_preprocess",
     "slice_for_context_parallel",
     "train_sentencepiece",
 ]

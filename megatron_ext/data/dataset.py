@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.rope.pose import pose_chunks, pose_position_ids
+from megatron_ext.errors import MissingFile
 
 TRAINING_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -70,7 +71,7 @@ def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> N
     for prefix in data_prefixes:
         missing = [path for path in (f"{prefix}.bin", f"{prefix}.idx") if not Path(path).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"data prefix '{prefix}' has no {' or '.join(missing)}: pass the prefix of an indexed dataset "
                 "(run `megatron-ext preprocess` to make one)"
             )
@@ -129,7 +130,7 @@ def _build_one_source(prefix: str, num_samples: int, **settings):
         cache_dir = settings["cache_dir"]
         if cache_dir is None or not torch.distributed.is_initialized():
             raise
-        raise FileNotFoundError(
+        raise MissingFile(
             f"rank {torch.distributed.get_rank()} cannot read the dataset indices that rank 0 saved in cache_dir "
             f"'{cache_dir}' ({error.filename}): put cache_dir on a filesystem all ranks share, or set it to None "
             "to build the indices in memory on every rank"

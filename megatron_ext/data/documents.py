@@ -6,6 +6,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_ext.errors import InputError, MissingFile
+
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -18,12 +20,12 @@ class Document:
 def check_input_files(paths: Sequence[str | Path], setting: str) -> list[Path]:
     """The paths as `Path`s; a missing one (or a directory) is an error naming `setting`."""
     if not paths:
-        raise ValueError(f"{setting} is empty: pass at least one JSONL or text file")
+        raise InputError(f"{setting} is empty: pass at least one JSONL or text file")
     checked = [Path(path) for path in paths]
     for path in checked:
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"input file '{path}' {what}: pass existing JSONL or text files to {setting}")
+            raise MissingFile(f"input file '{path}' {what}: pass existing JSONL or text files to {setting}")
     return checked
 
 
@@ -48,16 +50,16 @@ def _parse_record(line: str, where: str, json_key: str, source_key: str, default
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error}); each line of a JSONL file must be one object") from None
+        raise InputError(f"{where}: not valid JSON ({error}); each line of a JSONL file must be one object") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be one object")
+        raise InputError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be one object")
     if json_key not in record:
-        raise ValueError(
+        raise InputError(
             f"{where}: no '{json_key}' key (keys: {sorted(record)}); set json_key (--json-key) to the text field"
         )
     text, source = record[json_key], record.get(source_key, default_source)
     if not isinstance(text, str):
-        raise ValueError(f"{where}: '{json_key}' is a {type(text).__name__}, not a string")
+        raise InputError(f"{where}: '{json_key}' is a {type(text).__name__}, not a string")
     if not isinstance(source, str):
-        raise ValueError(f"{where}: '{source_key}' is a {type(source).__name__}, not a string")
+        raise InputError(f"{where}: '{source_key}' is a {type(source).__name__}, not a string")
     return Document(text=text, source=source)

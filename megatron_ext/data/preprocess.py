@@ -1,9 +1,8 @@
 """Text (JSONL or plain) → megatron-core indexed dataset (`.bin`/`.idx`): tokenized by worker processes, with
-per-source length upsampling for long-context mixes. Also the `megatron-ext preprocess` command.
+per-source length upsampling for long-context mixes.
 megatron-core is imported inside the functions that write, not at module level: spawned workers import this
 package, and megatron-core would cost each of them ~4 s and ~300 MB."""
 
-import argparse
 import contextlib
 import multiprocessing
 import os
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from megatron_ext.data.documents import Document, check_input_files, read_documents
 from megatron_ext.data.encode_worker import encode_document, start_worker
+from megatron_ext.errors import InputError, MissingFile
 
 if TYPE_CHECKING:
     from megatron_ext.data.tokenizer import SentencePieceTokenizer
@@ -99,9 +99,9 @@ def preprocess(
     bin_path, idx_path = _output_paths(output_prefix)
     rules = _checked_rules(upsample)
     if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers ({workers!r}) must be an integer >= 1: set --workers to 1 or more")
+        raise InputError(f"workers ({workers!r}) must be an integer >= 1: set --workers to 1 or more")
     if prepend_bos and tokenizer.bos < 0:
-        raise ValueError(f"prepend_bos is set but tokenizer '{tokenizer.model_path}' has no BOS piece")
+        raise InputError(f"prepend_bos is set but tokenizer '{tokenizer.model_path}' has no BOS piece")
     documents_per_source = _count_documents(paths, json_key, source_key)
     _check_rules_name_sources(rules, documents_per_source)
 
@@ -189,7 +189,7 @@ def _pool_map_in_blocks(pool, documents: Iterator[Document]) -> Iterator[tuple[s
 def _output_paths(output_prefix: str | Path) -> tuple[Path, Path]:
     """`{prefix}.bin`, `{prefix}.idx`; their directory is created and must be writable."""
     if str(output_prefix).endswith(("/", os.sep)) or Path(output_prefix).name in ("", ".", ".."):
-        raise ValueError(
+        raise InputError(
             f"output_prefix (--output-prefix) '{output_prefix}' names a directory: add a file name, e.g. out/data"
         )
     directory = Path(output_prefix).parent
@@ -219,12 +219,12 @@ def _checked_rules(upsample: Mapping[str, UpsampleRule | Mapping[str, int]] | No
         setting = f"upsample[{source!r}]"
         if isinstance(rule, Mapping):
             if set(rule) != {"min_tokens", "factor"}:
-                raise ValueError(f"{setting} has keys {sorted(rule)}: it needs exactly 'min_tokens' and 'factor'")
+                raise InputError(f"{setting} has keys {sorted(rule)}: it needs exactly 'min_tokens' and 'factor'")
             rule = UpsampleRule(**rule)
         if not isinstance(rule.min_tokens, int) or rule.min_tokens < 0:
-            raise ValueError(f"{setting}.min_tokens ({rule.min_tokens!r}) must be an integer >= 0")
+            raise InputError(f"{setting}.min_tokens ({rule.min_tokens!r}) must be an integer >= 0")
         if not isinstance(rule.factor, int) or rule.factor < 1:
-            raise ValueError(f"{setting}.factor ({rule.factor!r}) must be an integer >= 1 (1: write once)")
+            raise InputError(f"{setting}.factor ({rule.factor!r}) must be an integer >= 1 (1: write once)")
         rules[source] = rule
     return rules
 
@@ -233,83 +233,14 @@ def _count_documents(paths: list[Path], json_key: str, source_key: str) -> Count
     """Documents per source; reading everything once surfaces any bad record before tokenizing starts."""
     counts = Counter(document.source for document in _documents(paths, json_key, source_key))
     if not counts:
-        raise ValueError(f"the inputs (--input) {[str(path) for path in paths]} hold no documents")
+        raise InputError(f"the inputs (--input) {[str(path) for path in paths]} hold no documents")
     return counts
 
 
 def _check_rules_name_sources(rules: dict[str, UpsampleRule], documents_per_source: Counter) -> None:
     unknown = sorted(set(rules) - set(documents_per_source))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"upsample names source(s) {unknown} that no input document has "
             f"(sources: {sorted(documents_per_source)}): fix the source name or drop the rule"
         )
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_preprocess_args(subparsers) -> argparse.ArgumentParser:
-    """Add the `preprocess` command to an argparse subparsers object; it dispatches to `run_preprocess`."""
-    parser = subparsers.add_parser(
-        "preprocess",
-        help="tokenize JSONL/text into a megatron indexed dataset",
-        description="Tokenize JSONL or plain-text files into {prefix}.bin/.idx (megatron-core indexed dataset).",
-    )
-    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE",
-                        help="JSONL (one object per line) or plain-text files (one document each)")
-    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="tokenizing processes")
-    parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
-    parser.add_argument("--source-key", default="source", help="JSONL field naming the source (default: file stem)")
-    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                        help="end every document with the EOD token")
-    parser.add_argument("--prepend-bos", action="store_true", help="start every document with BOS (as Llama saw)")
-    parser.add_argument("--upsample", action="append", type=_upsample_arg, default=[],
-                        metavar="SOURCE:MIN_TOKENS:FACTOR",
-                        help="write documents of SOURCE with >= MIN_TOKENS tokens FACTOR times (repeatable)")
-    parser.set_defaults(func=run_preprocess)
-    return parser
-
-
-def run_preprocess(args: argparse.Namespace) -> int:
-    """Run the `preprocess` command parsed by `add_preprocess_args`; print the statistics table."""
-    from megatron_ext.data.tokenizer import SentencePieceTokenizer
-
-    if not Path(args.tokenizer_model).is_file():
-        raise FileNotFoundError(
-            f"--tokenizer-model '{args.tokenizer_model}' does not exist: pass a sentencepiece .model file"
-        )
-    upsample = {}
-    for source, rule in args.upsample:
-        if source in upsample:
-            raise ValueError(f"--upsample names source '{source}' twice: keep one rule per source")
-        upsample[source] = rule
-    result = preprocess(
-        args.input,
-        args.output_prefix,
-        SentencePieceTokenizer(args.tokenizer_model),
-        workers=args.workers,
-        json_key=args.json_key,
-        source_key=args.source_key,
-        append_eod=args.append_eod,
-        prepend_bos=args.prepend_bos,
-        upsample=upsample,
-    )
-    print(f"wrote {result.bin_path} and {result.idx_path}")
-    print(result.table())
-    return 0
-
-
-def _upsample_arg(text: str) -> tuple[str, UpsampleRule]:
-    parts = text.rsplit(":", 2)  # the source name may itself contain ':'
-    try:
-        source, min_tokens, factor = parts
-        if not source:
-            raise ValueError
-        return source, UpsampleRule(min_tokens=int(min_tokens), factor=int(factor))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not SOURCE:MIN_TOKENS:FACTOR (e.g. stdlib_code:2048:3)"
-        ) from None

@@ -10,6 +10,7 @@ import sentencepiece
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_ext.data.documents import check_input_files, read_documents
+from megatron_ext.errors import InputError, MissingFile
 
 # Llama's layout: <unk>=0, <s>=1, </s>=2, no pad piece. Byte fallback and an identity normalizer make every
 # string round-trip exactly (code keeps its indentation, "ﬁ" is not folded to "fi").
@@ -37,16 +38,16 @@ class SentencePieceTokenizer(MegatronTokenizerBase):
     def __init__(self, model_path: str | Path) -> None:
         model_path = Path(model_path)
         if not model_path.is_file():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"tokenizer model '{model_path}' does not exist: pass the path of a sentencepiece .model file "
                 "(e.g. Llama's tokenizer.model, or one made by train_sentencepiece)"
             )
         try:
             processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
         except (OSError, RuntimeError) as error:
-            raise ValueError(f"tokenizer model '{model_path}' is not a sentencepiece model: {error}") from error
+            raise InputError(f"tokenizer model '{model_path}' is not a sentencepiece model: {error}") from error
         if processor.eos_id() < 0:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer model '{model_path}' has no EOS piece, which marks document ends (eod): "
                 "train it with an eos_id"
             )

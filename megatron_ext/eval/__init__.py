@@ -1,12 +1,14 @@
 """Long-context evaluation on megatron_ext checkpoints and Hugging Face causal LMs: sliding-window perplexity,
-passkey retrieval, needle-in-a-haystack grid, RULER-style tasks, attention entropy / JS divergence, and a suite
-that writes one Markdown report. Also the `megatron-ext eval` command (`add_eval_args`, `run_eval`).
+passkey retrieval, needle-in-a-haystack grid, RULER-style tasks, attention entropy / JS divergence (the tasks of
+registry.TASKS; `register` adds one), and a suite that writes one Markdown report. Also the `megatron-ext eval`
+command (`add_eval_args`, `run_eval`).
 
 Importing this package imports neither torch nor megatron: names load from their modules on first use.
 """
 
 from typing import TYPE_CHECKING
 
+from megatron_ext.eval.registry import TASKS, EvalTask, register
 from megatron_ext.lazy import lazy_getattr
 
 _LOADED_ON_FIRST_USE = {
@@ -14,28 +16,22 @@ _LOADED_ON_FIRST_USE = {
     "HFCausalLM": "megatron_ext.eval.models",
     "MegatronExtModel": "megatron_ext.eval.models",
     "load_eval_model": "megatron_ext.eval.models",
-    "evaluate_perplexity": "megatron_ext.eval.perplexity",
-    "evaluate_passkey": "megatron_ext.eval.passkey",
-    "evaluate_needle": "megatron_ext.eval.needle",
-    "evaluate_ruler": "megatron_ext.eval.ruler",
-    "evaluate_attention": "megatron_ext.eval.attention",
     "attention_entropy": "megatron_ext.eval.attention",
     "js_divergence": "megatron_ext.eval.attention",
     "check_answers": "megatron_ext.eval.scoring",
     "greedy_generate": "megatron_ext.eval.scoring",
     "build_prompt": "megatron_ext.eval.prompts",
     "passkey_prompt": "megatron_ext.eval.prompts",
-    "PerplexitySettings": "megatron_ext.eval.settings",
-    "PasskeySettings": "megatron_ext.eval.settings",
-    "NeedleSettings": "megatron_ext.eval.settings",
-    "RulerSettings": "megatron_ext.eval.settings",
-    "AttentionSettings": "megatron_ext.eval.settings",
+    "EvalSettingsError": "megatron_ext.eval.settings",
     "SuiteConfig": "megatron_ext.eval.suite",
     "load_suite_config": "megatron_ext.eval.suite",
     "run_suite": "megatron_ext.eval.suite",
     "add_eval_args": "megatron_ext.eval.cli",
     "run_eval": "megatron_ext.eval.cli",
 }
+# each built-in task's evaluate_<name> and settings class
+_LOADED_ON_FIRST_USE |= {f"evaluate_{task.name}": task.module for task in TASKS.values()}
+_LOADED_ON_FIRST_USE |= {task.settings.__name__: task.settings.__module__ for task in TASKS.values()}
 
 if TYPE_CHECKING:
     from megatron_ext.eval.attention import attention_entropy, evaluate_attention, js_divergence
@@ -49,6 +45,7 @@ if TYPE_CHECKING:
     from megatron_ext.eval.scoring import check_answers, greedy_generate
     from megatron_ext.eval.settings import (
         AttentionSettings,
+        EvalSettingsError,
         NeedleSettings,
         PasskeySettings,
         PerplexitySettings,
@@ -56,32 +53,6 @@ if TYPE_CHECKING:
     )
     from megatron_ext.eval.suite import SuiteConfig, load_suite_config, run_suite
 
-__all__ = [
-    "AttentionSettings",
-    "EvalModel",
-    "HFCausalLM",
-    "MegatronExtModel",
-    "NeedleSettings",
-    "PasskeySettings",
-    "PerplexitySettings",
-    "RulerSettings",
-    "SuiteConfig",
-    "add_eval_args",
-    "attention_entropy",
-    "build_prompt",
-    "check_answers",
-    "evaluate_attention",
-    "evaluate_needle",
-    "evaluate_passkey",
-    "evaluate_perplexity",
-    "evaluate_ruler",
-    "greedy_generate",
-    "js_divergence",
-    "load_eval_model",
-    "load_suite_config",
-    "passkey_prompt",
-    "run_eval",
-    "run_suite",
-]
+__all__ = sorted(["EvalTask", "TASKS", "register", *_LOADED_ON_FIRST_USE])
 
 __getattr__ = lazy_getattr(__name__, _LOADED_ON_FIRST_USE)

@@ -18,7 +18,7 @@ import torch
 from megatron_ext.eval.passkey import draw_keys_and_depths
 from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
-from megatron_ext.eval.settings import AttentionSettings
+from megatron_ext.eval.settings import AttentionSettings, EvalSettingsError
 
 
 def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -142,8 +142,8 @@ def _accumulate(sums: dict, prompt, model, reference) -> None:
     probs = model.attention_probs(tokens, rows)  # per layer [1, h, r, s]
     reference_probs = reference.attention_probs(tokens, rows) if reference is not None else [None] * len(probs)
     if len(reference_probs) != len(probs):
-        raise ValueError(f"the reference model has {len(reference_probs)} layers, the model {len(probs)}: "
-                         "compare models of one architecture")
+        raise EvalSettingsError(f"the reference model has {len(reference_probs)} layers, the model {len(probs)}: "
+                                "compare models of one architecture")
     for layer, (p, q) in enumerate(zip(probs, reference_probs)):
         stats = dict(entropy=attention_entropy(p), needle_mass=p[..., needle_start:needle_end].sum(-1))
         if q is not None:
@@ -156,5 +156,25 @@ def _accumulate(sums: dict, prompt, model, reference) -> None:
 def _check_same_tokenizer(model, reference) -> None:
     probe = PASSKEY_FILLER + " The pass key is 12345. 0123456789"
     if model.tokenizer.encode(probe) != reference.tokenizer.encode(probe):
-        raise ValueError(f"reference model {reference.name} tokenizes text differently from {model.name}: "
-                         "attention can only be compared position by position with the same tokenizer")
+        raise EvalSettingsError(f"reference model {reference.name} tokenizes text differently from {model.name}: "
+                                "attention can only be compared position by position with the same tokenizer")
+
+
+# --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
+
+evaluate = evaluate_attention
+
+
+def output_files(result: AttentionResult, directory) -> list[Path]:
+    return result.write_plots(directory)
+
+
+def report_section(settings: AttentionSettings, results: dict, files: dict, report_dir: Path) -> list[str]:
+    lines = ["## Attention entropy and JS divergence", "",
+             f"On the answer tokens of {settings.trials} passkey prompts per length; means over heads, the head "
+             "with the largest value in brackets. Plots: one per layer, per head.", ""]
+    for name, result in results.items():
+        lines += [f"### {name}" + (f" vs {result.reference}" if result.reference else ""), "", result.table(), ""]
+        lines += [f"![{png.stem}]({png.relative_to(report_dir).as_posix()})" for png in files[name]]
+        lines += [""]
+    return lines

@@ -1,37 +1,29 @@
-"""`megatron-ext eval <task>` (also `python -m megatron_ext.eval.cli <task>`): a thin layer over the task functions.
+"""`megatron-ext eval <task>` and `megatron-ext eval suite`: a thin layer over the tasks of the registry.
 
-Each task's flags are generated from its settings dataclass (megatron_ext/eval/settings.py), so a default
-lives in one place. Building the parser imports no torch or megatron.
+One subcommand per registered task (megatron_ext/eval/registry.py), its flags generated from the task's settings
+dataclass, so a default lives in one place. Building the parser imports no torch or megatron; a bad setting
+raises a UserError, which `megatron-ext` prints as one line.
 """
 
 import argparse
 import dataclasses
 import shlex
-import sys
 import types
 import typing
 from pathlib import Path
 
-from megatron_ext.eval import settings as task_settings
-
-TASKS = {
-    "perplexity": (task_settings.PerplexitySettings, "sliding-window perplexity per evaluated length"),
-    "passkey": (task_settings.PasskeySettings, "passkey retrieval accuracy per length (PoSE template)"),
-    "needle": (task_settings.NeedleSettings, "needle-in-a-haystack grid: heatmap PNG and CSV"),
-    "ruler": (task_settings.RulerSettings, "RULER-style tasks: multi-key NIAH, multi-value NIAH, variable tracking"),
-    "attention": (task_settings.AttentionSettings, "attention entropy per layer/head, JS divergence to a reference"),
-}
+from megatron_ext.eval.registry import TASKS
 
 
 def add_eval_args(subparsers) -> argparse.ArgumentParser:
-    """Add `eval` with one sub-command per task and `suite`; each sets `func=run_eval`."""
-    parser = subparsers.add_parser("eval", help="long-context evaluation (perplexity, passkey, needle, ruler, "
-                                   "attention, suite)", description=__doc__.splitlines()[0])
+    """Add `eval` with one sub-command per registered task and `suite`; each sets `func=run_eval`."""
+    parser = subparsers.add_parser("eval", help=f"long-context evaluation ({', '.join([*TASKS, 'suite'])})",
+                                   description=__doc__.splitlines()[0])
     tasks = parser.add_subparsers(dest="eval_task", required=True, metavar="TASK")
-    for task, (settings_class, help_text) in TASKS.items():
-        task_parser = tasks.add_parser(task, help=help_text, description=help_text)
-        _add_model_args(task_parser, with_reference=task == "attention")
-        _add_settings_args(task_parser, settings_class)
+    for task in TASKS.values():
+        task_parser = tasks.add_parser(task.name, help=task.help, description=task.help)
+        _add_model_args(task_parser, with_reference=task.uses_reference)
+        _add_settings_args(task_parser, task.settings)
         task_parser.add_argument("--output-dir", default="runs/eval",
                                  help="where the JSON (and PNG/CSV) results go (default: runs/eval)")
         task_parser.set_defaults(func=run_eval)
@@ -54,16 +46,17 @@ def _add_model_args(parser, with_reference: bool) -> None:
     group.add_argument("--pipeline-parallel-size", type=int, default=1, help="megatron checkpoints, under torchrun")
     group.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     if with_reference:
-        group.add_argument("--reference", help="a second model (same tokenizer), e.g. before extension: adds the "
-                                               "JS divergence of attention")
+        group.add_argument("--reference", help="a second model (same tokenizer) to compare with, e.g. the model "
+                                               "before extension")
         group.add_argument("--reference-name", help="the reference's name in tables")
 
 
 def _add_settings_args(parser, settings_class) -> None:
     group = parser.add_argument_group("settings")
     defaults = settings_class()
+    hints = typing.get_type_hints(settings_class)  # types, also where a plug-in postpones annotations
     for f in dataclasses.fields(settings_class):
-        kind = _base_type(f.type)
+        kind = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})"
         if kind is bool:
@@ -90,33 +83,22 @@ def settings_from_args(args, settings_class):
 
 
 def run_eval(args) -> int:
-    """Run `megatron-ext eval <task>` or `eval suite` from parsed arguments; 0 on success, 2 on a bad setting."""
-    import logging
-    import warnings
+    """Run `megatron-ext eval <task>` or `eval suite` from parsed arguments; 0 on success.
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module=r"megatron\.")  # deprecation notes about settings we do not use
+    A bad setting raises a UserError (EvalSettingsError, ConfigError) before any model loads."""
     if args.eval_task == "suite":
         return _run_suite(args)
-    settings = settings_from_args(args, TASKS[args.eval_task][0])
-    try:
-        settings.validate()
-    except ValueError as error:
-        print(f"megatron-ext eval {args.eval_task}: {error}", file=sys.stderr)
-        return 2
     from megatron_ext.eval.results import is_reporting_rank
 
+    task = TASKS[args.eval_task]
+    settings = settings_from_args(args, task.settings)
+    settings.validate()
     model, reference = _load_models(args)
-    result = _evaluate(args.eval_task, model, settings, reference)
+    result = task.evaluate(model, settings, reference=reference)
     if is_reporting_rank():
         output = Path(args.output_dir)
         print(result.table())
-        written = [result.save_json(output / f"{args.eval_task}.json")]
-        if args.eval_task == "needle":
-            written += [result.write_heatmap(output / "needle_heatmap.png"), result.write_csv(output / "needle.csv")]
-        if args.eval_task == "attention":
-            written += result.write_plots(output)
+        written = [result.save_json(output / f"{task.name}.json"), *task.output_files(result, output)]
         print("wrote " + ", ".join(str(path) for path in written))
     return 0
 
@@ -133,38 +115,12 @@ def _load_models(args):
     return model, reference
 
 
-def _evaluate(task, model, settings, reference):
-    from megatron_ext.eval.attention import evaluate_attention
-    from megatron_ext.eval.suite import EVALUATE
-
-    if task == "attention":
-        return evaluate_attention(model, settings, reference=reference)
-    return EVALUATE[task](model, settings)
-
-
 def _run_suite(args) -> int:
     from megatron_ext.eval.suite import load_suite_config, run_suite
-    from megatron_ext.training.config import ConfigError
 
-    try:
-        config = load_suite_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError, ConfigError) as error:
-        print(f"megatron-ext eval suite: {error}", file=sys.stderr)
-        return 2
+    config = load_suite_config(args.config, args.overrides)
     command = shlex.join(["megatron-ext", "eval", "suite", "--config", args.config,
                           *[part for item in args.overrides for part in ("--set", item)]])
     report = run_suite(config, command=command)
     print(f"report: {report}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-ext", description=__doc__.splitlines()[0])
-    add_eval_args(parser.add_subparsers(dest="command", required=True))
-    # `python -m megatron_ext.eval.cli passkey ...` is `megatron-ext eval passkey ...`
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

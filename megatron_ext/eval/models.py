@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from megatron_ext.errors import InputError, MissingFile
 from megatron_ext.eval.tokenizers import EvalTokenizer, HFEvalTokenizer, SentencePieceEvalTokenizer
 
 
@@ -31,25 +32,31 @@ class EvalModel(Protocol):
 
 
 def load_eval_model(path, *, name: str | None = None, precision: str | None = None, tensor_parallel_size: int = 1,
-                    pipeline_parallel_size: int = 1, tokenizer_model=None) -> EvalModel:
-    """A megatron_ext checkpoint (a checkpoint root or one iter_ directory) or a Hugging Face model directory.
+                    pipeline_parallel_size: int = 1, tokenizer_model=None, setting: str = "--model") -> EvalModel:
+    """A Hugging Face model directory (config.json) or a megatron_ext checkpoint (a run directory, a
+    checkpoint root or one iter_ directory); errors name `setting`, where the path came from.
 
     precision: "bf16" | "fp32" | None (bf16 on GPU, fp32 on CPU). TP/PP and tokenizer_model apply to
     megatron checkpoints only (a Hugging Face directory carries its tokenizer).
     """
     path = Path(path)
-    if (path / "megatron_ext.json").is_file() or (path / "latest").is_file() or any(path.glob("iter_*")):
-        return MegatronExtModel.from_checkpoint(path, tensor_parallel_size=tensor_parallel_size, precision=precision,
-                                                pipeline_parallel_size=pipeline_parallel_size, name=name,
-                                                tokenizer_model=tokenizer_model)
+    if not path.exists():
+        raise MissingFile(f"{setting} {path} does not exist: pass a megatron_ext checkpoint or a Hugging Face "
+                          "model directory")
     if (path / "config.json").is_file():
         if tensor_parallel_size * pipeline_parallel_size > 1:
-            raise ValueError(f"model {path} is a Hugging Face directory: it runs on one device; "
+            raise InputError(f"{setting} {path} is a Hugging Face directory: it runs on one device; "
                              "set tensor/pipeline parallel sizes to 1")
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
         return HFCausalLM(path, dtype=dtype, name=name)
-    raise FileNotFoundError(f"model {path}: neither a megatron_ext checkpoint (megatron_ext.json, latest or iter_*) "
-                            "nor a Hugging Face model directory (config.json): pass one of those")
+    if not any(where.is_dir() and (where.name.startswith("iter_") or any(where.glob("iter_*")))
+               for where in (path, path / "checkpoints", path.parent if path.name == "latest" else path)):
+        raise MissingFile(f"{setting} {path} is neither a megatron_ext checkpoint (an iter_ directory, a root holding "
+                          "them, or a run directory with checkpoints/) nor a Hugging Face model directory "
+                          "(config.json): pass one of those")
+    return MegatronExtModel.from_checkpoint(path, tensor_parallel_size=tensor_parallel_size, precision=precision,
+                                            pipeline_parallel_size=pipeline_parallel_size, name=name,
+                                            tokenizer_model=tokenizer_model, setting=setting)
 
 
 def causal_row_softmax(query_rows: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
@@ -70,20 +77,6 @@ def causal_row_softmax(query_rows: torch.Tensor, key: torch.Tensor, rows: torch.
 # --- megatron_ext checkpoints ---------------------------------------------------------------
 
 
-def resolve_checkpoint(path) -> Path:
-    """An iter_ directory as given, or the newest complete one under a checkpoint root."""
-    from megatron_ext.training.checkpoint import find_checkpoint
-
-    path = Path(path)
-    if (path / "megatron_ext.json").is_file():
-        return path
-    found = find_checkpoint(path, "auto")
-    if found is None:
-        raise FileNotFoundError(f"model {path}: no complete megatron_ext checkpoint in it; pass a checkpoint "
-                                "root (with `latest`) or one iter_ directory")
-    return found
-
-
 class MegatronExtModel:
     """A LongContextGPTModel (this rank's pipeline stage) with its tokenizer, behind EvalModel.
 
@@ -102,32 +95,30 @@ class MegatronExtModel:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                        precision: str | None = None, tokenizer_model=None, name: str | None = None):
-        """Load a checkpoint root (its newest checkpoint) or iter_ directory at the given TP/PP.
+                        precision: str | None = None, tokenizer_model=None, name: str | None = None,
+                        setting: str = "--model"):
+        """Load a run directory, checkpoint root (its newest checkpoint) or iter_ directory at the given TP/PP.
 
         Without a process group this starts a one-process one (gloo on CPU, NCCL on GPU); under torchrun,
         pass the TP/PP to evaluate with. Precision: the checkpoint's rule (bf16 on GPU, fp32 on CPU) unless given.
         """
-        from megatron_ext.training.checkpoint import load_checkpoint
-        from megatron_ext.training.config import ParallelConfig
-        from megatron_ext.training.model_builder import build_gpt, saved_config
+        from megatron_ext.checkpoint.state import read_checkpoint
+        from megatron_ext.config import ParallelConfig
+        from megatron_ext.models.builder import load_model
 
-        path = resolve_checkpoint(checkpoint)
-        config, state = saved_config(path)
-        config.parallel = ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
-                                         pipeline_model_parallel_size=pipeline_parallel_size)
-        if precision:
-            config.training.precision = precision
-        device = _join_parallel_state(config)
-        model = build_gpt(config, state["padded_vocab_size"], device)
-        load_checkpoint(path, model=[model], restore_rng=False)
-        tokenizer_model = Path(tokenizer_model or state["tokenizer_model"])
+        saved = read_checkpoint(checkpoint, setting=setting)
+        _join_parallel_state(ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
+                                            pipeline_model_parallel_size=pipeline_parallel_size),
+                             seed=saved.state.config.training.seed)
+        device = _current_device()
+        model, _, state = load_model(saved.path, device, precision_override=precision, setting=setting)
+        tokenizer_model = Path(tokenizer_model or state.tokenizer_model)
         if not tokenizer_model.is_file():
-            raise FileNotFoundError(f"the checkpoint's tokenizer {tokenizer_model} is gone: pass its new path "
-                                    "(--tokenizer / tokenizer_model)")
-        window = config.pose.target_length if config.pose.enabled else config.model.seq_length
-        return cls(model, SentencePieceEvalTokenizer(tokenizer_model), context_window=window, source=str(path),
-                   name=name or f"{path.parent.name}/{path.name}")
+            raise MissingFile(f"the checkpoint's tokenizer {tokenizer_model} is gone: pass its new path "
+                              "(--tokenizer / tokenizer_model)")
+        path = saved.path
+        return cls(model, SentencePieceEvalTokenizer(tokenizer_model), context_window=state.context_window,
+                   source=str(path), name=name or f"{path.parent.name}/{path.name}")
 
     @torch.no_grad()
     def logits(self, tokens, position_ids=None, rows=None):
@@ -219,32 +210,30 @@ def _keep_rows(rows, module, args):
     return (args[0].index_select(0, rows), *args[1:])
 
 
-def _join_parallel_state(config) -> torch.device:
-    """Use megatron's parallel state if it is set up (it must match), else start one (training's setup)."""
+def _join_parallel_state(parallel, seed: int) -> None:
+    """Use megatron's parallel state if it is set up (it must match `parallel`), else start one as training does."""
     from megatron.core import parallel_state as ps
 
-    wanted = (config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size)
-    if not ps.model_parallel_is_initialized():
-        from megatron_ext.training.train import setup_distributed
+    from megatron_ext.compat import prepare_megatron
+    from megatron_ext.distributed import LayoutError, setup_distributed
 
-        device = setup_distributed(config)
+    wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    if not ps.model_parallel_is_initialized():
+        setup_distributed(parallel)
     else:
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
         if have != wanted:
-            raise ValueError(f"megatron's parallel state has TP, PP = {have} but the model asks for {wanted}: "
-                             "load every model of a run with the same tensor/pipeline parallel sizes")
-        if torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            from megatron_ext.compat import enable_cpu_mode
-
-            enable_cpu_mode()
-            device = torch.device("cpu")
-    if device.type == "cuda":  # GPU init draws from megatron's CUDA RNG tracker; the weights are then loaded
+            raise LayoutError(f"megatron's parallel state has TP, PP = {have} but the model asks for {wanted}: "
+                              "load every model of a run with the same tensor/pipeline parallel sizes")
+        prepare_megatron()
+    if torch.cuda.is_available():  # GPU init draws from megatron's CUDA RNG tracker; the weights are then loaded
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        model_parallel_cuda_manual_seed(config.training.seed)
-    return device
+        model_parallel_cuda_manual_seed(seed)
+
+
+def _current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # --- Hugging Face causal LMs ----------------------------------------------------------------

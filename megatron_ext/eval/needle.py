@@ -115,3 +115,29 @@ def evaluate_needle(model, settings: NeedleSettings) -> NeedleResult:
                     accuracy=sum(c.correct for c in checks) / len(checks),
                     token_accuracy=sum(c.token_accuracy for c in checks) / len(checks)))
     return result
+
+
+# --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
+
+evaluate = evaluate_needle
+
+
+def output_files(result: NeedleResult, directory) -> list[Path]:
+    directory = Path(directory)
+    return [result.write_heatmap(directory / "needle_heatmap.png"), result.write_csv(directory / "needle.csv")]
+
+
+def report_section(settings: NeedleSettings, results: dict, files: dict, report_dir: Path) -> list[str]:
+    lines = ["## Needle in a haystack", "",
+             f"Passkey needle, {settings.trials} prompts per cell; colour = exact-match accuracy.", ""]
+    for name, result in results.items():
+        png, csv_file = files[name]
+        lines += [f"### {name}", "", f"![needle heatmap {name}]({png.relative_to(report_dir).as_posix()})", "",
+                  f"Mean accuracy over the grid {result.average():.3f}; cells in "
+                  f"[{csv_file.name}]({csv_file.relative_to(report_dir).as_posix()}).", ""]
+    return lines
+
+
+def summary_columns(result: NeedleResult) -> dict:
+    """Accuracy per length, the mean over depths."""
+    return {"needle": dict(zip(result.lengths, result.grid().mean(0).tolist()))}

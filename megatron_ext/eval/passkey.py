@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from megatron_ext.eval.prompts import filler_tokens, passkey_prompt
-from megatron_ext.eval.results import EvalResult, markdown_table, progress
+from megatron_ext.eval.results import EvalResult, markdown_table, per_length_table, progress
 from megatron_ext.eval.scoring import check_in_batches
 from megatron_ext.eval.settings import PasskeySettings
 
@@ -68,3 +68,20 @@ def evaluate_passkey(model, settings: PasskeySettings) -> PasskeyResult:
                                           accuracy=sum(t.correct for t in trials) / len(trials),
                                           token_accuracy=sum(t.token_accuracy for t in trials) / len(trials)))
     return result
+
+
+# --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
+
+evaluate = evaluate_passkey
+
+
+def report_section(settings: PasskeySettings, results: dict, files: dict, report_dir) -> list[str]:
+    return ["## Passkey retrieval", "",
+            f"PoSE template, key uniform in 1..{settings.key_max}, random depth, {settings.trials} prompts per "
+            "length; exact match of greedy decoding (one teacher-forced pass), and in brackets the share of key "
+            "tokens predicted right given the true prefix.", "",
+            per_length_table(results, lambda r: f"{r.accuracy:.2f} ({r.token_accuracy:.2f})")]
+
+
+def summary_columns(result: PasskeyResult) -> dict:
+    return {"passkey": {r.length: r.accuracy for r in result.rows}}

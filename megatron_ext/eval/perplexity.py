@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.eval.results import EvalResult, markdown_table, progress
-from megatron_ext.eval.settings import PerplexitySettings
+from megatron_ext.eval.results import EvalResult, markdown_table, per_length_table, progress
+from megatron_ext.eval.settings import EvalSettingsError, PerplexitySettings
 
 
 @dataclass
@@ -48,8 +48,8 @@ def evaluate_perplexity(model, settings: PerplexitySettings) -> PerplexityResult
                                min_tokens=settings.min_document_tokens, max_tokens=settings.max_document_tokens,
                                json_key=settings.json_key)
     if not documents:
-        raise ValueError(f"perplexity.data {settings.data}: no document has >= {settings.min_document_tokens} "
-                         "tokens; lower min_document_tokens or add data")
+        raise EvalSettingsError(f"perplexity.data {settings.data}: no document has >= "
+                                f"{settings.min_document_tokens} tokens; lower min_document_tokens or add data")
     result = PerplexityResult(model=model.name, context_window=model.context_window, documents=len(documents))
     bos = model.tokenizer.bos_id is not None
     for length in settings.lengths:
@@ -148,3 +148,21 @@ def _indexed_documents(prefix, tokenizer):
         if tokens and tokens[-1] == tokenizer.eos_id:
             tokens = tokens[:-1]
         yield tokens
+
+
+# --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
+
+evaluate = evaluate_perplexity
+
+
+def report_section(settings: PerplexitySettings, results: dict, files: dict, report_dir: Path) -> list[str]:
+    first = next(iter(results.values()))
+    return ["## Sliding-window perplexity", "",
+            f"Data: {', '.join(f'`{d}`' for d in settings.data)}; {first.documents} documents"
+            f"{' (truncated to one window)' if settings.truncate else ''}, stride {settings.stride} (capped at the "
+            f"window), BOS prepended. Tokens scored per length: {', '.join(str(r.tokens) for r in first.rows)}.", "",
+            per_length_table(results, lambda r: r.perplexity)]
+
+
+def summary_columns(result: PerplexityResult) -> dict:
+    return {"PPL": {r.length: r.perplexity for r in result.rows}}

@@ -52,6 +52,15 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def per_length_table(results: dict, value) -> str:
+    """One row per length, one column per model: `value(row)` of each result's row at that length."""
+    lengths = sorted({row.length for result in results.values() for row in result.rows})
+    rows = [[length, *[next((value(r) for r in result.rows if r.length == length), None)
+                       for result in results.values()]]
+            for length in lengths]
+    return markdown_table(["length", *results], rows)
+
+
 PROGRESS_BARS = {"enabled": True}  # a caller with its own progress lines (megatron-ext repro) turns the bars off
 
 

@@ -121,3 +121,28 @@ def evaluate_ruler(model, settings: RulerSettings) -> RulerResult:
                 result.rows.append(RulerRow(task=task, length=length, trials=len(scores),
                                             score=sum(scores) / len(scores)))
     return result
+
+
+# --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
+
+evaluate = evaluate_ruler
+
+
+def report_section(settings: RulerSettings, results: dict, files: dict, report_dir) -> list[str]:
+    lines = ["## RULER-style tasks", "",
+             f"Generated data, {settings.trials} prompts per task and length: mk_niah ({settings.num_keys} keys, "
+             f"exact match), mv_niah ({settings.num_values} values, share recalled), vt ({settings.num_hops} hops, "
+             "share of variables).", ""]
+    for name, result in results.items():
+        lines += [f"### {name}", "", result.table(), ""]
+    return lines
+
+
+def summary_columns(result: RulerResult) -> dict:
+    """The mean score over the RULER tasks, per length."""
+    lengths = {r.length for r in result.rows}
+    return {"RULER": {length: _mean([r.score for r in result.rows if r.length == length]) for length in lengths}}
+
+
+def _mean(values):
+    return sum(values) / len(values)

@@ -6,9 +6,15 @@ these. Standard library only, so building the command line stays cheap.
 
 from dataclasses import dataclass, field
 
+from megatron_ext.errors import UserError
 from megatron_ext.eval.prompts import PASSKEY_FILLER
 
 RULER_TASKS = ("mk_niah", "mv_niah", "vt")
+
+
+class EvalSettingsError(UserError, ValueError):
+    """A bad evaluation setting (or model choice, such as a reference with another tokenizer): the message
+    names the setting and the fix. `megatron-ext eval` prints it as one line and exits with code 2."""
 
 
 @dataclass
@@ -29,11 +35,12 @@ class PerplexitySettings:
 
     def validate(self) -> None:
         if not self.data:
-            raise ValueError("perplexity.data is empty: give JSONL/text files or indexed-dataset prefixes")
+            raise EvalSettingsError("perplexity.data is empty: give JSONL/text files or indexed-dataset prefixes")
         if not self.lengths or min(self.lengths) < 2:
-            raise ValueError(f"perplexity.lengths ({self.lengths}) must be window sizes >= 2")
+            raise EvalSettingsError(f"perplexity.lengths ({self.lengths}) must be window sizes >= 2")
         if self.stride < 1 or self.num_documents < 1:
-            raise ValueError(f"perplexity.stride ({self.stride}) and num_documents ({self.num_documents}) must be >= 1")
+            raise EvalSettingsError(f"perplexity.stride ({self.stride}) and num_documents ({self.num_documents}) "
+                                    "must be >= 1")
 
 
 @dataclass
@@ -48,8 +55,8 @@ class PasskeySettings:
 
     def validate(self) -> None:
         if not self.lengths or self.trials < 1 or self.key_max < 1 or self.batch_size < 1:
-            raise ValueError(f"passkey: lengths ({self.lengths}) must be non-empty and trials ({self.trials}), "
-                             f"key_max ({self.key_max}), batch_size ({self.batch_size}) >= 1")
+            raise EvalSettingsError(f"passkey: lengths ({self.lengths}) must be non-empty and trials ({self.trials}), "
+                                    f"key_max ({self.key_max}), batch_size ({self.batch_size}) >= 1")
 
 
 @dataclass
@@ -66,10 +73,10 @@ class NeedleSettings:
 
     def validate(self) -> None:
         if not self.lengths or not self.depths or self.trials < 1 or self.batch_size < 1:
-            raise ValueError(f"needle: lengths ({self.lengths}) and depths ({self.depths}) must be non-empty, "
-                             f"trials ({self.trials}) and batch_size ({self.batch_size}) >= 1")
+            raise EvalSettingsError(f"needle: lengths ({self.lengths}) and depths ({self.depths}) must be non-empty, "
+                                    f"trials ({self.trials}) and batch_size ({self.batch_size}) >= 1")
         if any(not 0.0 <= d <= 1.0 for d in self.depths):
-            raise ValueError(f"needle.depths ({self.depths}) must lie in [0, 1]")
+            raise EvalSettingsError(f"needle.depths ({self.depths}) must lie in [0, 1]")
 
 
 @dataclass
@@ -89,11 +96,11 @@ class RulerSettings:
     def validate(self) -> None:
         unknown = [t for t in self.tasks if t not in RULER_TASKS]
         if unknown:
-            raise ValueError(f"ruler.tasks: unknown {unknown}; choose from {list(RULER_TASKS)}")
+            raise EvalSettingsError(f"ruler.tasks: unknown {unknown}; choose from {list(RULER_TASKS)}")
         if not self.lengths or not self.tasks or min(self.trials, self.num_keys, self.num_values, self.num_hops,
                                                      self.batch_size) < 1:
-            raise ValueError("ruler: lengths and tasks must be non-empty, trials, num_keys, num_values, num_hops "
-                             "and batch_size >= 1")
+            raise EvalSettingsError("ruler: lengths and tasks must be non-empty, trials, num_keys, num_values, "
+                                    "num_hops and batch_size >= 1")
 
 
 @dataclass
@@ -107,4 +114,5 @@ class AttentionSettings:
 
     def validate(self) -> None:
         if not self.lengths or self.trials < 1:
-            raise ValueError(f"attention: lengths ({self.lengths}) must be non-empty and trials ({self.trials}) >= 1")
+            raise EvalSettingsError(f"attention: lengths ({self.lengths}) must be non-empty and "
+                                    f"trials ({self.trials}) >= 1")

@@ -1,11 +1,12 @@
 """`megatron-ext eval suite`: run a chosen set of evaluations on one or more models and write one Markdown report
-(summary table, per-task tables, needle heatmaps, attention plots) plus every result as JSON.
+(summary table, one section per task, needle heatmaps, attention plots) plus every result as JSON.
 
-The YAML maps onto SuiteConfig (every default lives in the task settings dataclasses); see
-examples/configs/eval_tiny_harpe.yaml.
+The YAML holds the suite's own keys (SuiteConfig) and one section per task, named after it in the registry
+(megatron_ext/eval/registry.py) and read into its settings dataclass; see examples/configs/eval_tiny_harpe.yaml.
 """
 
 import dataclasses
+import difflib
 import re
 import time
 from dataclasses import dataclass, field
@@ -13,21 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from megatron_ext.eval.attention import evaluate_attention
-from megatron_ext.eval.needle import evaluate_needle
-from megatron_ext.eval.passkey import evaluate_passkey
-from megatron_ext.eval.perplexity import evaluate_perplexity
+from megatron_ext.config import ConfigError, check, from_dict, read_raw
+from megatron_ext.eval.registry import TASKS
 from megatron_ext.eval.results import is_reporting_rank, markdown_table
-from megatron_ext.eval.ruler import evaluate_ruler
-from megatron_ext.eval.settings import (
-    AttentionSettings,
-    NeedleSettings,
-    PasskeySettings,
-    PerplexitySettings,
-    RulerSettings,
-)
-
-TASKS = ("perplexity", "passkey", "needle", "ruler", "attention")
 
 
 @dataclass
@@ -44,49 +33,65 @@ class ModelEntry:
 @dataclass
 class SuiteConfig:
     models: list[dict] = field(default_factory=list)  # ModelEntry mappings, evaluated in order
-    attention_reference: str | None = None  # name of the model the others' attention is compared with
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    attention_reference: str | None = None  # the model that tasks with a reference compare the others with
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # default: every registered task
     title: str = "Long-context evaluation"
     output_dir: str = "runs/eval"
     report: str = "eval_report.md"  # inside output_dir; pictures and JSON go to output_dir/<report stem>/
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     precision: str | None = None  # bf16 | fp32 | null: bf16 on GPU, fp32 on CPU
-    perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
-    passkey: PasskeySettings = field(default_factory=PasskeySettings)
-    needle: NeedleSettings = field(default_factory=NeedleSettings)
-    ruler: RulerSettings = field(default_factory=RulerSettings)
-    attention: AttentionSettings = field(default_factory=AttentionSettings)
+    # task -> its settings dataclass, from the YAML section named after the task; defaults where none is given
+    settings: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.settings = {name: self.settings.get(name) or task.settings() for name, task in TASKS.items()}
 
     def model_entries(self) -> list[ModelEntry]:
-        from megatron_ext.training.config import from_dict
-
         return [from_dict(ModelEntry, raw, prefix=f"models[{i}].") for i, raw in enumerate(self.models)]
 
     def validate(self) -> None:
         entries = self.model_entries()
-        if not entries:
-            raise ValueError("models is empty: list at least one {path: ..., name: ...}")
+        check(bool(entries), "models is empty: list at least one {path: ..., name: ...}")
         unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"tasks: unknown {unknown}; choose from {list(TASKS)}")
+        check(not unknown, f"tasks: unknown {unknown}; choose from {list(TASKS)}")
         names = [entry.label for entry in entries]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names {names} repeat: give each model a distinct name")
-        if self.attention_reference is not None and self.attention_reference not in names:
-            raise ValueError(f"attention_reference ({self.attention_reference!r}) is not one of the models {names}")
-        if self.precision not in (None, "bf16", "fp32"):
-            raise ValueError(f"precision ({self.precision!r}) must be bf16, fp32 or null")
+        check(len(set(names)) == len(names), f"model names {names} repeat: give each model a distinct name")
+        check(self.attention_reference is None or self.attention_reference in names,
+              f"attention_reference ({self.attention_reference!r}) is not one of the models {names}")
+        check(self.precision in (None, "bf16", "fp32"), f"precision ({self.precision!r}) must be bf16, fp32 or null")
         for task in self.tasks:
-            getattr(self, task).validate()
+            self.settings[task].validate()
+
+    def to_dict(self) -> dict:
+        """The YAML mapping this config reads from: the suite's keys, then one section per task."""
+        raw = dataclasses.asdict(self)
+        sections = raw.pop("settings")
+        return {**raw, **sections}
+
+
+SUITE_KEYS = tuple(f.name for f in dataclasses.fields(SuiteConfig) if f.name != "settings")
+
+
+def suite_config_from_dict(raw: dict) -> SuiteConfig:
+    """A YAML mapping -> SuiteConfig: the sections named after registered tasks build their settings, the rest
+    the suite's own keys; an unknown key is refused with the closest known one."""
+    known = [*SUITE_KEYS, *TASKS]
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown key '{key}': {hint}")
+    settings = {name: from_dict(task.settings, raw[name], prefix=f"{name}.")
+                for name, task in TASKS.items() if name in raw}
+    config = from_dict(SuiteConfig, {key: raw[key] for key in SUITE_KEYS if key in raw}, prefix="")
+    config.settings.update(settings)
+    return config
 
 
 def load_suite_config(path, overrides: list[str] = ()) -> SuiteConfig:
-    """YAML + `key.sub=value` overrides -> a validated SuiteConfig (errors name the key)."""
-    from megatron_ext.training.config import read_config
-
-    config = read_config(path, SuiteConfig, overrides, example="examples/configs/eval_*.yaml",
-                         missing=FileNotFoundError)
+    """YAML + `key.sub=value` overrides -> a validated SuiteConfig (errors, UserErrors, name the key)."""
+    config = suite_config_from_dict(read_raw(path, overrides, example="examples/configs/eval_*.yaml"))
     config.validate()
     return config
 
@@ -99,36 +104,32 @@ def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
     output_dir = Path(config.output_dir)
     assets = output_dir / Path(config.report).stem
     models = {}
-    for entry in config.model_entries():
+    for index, entry in enumerate(config.model_entries()):
         model = load_eval_model(entry.path, name=entry.label, precision=config.precision,
                                 tensor_parallel_size=config.tensor_parallel_size,
                                 pipeline_parallel_size=config.pipeline_parallel_size,
-                                tokenizer_model=entry.tokenizer_model)
+                                tokenizer_model=entry.tokenizer_model, setting=f"models[{index}].path")
         models[model.name] = model
+    reference = models.get(config.attention_reference)
+    tasks = [TASKS[task] for task in config.tasks]
     results = {task: {} for task in config.tasks}  # task -> model name -> result
+    files = {task: {} for task in config.tasks}  # task -> model name -> the files written besides the JSON
     for name, model in models.items():
-        for task in config.tasks:
-            if task == "attention":
-                if name == config.attention_reference:
-                    continue
-                reference = models.get(config.attention_reference)
-                result = evaluate_attention(model, config.attention, reference=reference)
-            else:
-                result = EVALUATE[task](model, getattr(config, task))
-            results[task][name] = result
+        for task in tasks:
+            if task.uses_reference and name == config.attention_reference:
+                continue  # the reference is not compared with itself
+            result = task.evaluate(model, config.settings[task.name], reference=reference)
+            results[task.name][name] = result
             if is_reporting_rank():
-                print(f"\n{task} — {name}\n{result.table()}", flush=True)
-                result.save_json(assets / _slug(name) / f"{task}.json")
+                print(f"\n{task.name} — {name}\n{result.table()}", flush=True)
+                result.save_json(assets / _slug(name) / f"{task.name}.json")
+                files[task.name][name] = task.output_files(result, assets / _slug(name))
     report = output_dir / config.report
     if is_reporting_rank():
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(render_report(config, models, results, assets, report.parent, command,
+        report.write_text(render_report(config, models, results, files, report.parent, command,
                                         time.perf_counter() - started))
     return report
-
-
-EVALUATE = {"perplexity": evaluate_perplexity, "passkey": evaluate_passkey, "needle": evaluate_needle,
-            "ruler": evaluate_ruler}
 
 
 def _slug(name: str) -> str:
@@ -138,113 +139,38 @@ def _slug(name: str) -> str:
 # --- the report -----------------------------------------------------------------------------
 
 
-def render_report(config: SuiteConfig, models: dict, results: dict, assets: Path, report_dir: Path,
+def render_report(config: SuiteConfig, models: dict, results: dict, files: dict, report_dir: Path,
                   command: str | None, seconds: float) -> str:
-    """The Markdown report; writes the needle heatmaps/CSVs and attention plots under `assets`."""
+    """The Markdown report: models, summary, one section per task, and every setting."""
     lines = [f"# {config.title}", ""]
     if command:
         lines += ["Made with:", "", "```bash", command, "```", ""]
-    lines += [f"Wall time {seconds / 60:.1f} min. Lengths are in tokens (prompts: answer included); the dashed "
-              "line in the heatmaps, and `*` in the summary when all models share one, mark the trained window.", "",
+    lines += [f"Wall time {seconds / 60:.1f} min. Lengths are in tokens (prompts: answer included). In the summary, "
+              "`*` marks the lengths beyond the trained window, shown only when all models share one window; in "
+              "the needle heatmaps, a dashed line separates the lengths within the model's trained window from "
+              "those beyond it.", "",
               markdown_table(["model", "loaded from", "trained window"],
                              [[name, f"`{model.source}`", model.context_window] for name, model in models.items()]),
               ""]
     lines += ["## Summary", "", summary_table(results, models), ""]
-    sections = dict(perplexity=_perplexity_section, passkey=_passkey_section, needle=_needle_section,
-                    ruler=_ruler_section, attention=_attention_section)
     for task in config.tasks:
-        lines += sections[task](config, results[task], models, assets, report_dir) + [""]
-    settings = yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, width=110, default_flow_style=None)
+        lines += TASKS[task].report_section(config.settings[task], results[task], files[task], report_dir) + [""]
+    settings = yaml.safe_dump(config.to_dict(), sort_keys=False, width=110, default_flow_style=None)
     lines += ["## Settings", "", "```yaml", settings.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
 def summary_table(results: dict, models: dict) -> str:
-    """Per length: perplexity, passkey accuracy, needle accuracy (mean over depths), RULER mean, per model."""
+    """Per length, per model, the columns each task gives (perplexity, passkey and needle accuracy, RULER mean)."""
     columns = []  # (header, {length: value})
     for name in models:
-        if name in results.get("perplexity", {}):
-            columns.append((f"{name} PPL", {r.length: r.perplexity for r in results["perplexity"][name].rows}))
-        if name in results.get("passkey", {}):
-            columns.append((f"{name} passkey", {r.length: r.accuracy for r in results["passkey"][name].rows}))
-        if name in results.get("needle", {}):
-            needle = results["needle"][name]
-            columns.append((f"{name} needle", dict(zip(needle.lengths, needle.grid().mean(0).tolist()))))
-        if name in results.get("ruler", {}):
-            ruler = results["ruler"][name]
-            columns.append((f"{name} RULER", {length: _mean([r.score for r in ruler.rows if r.length == length])
-                                              for length in {r.length for r in ruler.rows}}))
+        for task in TASKS.values():  # registry order, whatever the order of the suite's tasks
+            if name in results.get(task.name, {}):
+                columns += [(f"{name} {label}", values)
+                            for label, values in task.summary_columns(results[task.name][name]).items()]
     lengths = sorted({length for _, values in columns for length in values})
-    windows = {m.context_window for m in models.values()}
+    windows = {model.context_window for model in models.values()}
     window = windows.pop() if len(windows) == 1 else None  # a star only when every model has the same window
     rows = [[f"{n}*" if window and n > window else str(n), *[values.get(n) for _, values in columns]]
             for n in lengths]
     return markdown_table(["length", *[header for header, _ in columns]], rows)
-
-
-def _mean(values):
-    return sum(values) / len(values)
-
-
-def _per_length_table(results: dict, models: dict, value) -> str:
-    lengths = sorted({row.length for result in results.values() for row in result.rows})
-    rows = []
-    for length in lengths:
-        rows.append([length, *[next((value(r) for r in results[name].rows if r.length == length), None)
-                               for name in results]])
-    return markdown_table(["length", *results], rows)
-
-
-def _perplexity_section(config, results, models, assets, report_dir) -> list[str]:
-    s = config.perplexity
-    first = next(iter(results.values()))
-    return ["## Sliding-window perplexity", "",
-            f"Data: {', '.join(f'`{d}`' for d in s.data)}; {first.documents} documents"
-            f"{' (truncated to one window)' if s.truncate else ''}, stride {s.stride} (capped at the window), "
-            f"BOS prepended. Tokens scored per length: {', '.join(str(r.tokens) for r in first.rows)}.", "",
-            _per_length_table(results, models, lambda r: r.perplexity)]
-
-
-def _passkey_section(config, results, models, assets, report_dir) -> list[str]:
-    s = config.passkey
-    return ["## Passkey retrieval", "",
-            f"PoSE template, key uniform in 1..{s.key_max}, random depth, {s.trials} prompts per length; "
-            "exact match of greedy decoding (one teacher-forced pass), and in brackets the share of key tokens "
-            "predicted right given the true prefix.", "",
-            _per_length_table(results, models, lambda r: f"{r.accuracy:.2f} ({r.token_accuracy:.2f})")]
-
-
-def _needle_section(config, results, models, assets, report_dir) -> list[str]:
-    s = config.needle
-    lines = ["## Needle in a haystack", "",
-             f"Passkey needle, {s.trials} prompts per cell; colour = exact-match accuracy.", ""]
-    for name, result in results.items():
-        png = result.write_heatmap(assets / _slug(name) / "needle_heatmap.png")
-        csv = result.write_csv(assets / _slug(name) / "needle.csv")
-        lines += [f"### {name}", "", f"![needle heatmap {name}]({png.relative_to(report_dir).as_posix()})", "",
-                  f"Mean accuracy over the grid {result.average():.3f}; cells in "
-                  f"[{csv.name}]({csv.relative_to(report_dir).as_posix()}).", ""]
-    return lines
-
-
-def _ruler_section(config, results, models, assets, report_dir) -> list[str]:
-    s = config.ruler
-    lines = ["## RULER-style tasks", "",
-             f"Generated data, {s.trials} prompts per task and length: mk_niah ({s.num_keys} keys, exact match), "
-             f"mv_niah ({s.num_values} values, share recalled), vt ({s.num_hops} hops, share of variables).", ""]
-    for name, result in results.items():
-        lines += [f"### {name}", "", result.table(), ""]
-    return lines
-
-
-def _attention_section(config, results, models, assets, report_dir) -> list[str]:
-    s = config.attention
-    lines = ["## Attention entropy and JS divergence", "",
-             f"On the answer tokens of {s.trials} passkey prompts per length; means over heads, the head with "
-             "the largest value in brackets. Plots: one per layer, per head.", ""]
-    for name, result in results.items():
-        lines += [f"### {name}" + (f" vs {result.reference}" if result.reference else ""), "", result.table(), ""]
-        for png in result.write_plots(assets / _slug(name)):
-            lines += [f"![{png.stem}]({png.relative_to(report_dir).as_posix()})"]
-        lines += [""]
-    return lines

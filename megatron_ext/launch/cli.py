@@ -1,12 +1,12 @@
 """`megatron-ext plan` (layouts that fit, ranked) and `megatron-ext launch` (an sbatch from a config and
-the planner's choice). Also runs alone: `python -m megatron_ext.launch.cli plan ...`. Imports no megatron.
+the planner's choice). Bad input raises LaunchError, printed by megatron_ext.cli. Imports no megatron.
 """
 
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
+from megatron_ext.launch.errors import LaunchError
 from megatron_ext.launch.presets import GPUS, METHODS, MODELS
 
 JOBS = ("train", "eval", "convert")
@@ -46,7 +46,9 @@ def add_plan_args(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--micro-batch-size", type=int, help="pin the micro-batch size")
     parser.add_argument("--recompute", help="pin activation recompute: none, selective or full")
     parser.add_argument("--top", type=int, default=10, help="rows of the ranked table")
-    parser.add_argument("--show-rejected", type=int, default=0, metavar="N", help="also list N rejected layouts")
+    parser.add_argument("--show-rejected", type=int, default=0, metavar="N",
+                        help="also list the N rejected layouts closest to fitting, each with why "
+                             "(when none fits: 5 unless given)")
     parser.add_argument("--format", choices=("text", "markdown", "json"), default="text")
     parser.set_defaults(func=run_plan)
     return parser
@@ -72,10 +74,10 @@ def plan_request(args, *, workload=None, gpus=None):
     from megatron_ext.launch.planner import PlanRequest
 
     if not 0 < args.mfu <= 1:
-        raise SystemExit(f"--mfu {args.mfu}: give a fraction in (0, 1], e.g. 0.4")
+        raise LaunchError(f"--mfu {args.mfu}: give a fraction in (0, 1], e.g. 0.4")
     gpus = gpus or args.gpus
     if gpus < 1 or args.gpus_per_node < 1:
-        raise SystemExit(f"--gpus ({gpus}) and --gpus-per-node ({args.gpus_per_node}) must be at least 1")
+        raise LaunchError(f"--gpus ({gpus}) and --gpus-per-node ({args.gpus_per_node}) must be at least 1")
     gpu = dataclasses.replace(GPUS[args.gpu], gpus_per_node=args.gpus_per_node)
     return PlanRequest(workload or plan_workload(args), gpu, gpus, mfu=args.mfu,
                        reserve_gib=args.reserve_gib, distributed_optimizer=args.distributed_optimizer,
@@ -92,9 +94,9 @@ def plan_workload(args):
             config.training.global_batch_size = args.global_batch_size
         return workload_from_config(config, Path(args.config).stem)
     if args.overrides:
-        raise SystemExit("--set needs --config (with --model use --seq-length, --method, --global-batch-size)")
+        raise LaunchError("--set needs --config (with --model use --seq-length, --method, --global-batch-size)")
     if not args.seq_length:
-        raise SystemExit("--model needs --seq-length, e.g. --seq-length 131072")
+        raise LaunchError("--model needs --seq-length, e.g. --seq-length 131072")
     return workload_from_preset(args.model, model_preset(args.model), args.seq_length, method=args.method,
                                 pose_window=args.pose_window, global_batch_size=args.global_batch_size or 32)
 
@@ -105,7 +107,7 @@ def run_plan(args) -> int:
     from megatron_ext.launch.workload import RECOMPUTE
 
     if args.recompute not in (None, *RECOMPUTE):
-        raise SystemExit(f"--recompute {args.recompute!r}: pick one of {', '.join(RECOMPUTE)}")
+        raise LaunchError(f"--recompute {args.recompute!r}: pick one of {', '.join(RECOMPUTE)}")
 
     fixed = {key: getattr(args, key) for key in ("tp", "pp", "cp", "micro_batch_size", "recompute")
              if getattr(args, key) is not None}
@@ -113,7 +115,7 @@ def run_plan(args) -> int:
     if args.format == "json":
         print(report.json_report(result))
     elif args.format == "markdown":
-        print(report.markdown_report(result, args.top))
+        print(report.markdown_report(result, args.top, args.show_rejected))
     else:
         print(report.text_report(result, args.top, args.show_rejected))
     return 0 if result.best else 1
@@ -156,7 +158,7 @@ def run_launch(args) -> int:
     from megatron_ext.launch.sbatch import DEFAULT_IMAGE, DEFAULT_MOUNTS, SbatchJob, render
 
     if args.nodes < 1:
-        raise SystemExit(f"--nodes {args.nodes}: give at least 1")
+        raise LaunchError(f"--nodes {args.nodes}: give at least 1")
     job = SbatchJob(
         job=args.job, title=f"megatron-ext {args.job}", job_name=f"megatron-ext-{args.job}",
         command=["megatron-ext", args.job], nodes=args.nodes, gpus_per_node=args.gpus_per_node,
@@ -164,15 +166,15 @@ def run_launch(args) -> int:
         cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
         container_image=args.container_image or DEFAULT_IMAGE,
         container_mounts=args.container_mounts or DEFAULT_MOUNTS,
-        generated_by=shlex.join(["megatron-ext", *(getattr(args, "argv", None) or sys.argv[1:])]),
+        generated_by=shlex.join(["megatron-ext", *args.argv]),  # argv: set by megatron_ext.cli.main
         script=args.output or "job.sbatch",
     )
     if args.job == "train":
         if not args.config:
-            raise SystemExit("--job train needs --config (the training YAML the job runs)")
+            raise LaunchError("--job train needs --config (the training YAML the job runs)")
         _plan_training_job(args, job)
     elif args.config:
-        raise SystemExit(f"--job {args.job} takes its settings at submission: sbatch script.sbatch ARGS")
+        raise LaunchError(f"--job {args.job} takes its settings at submission: sbatch script.sbatch ARGS")
     else:
         job.notes = ["", *JOB_NOTES[args.job].format(script=job.script).splitlines()]
     text = render(job)
@@ -225,8 +227,8 @@ def _training_layout(args, config, request):
     if not args.keep_layout:
         best = plan(request).best
         if best is None:
-            raise SystemExit(f"no layout of {args.config} fits {request.gpus} x {request.gpu.name}: run "
-                             f"megatron-ext plan --config {args.config} --gpus {request.gpus} to see why")
+            raise LaunchError(f"no layout of {args.config} fits {request.gpus} x {request.gpu.name}: run "
+                              f"megatron-ext plan --config {args.config} --gpus {request.gpus} to see why")
         return best, best.layout.override_args(request.distributed_optimizer)
     p, t = config.parallel, config.training
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
@@ -234,24 +236,6 @@ def _training_layout(args, config, request):
                     max(1, request.gpus // model_parallel), t.micro_batch_size, t.recompute)
     chosen = evaluate(dataclasses.replace(request, distributed_optimizer=p.use_distributed_optimizer), layout)
     if not chosen.fits:
-        raise SystemExit(f"the config's layout ({layout}) on {request.gpus} GPUs: {'; '.join(chosen.problems)}; "
-                         "drop --keep-layout to let the planner choose")
+        raise LaunchError(f"the config's layout ({layout}) on {request.gpus} GPUs: {'; '.join(chosen.problems)}; "
+                          "drop --keep-layout to let the planner choose")
     return chosen, []
-
-
-# --- standalone ------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m megatron_ext.launch.cli", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_plan_args(subparsers)
-    add_launch_args(subparsers)
-    args = parser.parse_args(argv)
-    args.argv = argv  # for the "Rendered by" line of launch
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 from megatron_ext.launch.workload import RECOMPUTE, Layout, Workload
 from megatron_ext.rope.apply import CHUNK_ELEMENTS
-from megatron_ext.training.metrics import matmul_parameters
-from megatron_ext.training.model_builder import padded_vocab_size
+from megatron_ext.sizes import matmul_parameters, padded_vocab_size
 
 BF16, FP32 = 2, 4
 GIB = 1024 ** 3

@@ -50,7 +50,7 @@ class Candidate:
 class Plan:
     request: PlanRequest
     ranked: list[Candidate]  # fitting layouts, fastest first
-    rejected: list[Candidate]
+    rejected: list[Candidate]  # closest to fitting first (closeness_key)
 
     @property
     def best(self) -> Candidate | None:
@@ -141,9 +141,20 @@ def rank_key(candidate: Candidate) -> tuple:
             layout.tp, layout.pp, layout.cp, layout.micro_batch_size, RECOMPUTE.index(layout.recompute))
 
 
+def closeness_key(candidate: Candidate) -> tuple:
+    """Closest to running first: layouts that only miss memory, least memory first (the same order as
+    how far over the usable memory they are), then layouts megatron cannot run, fewest problems first;
+    ties by the layout itself, so the order never depends on the order of enumeration."""
+    layout = candidate.layout
+    shape = (layout.tp, layout.pp, layout.cp, layout.dp, layout.micro_batch_size, RECOMPUTE.index(layout.recompute))
+    if candidate.memory is not None:
+        return (0, round(candidate.memory.total), *shape)
+    return (1, len(candidate.problems), *shape)
+
+
 def plan(request: PlanRequest, fixed: dict | None = None, layouts: list[Layout] | None = None) -> Plan:
-    """Evaluate `layouts` (default: enumerate_layouts) and rank those that fit."""
+    """Evaluate `layouts` (default: enumerate_layouts), rank those that fit and order those that do not."""
     candidates = [evaluate(request, layout) for layout in (layouts or enumerate_layouts(request, fixed))]
     ranked = sorted((c for c in candidates if c.fits), key=rank_key)
-    rejected = [c for c in candidates if not c.fits]
+    rejected = sorted((c for c in candidates if not c.fits), key=closeness_key)
     return Plan(request, ranked, rejected)

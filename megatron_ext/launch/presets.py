@@ -7,7 +7,8 @@ Light on purpose (no torch, no megatron): the command line lists these names whe
 
 from dataclasses import dataclass
 
-from megatron_ext.training.metrics import PEAK_TFLOPS
+from megatron_ext.launch.errors import LaunchError
+from megatron_ext.sizes import PEAK_TFLOPS
 
 # How RoPE is trained: harpe = full length, one base per KV group; pose = a short window whose position
 # ids span the full length; rope = full length, one base (stock RoPE, PI, YaRN, ABF...).
@@ -33,10 +34,10 @@ MODELS = {
 
 def model_preset(name: str):
     """The ModelConfig of a preset."""
-    from megatron_ext.training.config import ModelConfig
+    from megatron_ext.config import ModelConfig
 
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: pick one of {', '.join(sorted(MODELS))}, or give --config")
+        raise LaunchError(f"unknown model {name!r}: pick one of {', '.join(sorted(MODELS))}, or give --config")
     return ModelConfig(**MODELS[name])
 
 

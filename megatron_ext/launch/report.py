@@ -86,31 +86,41 @@ def overrides_flags(candidate: Candidate, distributed_optimizer: bool) -> str:
     return " ".join(f"--set {item}" for item in candidate.layout.override_args(distributed_optimizer))
 
 
+CLOSEST_WHEN_NOTHING_FITS = 5  # rejected layouts listed when none fits and --show-rejected is not given
+
+
+def rejected_lines(plan: Plan, count: int) -> list[str]:
+    """The `count` rejected layouts closest to fitting (Plan.rejected's order), each with why it fails."""
+    shown = plan.rejected[:count]
+    title = (f"no layout fits; the closest {len(shown)} of {len(plan.rejected)} rejected:" if plan.best is None
+             else f"rejected (the closest {len(shown)} of {len(plan.rejected)}):")
+    return [title, *(f"  {c.layout}: {'; '.join(c.problems)}" for c in shown)]
+
+
 def text_report(plan: Plan, top: int = 10, show_rejected: int = 0) -> str:
     parts = [header(plan), ""]
     if plan.best is None:
-        parts.append("no layout fits; the closest:")
-        closest = sorted((c for c in plan.rejected if c.memory), key=lambda c: c.memory.total)
-        parts += [f"  {c.layout}: {'; '.join(c.problems)}" for c in closest[:max(show_rejected, 5)]]
-        return "\n".join(parts)
+        return "\n".join(parts + rejected_lines(plan, show_rejected or CLOSEST_WHEN_NOTHING_FITS))
     parts += [table(plan, top), "", breakdown(plan, plan.best), "",
               "YAML overrides (or pass them to megatron-ext train as below):",
               overrides_yaml(plan.best, plan.request.distributed_optimizer),
               overrides_flags(plan.best, plan.request.distributed_optimizer)]
     if show_rejected:
-        parts += ["", f"rejected (first {show_rejected}):"]
-        parts += [f"  {c.layout}: {'; '.join(c.problems)}" for c in plan.rejected[:show_rejected]]
+        parts += ["", *rejected_lines(plan, show_rejected)]
     return "\n".join(parts)
 
 
-def markdown_report(plan: Plan, top: int = 10) -> str:
+def markdown_report(plan: Plan, top: int = 10, show_rejected: int = 0) -> str:
+    bullets = "\n".join(f"- {line}" for line in header(plan).splitlines())
     if plan.best is None:
-        return text_report(plan)
-    return "\n".join([
-        "\n".join(f"- {line}" for line in header(plan).splitlines()), "", table(plan, top, markdown=True), "",
-        "```", breakdown(plan, plan.best), "```", "",
-        f"Overrides: `{overrides_flags(plan.best, plan.request.distributed_optimizer)}`",
-    ])
+        return "\n".join([bullets, "", "```", *rejected_lines(plan, show_rejected or CLOSEST_WHEN_NOTHING_FITS),
+                          "```"])
+    parts = [bullets, "", table(plan, top, markdown=True), "",
+             "```", breakdown(plan, plan.best), "```", "",
+             f"Overrides: `{overrides_flags(plan.best, plan.request.distributed_optimizer)}`"]
+    if show_rejected:
+        parts += ["", "```", *rejected_lines(plan, show_rejected), "```"]
+    return "\n".join(parts)
 
 
 def json_report(plan: Plan) -> str:

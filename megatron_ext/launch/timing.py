@@ -1,7 +1,7 @@
 """Step time of a layout: FLOPs at an assumed utilization, the pipeline bubble, and the communication
 that is not hidden behind compute. Pure arithmetic (imports no megatron); sources in docs/launch.md.
 
-FLOPs per token are the trainer's own formula (megatron_ext.training.metrics, PaLM App. B):
+FLOPs per token are the trainer's own formula (megatron_ext.sizes, PaLM App. B):
 6N + 12*L*h*s, so the MFU printed here is the one the training log reports.
 """
 
@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from megatron_ext.launch.memory import BF16, FP32
 from megatron_ext.launch.presets import GPU
 from megatron_ext.launch.workload import Layout, Workload
-from megatron_ext.training.metrics import flops_per_token, matmul_parameters
-from megatron_ext.training.model_builder import padded_vocab_size
+from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size
 
 # Sequence-parallel collectives per layer and micro-batch, each over one [s, b, h] bf16 tensor:
 # forward: all-gather before QKV and FC1, reduce-scatter after the projection and FC2 (4);

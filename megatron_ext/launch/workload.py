@@ -6,8 +6,9 @@ Imports no megatron.
 import dataclasses
 from dataclasses import dataclass
 
+from megatron_ext.launch.errors import LaunchError
 from megatron_ext.launch.presets import METHODS
-from megatron_ext.training.config import CHOICES, ConfigError, ModelConfig, TrainConfig, load_config
+from megatron_ext.config import CHOICES, ConfigError, ModelConfig, TrainConfig, load_config
 
 RECOMPUTE = CHOICES["training.recompute"]  # none, selective, full
 
@@ -56,10 +57,10 @@ def workload_from_preset(name: str, model: ModelConfig, seq_length: int, *, meth
     """A preset model at seq_length: HARPE trains at seq_length; PoSE trains pose_window tokens whose
     ids span seq_length; rope is one base for all heads (stock RoPE, PI, YaRN, ABF...)."""
     if method not in METHODS:
-        raise ValueError(f"--method {method!r}: pick one of {', '.join(METHODS)}")
+        raise LaunchError(f"--method {method!r}: pick one of {', '.join(METHODS)}")
     if method == "pose":
         if not 0 < pose_window <= seq_length:
-            raise ValueError(f"--pose-window ({pose_window}) must be in (0, --seq-length = {seq_length}]")
+            raise LaunchError(f"--pose-window ({pose_window}) must be in (0, --seq-length = {seq_length}]")
         return Workload(name, dataclasses.replace(model, seq_length=pose_window), pose_window,
                         global_batch_size, seq_length, per_sample_positions=True)
     return Workload(name, dataclasses.replace(model, seq_length=seq_length), seq_length, global_batch_size,

@@ -12,18 +12,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_ext.compat.extras import transformer_engine_available
 from megatron_ext.models.attention import PositionIdSelfAttention
 from megatron_ext.models.core_attention import SDPACoreAttention
 
 log = logging.getLogger("megatron_ext")
-
-
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or a TE build that does not match the installed torch/CUDA
-        return False
-    return True
 
 
 def local_layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False) -> ModuleSpec:

@@ -1,7 +1,6 @@
 """`megatron-ext repro`: the small-scale reproduction of context extension (see megatron_ext/repro/runner.py)."""
 
 import shlex
-import sys
 
 
 def add_repro_args(subparsers) -> None:
@@ -25,7 +24,7 @@ def _run_repro(args) -> int:
 
     overrides = (SMOKE_OVERRIDES if args.smoke else []) + list(args.overrides)
     config = load_repro_config(args.config, overrides)  # every setting checked before any work
-    command = "megatron-ext " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "megatron-ext " + shlex.join(args.argv)
     report = run_repro(config, command=command, fresh=args.fresh)
     print(f"report: {report}")
     return 0

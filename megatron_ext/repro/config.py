@@ -5,7 +5,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_ext.training.config import ConfigError, read_config
+from megatron_ext.config import ConfigError, read_config
 
 
 @dataclass

@@ -63,9 +63,9 @@ def build_methods(*, base_length: int, scale: int, head_dim: int, base: float = 
     reference_low, reference_high = HARPE_REFERENCE_RANGE
     # the paper's stride as a share of its range, so the search weighs as many candidates
     step = (b_max - b_min) * HARPE_REFERENCE_STEP / (reference_high - reference_low)
-    uniform = dict(head_bases="uniform", head_base_params=dict(b_min=b_min, b_max=b_max, order="ascending"))
+    uniform = dict(head_base_strategy="uniform", head_base_params=dict(b_min=b_min, b_max=b_max, order="ascending"))
     # the search looks at distances up to the target at the default's resolution (128k: every 32nd, windows of 2k)
-    peak_valley = dict(head_bases="peak_valley", head_base_params=dict(
+    peak_valley = dict(head_base_strategy="peak_valley", head_base_params=dict(
         b_min=b_min, b_max=b_max, step=step, head_dim=head_dim, max_distance=target,
         distance_step=max(1, target // 4096), peak_window=max(2 * max(1, target // 4096), target // 64)))
     linear = dict(scaling="linear", scaling_params=dict(factor=float(scale)))

@@ -56,7 +56,7 @@ def train_yaml(config: ReproConfig, *, seq_length: int, rope: dict, pose: dict, 
 
 def run_training(raw: dict, run_dir: Path) -> dict:
     """Train in a child process; its wall time, peak RSS, last checkpoint and losses. Raises on failure."""
-    from megatron_ext.training.checkpoint import find_checkpoint
+    from megatron_ext.checkpoint.layout import find_checkpoint
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -112,7 +112,7 @@ def stage_settings(config: ReproConfig, method) -> list[tuple]:
 def check_settings(config: ReproConfig, out: Path) -> None:
     """Before any work: every training run the config makes is a valid TrainConfig, and `out` holds no run
     made with other settings (its kept phases would be mixed with these)."""
-    from megatron_ext.training.config import ConfigError, TrainConfig, from_dict, validate
+    from megatron_ext.config import ConfigError, TrainConfig, from_dict, validate
 
     runs = [("pretraining (pretrain.*)", pretrain_settings(config))]
     for method in config.selected_methods():
@@ -146,7 +146,7 @@ def _child_environment() -> dict:
 
 def pretrain(config: ReproConfig, data, out: Path, log) -> dict:
     """Train the base model at L (or reuse a complete run) and return its measurements."""
-    from megatron_ext.training.checkpoint import find_checkpoint
+    from megatron_ext.checkpoint.layout import find_checkpoint
 
     p, run_dir = config.pretrain, out / "pretrain"
     summary_file = run_dir / "summary.json"

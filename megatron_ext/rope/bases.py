@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from megatron_ext.rope.scaling import is_valid_base
+
 
 def _num(x: float) -> str:
     """1000000.0 -> '1e6', 30000.0 -> '30000': numbers in error messages as people write them."""
@@ -209,7 +211,7 @@ def head_base_strategies() -> list[str]:
 
 
 def validate_head_bases(bases, num_heads: int) -> torch.Tensor:
-    """One finite base > 0 per head, else ValueError. Returns float64 [num_heads]."""
+    """One finite base > 1 per head (rope.scaling.is_valid_base), else ValueError. Returns float64 [num_heads]."""
     try:
         bases = torch.as_tensor(bases, dtype=torch.float64).clone()
     except (TypeError, ValueError, RuntimeError) as error:
@@ -219,11 +221,11 @@ def validate_head_bases(bases, num_heads: int) -> torch.Tensor:
             f"head bases: expected {num_heads} bases (one per head), got shape {tuple(bases.shape)}: "
             f"give exactly one base per attention head"
         )
-    bad = ~(torch.isfinite(bases) & (bases > 0))
-    if bad.any():
-        head = int(bad.nonzero()[0])
+    bad = [head for head, base in enumerate(bases.tolist()) if not (math.isfinite(base) and is_valid_base(base))]
+    if bad:
+        head = bad[0]
         raise ValueError(
-            f"head bases: head {head} has base {bases[head].item()}, bases must be finite and > 0: "
+            f"head bases: head {head} has base {bases[head].item()}, bases must be finite and > 1: "
             "fix that entry (RoPE bases are typically 1e4 .. 1e7)"
         )
     return bases

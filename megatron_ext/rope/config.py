@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_ext.rope.bases import head_bases, validate_head_bases
-from megatron_ext.rope.scaling import rope_inv_freq, validate_rope_params
+from megatron_ext.rope.scaling import is_valid_base, rope_inv_freq, validate_rope_params
 
 
 @dataclass
@@ -18,24 +18,25 @@ class RopeConfig:
     base:             the RoPE base when every head shares one (stock RoPE, or any scaling).
     scaling:          a rope type from megatron_ext.rope.scaling (default, linear, ntk, dynamic,
                       yarn, yarn_pose, llama3, abf) and its parameters.
-    head_bases:       None for one base everywhere, or a strategy from megatron_ext.rope.bases
+    head_base_strategy: None for one base everywhere, or a strategy from megatron_ext.rope.bases
                       (uniform, peak_valley, explicit, harpe_llama2_7b_table2, ...) that gives one
-                      base per KV group (per head without GQA): HARPE.
+                      base per KV group (per head without GQA): HARPE. `group_bases()` gives the
+                      list of bases it makes (what checkpoints and HF exports record as `head_bases`).
     rotary_percent:   fraction of each head's channels that is rotated.
     """
 
     base: float = 10000.0
     scaling: str = "default"
     scaling_params: dict = field(default_factory=dict)
-    head_bases: str | None = None
+    head_base_strategy: str | None = None
     head_base_params: dict = field(default_factory=dict)
     rotary_percent: float = 1.0
 
     def validate(self, *, num_attention_heads: int, num_query_groups: int | None = None) -> None:
         """Raise ValueError naming the setting and the fix; cheap, call before any work."""
         groups = num_query_groups or num_attention_heads
-        if not self.base > 0:
-            raise ValueError(f"rope.base ({self.base}) must be > 0: use e.g. 10000 (Llama-2) or 500000 (Llama-3)")
+        if not is_valid_base(self.base):
+            raise ValueError(f"rope.base ({self.base}) must be > 1: use e.g. 10000 (Llama-2) or 500000 (Llama-3)")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rope.rotary_percent ({self.rotary_percent}) must be in (0, 1]")
         if num_attention_heads % groups != 0:
@@ -48,14 +49,14 @@ class RopeConfig:
 
     def group_bases(self, num_query_groups: int) -> torch.Tensor:
         """One base per KV group, float64 [num_query_groups]."""
-        if self.head_bases is None:
+        if self.head_base_strategy is None:
             return torch.full((num_query_groups,), float(self.base), dtype=torch.float64)
-        bases = head_bases(self.head_bases, num_query_groups, **self.head_base_params)
+        bases = head_bases(self.head_base_strategy, num_query_groups, **self.head_base_params)
         return validate_head_bases(bases, num_query_groups)
 
     @property
     def per_head(self) -> bool:
-        return self.head_bases is not None
+        return self.head_base_strategy is not None
 
     def rotary_dim(self, kv_channels: int) -> int:
         dim = int(kv_channels * self.rotary_percent)

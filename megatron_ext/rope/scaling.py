@@ -222,6 +222,12 @@ _RULES: dict[str, tuple[Callable[[object], bool], str, str]] = {
 _ORDERED_PAIRS = (("beta_fast", "beta_slow"), ("high_freq_factor", "low_freq_factor"))
 
 
+def is_valid_base(base) -> bool:
+    """The one rule for a RoPE base, shared by rope.base, every HARPE head base and ABF's new_base: a number > 1
+    (a base <= 1 would make the rotation speed up, not slow down, along the channel pairs)."""
+    return _RULES["base"][0](base)
+
+
 def _check_value(rope_type: str, name: str, value) -> None:
     is_valid, requirement, fix = _RULES[name]
     if not is_valid(value):

@@ -1,1 +1,1 @@
-"""Training: config, the loop, metrics and checkpoints (megatron-core DDP, optimizer, dist_checkpointing)."""
+"""Training: the loop on megatron-core (train.py), its `train` command (cli.py) and where its numbers go (metrics.py)."""

@@ -1,11 +1,11 @@
 """The training loop: LongContextGPTModel on megatron-core's DDP, optimizer and pipeline schedules.
 
 Read top to bottom: set up ranks -> data -> model -> optimizer -> resume -> iterate -> save.
+The top of the house: nothing else in megatron_ext imports this module (the `train` command does).
 """
 
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.training.config import TrainConfig
-from megatron_ext.training.metrics import TrainLogger, flops_per_token, matmul_parameters, peak_tflops
-from megatron_ext.training.model_builder import build_gpt, padded_vocab_size
+from megatron_ext.checkpoint.state import CheckpointState
+from megatron_ext.config import TrainConfig
+from megatron_ext.distributed import setup_distributed
+from megatron_ext.models.builder import build_gpt
+from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size, peak_tflops
+from megatron_ext.training.metrics import TrainLogger
 
 log = logging.getLogger("megatron_ext")
 
@@ -31,7 +34,7 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training job described by a validated TrainConfig."""
-    device = setup_distributed(config)
+    device = setup_distributed(config.parallel)
     from megatron.core import parallel_state as ps
 
     tokenizer, data_prefixes = prepare_data(config)
@@ -44,7 +47,8 @@ def train(config: TrainConfig) -> TrainResult:
     model = build_model(config, vocab_size, device)
     optimizer, scheduler = build_optimizer(config, model)
 
-    from megatron_ext.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_ext.checkpoint.layout import find_checkpoint, resolve_checkpoint
+    from megatron_ext.checkpoint.store import load_checkpoint, save_checkpoint
 
     start_iteration = 0
     resume_from = find_checkpoint(config.checkpoint.dir, config.checkpoint.resume)
@@ -55,8 +59,9 @@ def train(config: TrainConfig) -> TrainResult:
         start_iteration = state["iteration"]
         log.info(f"megatron_ext: resumed from {resume_from} at iteration {start_iteration}")
     elif config.checkpoint.pretrained:
-        load_checkpoint(config.checkpoint.pretrained, model=model)  # weights only; iteration 0
-        log.info(f"megatron_ext: starting from the weights of {config.checkpoint.pretrained}")
+        pretrained = resolve_checkpoint(config.checkpoint.pretrained, setting="checkpoint.pretrained")
+        load_checkpoint(pretrained, model=model, setting="checkpoint.pretrained")  # weights only; iteration 0
+        log.info(f"megatron_ext: starting from the weights of {pretrained}")
 
     batches = build_batches(config, tokenizer, data_prefixes, start_iteration)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -74,7 +79,7 @@ def train(config: TrainConfig) -> TrainResult:
     def save(iteration):
         state = checkpoint_state(config, model, tokenizer, iteration)
         path = save_checkpoint(config.checkpoint.dir, iteration, model=model, optimizer=optimizer,
-                               scheduler=scheduler, state=state, keep_last=config.checkpoint.keep_last)
+                               scheduler=scheduler, state=state.to_json(), keep_last=config.checkpoint.keep_last)
         result.last_checkpoint = str(path)
 
     for iteration in range(start_iteration + 1, config.training.train_iters + 1):
@@ -100,66 +105,6 @@ def train(config: TrainConfig) -> TrainResult:
     logger.close()
     ps.destroy_model_parallel()
     return result
-
-
-# --- ranks ---------------------------------------------------------------------------------
-
-
-def setup_distributed(config: TrainConfig) -> torch.device:
-    """Join (or create) the process group and megatron's TP/PP/CP/DP groups; CPU mode without CUDA."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_ext.launch.slurm import distributed_env_from_slurm
-
-    if not torch.distributed.is_initialized():
-        for key, value in distributed_env_from_slurm(os.environ).items():  # srun without torchrun
-            os.environ.setdefault(key, value)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
-    else:
-        from megatron_ext.compat import enable_cpu_mode
-        enable_cpu_mode()
-        device, backend = torch.device("cpu"), "gloo"
-    log.info(f"megatron_ext: device {device}, backend {backend}, fused kernels: {fused_kernels_line()}")
-    if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # a plain single-process run
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-        torch.distributed.init_process_group(backend)
-    p = config.parallel
-    world = torch.distributed.get_world_size()
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
-    if world % model_parallel != 0:
-        raise ValueError(
-            f"world size {world} is not a multiple of TP x PP x CP = {model_parallel}: launch "
-            f"a multiple of {model_parallel} processes or change the parallel section"
-        )
-    ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor_model_parallel_size,
-                                 pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-                                 context_parallel_size=p.context_parallel_size)
-    return device
-
-
-def fused_kernels_line() -> str:
-    """Which optional GPU extras are importable (they change megatron's code paths)."""
-    from megatron_ext.models.specs import transformer_engine_available
-
-    try:
-        import apex  # noqa: F401  (NVIDIA apex, from the NGC container; never the PyPI package of that name)
-        has_apex = hasattr(apex, "optimizers")
-    except ImportError:
-        has_apex = False
-    te = "Transformer Engine" if transformer_engine_available() else "no Transformer Engine (local layers)"
-    return f"{te}, {'apex' if has_apex else 'no apex (torch optimizers)'}"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -299,23 +244,16 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
 # --- bookkeeping ---------------------------------------------------------------------------
 
 
-def checkpoint_state(config: TrainConfig, model, tokenizer, iteration) -> dict:
-    """What a checkpoint records besides tensors: config, HARPE bases, tokenizer, data position."""
+def checkpoint_state(config: TrainConfig, model, tokenizer, iteration) -> CheckpointState:
+    """What a checkpoint records besides tensors: config, HARPE bases, tokenizer, data position, layout."""
     from megatron.core import parallel_state as ps
     from megatron.core.utils import unwrap_model
 
-    groups = config.model.num_query_groups or config.model.num_attention_heads
-    return dict(
-        iteration=iteration,
-        consumed_samples=iteration * config.training.global_batch_size,
-        config=config.to_dict(),
-        head_bases=config.rope.group_bases(groups).tolist(),
-        tokenizer_model=str(Path(tokenizer.model_path).resolve()),
-        tokenizer_vocab_size=tokenizer.vocab_size,
-        padded_vocab_size=unwrap_model(model[0]).vocab_size,
+    return CheckpointState.of_run(
+        config, iteration=iteration, padded_vocab_size=unwrap_model(model[0]).vocab_size,
+        tokenizer_model=str(Path(tokenizer.model_path).resolve()), tokenizer_vocab_size=tokenizer.vocab_size,
         parallel=dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
-                      cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size()),
-    )
+                      cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size()))
 
 
 def append_metrics(path, iteration, metrics):
@@ -325,7 +263,7 @@ def append_metrics(path, iteration, metrics):
 
 
 class Throughput:
-    """tokens/s, model TFLOP/s per device and MFU (formula in megatron_ext.training.metrics)."""
+    """tokens/s, model TFLOP/s per device and MFU (formula in megatron_ext.sizes)."""
 
     def __init__(self, config: TrainConfig, vocab_size: int, world_size: int, device):
         m = config.model

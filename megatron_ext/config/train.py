@@ -1,17 +1,14 @@
-"""Training configuration: YAML -> validated dataclasses. Every default lives here, once.
+"""The training configuration: YAML -> validated dataclasses. Every default lives here, once.
 
-Imports no megatron: configs are checked before any process group, model or data exists.
+Imports no megatron and nothing of the loop: configs are checked before any process group, model or
+data exists, and the planner, converters and evaluation read the same dataclasses.
 """
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from megatron_ext.config.reader import ConfigError, check, read_config
 from megatron_ext.rope.config import RopeConfig
 
 
@@ -132,10 +129,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
-    """A bad setting: the message names the key, the value and the fix."""
-
-
 CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "pose.variant": ("code", "paper"),
@@ -154,147 +147,67 @@ def load_config(path: str | Path, overrides: list[str] = (), *, check_files: boo
     return config
 
 
-def read_config(path: str | Path, cls, overrides: list[str] = (), *, example: str, missing=ConfigError):
-    """YAML file + `key.sub=value` overrides -> dataclass `cls` (unknown keys and wrong types rejected).
-
-    `example` is named when the file is missing (raised as `missing`); validation is the caller's."""
-    path = Path(path)
-    if not path.is_file():
-        raise missing(f"--config {path}: no such file; see {example}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of settings")
-    for item in overrides:
-        apply_override(raw, item)
-    return from_dict(cls, raw, prefix="")
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """`optimizer.lr=1e-4` -> raw['optimizer']['lr'] = 1e-4 (the value parsed as YAML)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. optimizer.lr=1e-4")
-    key, value = item.split("=", 1)
-    *sections, last = key.strip().split(".")
-    node = raw
-    for name in sections:
-        node = node.setdefault(name, {})
-    node[last] = yaml.safe_load(value)
-
-
-def from_dict(cls, raw: dict, prefix: str):
-    """Build dataclass `cls` from `raw`, rejecting unknown keys and values of the wrong type."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
-            raise ConfigError(f"unknown key '{prefix}{key}': {hint}")
-    values = {}
-    for key, value in raw.items():
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            values[key] = from_dict(kind, value, prefix=f"{prefix}{key}.")
-        else:
-            values[key] = _coerce(value, kind, f"{prefix}{key}")
-    return cls(**values)
-
-
-def _coerce(value, kind, key):
-    """Check value against a simple annotation (int, float, str, bool, list, dict, X | None)."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{key}: null is not allowed; give a {_type_name(kind)}")
-    for option in options:
-        base = typing.get_origin(option) or option
-        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if base is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if base in (str, bool, list, dict) and isinstance(value, base):
-            return value
-    raise ConfigError(f"{key}: {value!r} is not a {_type_name(kind)}")
-
-
-def _type_name(kind) -> str:
-    return str(kind).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
-
-
 def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     """Cross-field checks; each message names the key, the value and the fix."""
     m, p, t, o, pose = c.model, c.parallel, c.training, c.optimizer, c.pose
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
-        _check(value in allowed, f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        check(value in allowed, f"{key}: {value!r} is not one of {', '.join(allowed)}")
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
                 "training.train_iters", "training.micro_batch_size", "training.global_batch_size",
                 "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
                 "parallel.context_parallel_size", "checkpoint.save_interval", "logging.log_interval"):
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
-        _check(value >= 1, f"{key}: {value} must be >= 1")
+        check(value >= 1, f"{key}: {value} must be >= 1")
     groups = m.num_query_groups or m.num_attention_heads
-    _check(m.hidden_size % m.num_attention_heads == 0,
+    check(m.hidden_size % m.num_attention_heads == 0,
            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
-    _check(m.num_attention_heads % groups == 0,
+    check(m.num_attention_heads % groups == 0,
            f"model.num_query_groups ({groups}) must divide model.num_attention_heads ({m.num_attention_heads})")
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    _check(m.num_attention_heads % tp == 0,
+    check(m.num_attention_heads % tp == 0,
            f"parallel.tensor_model_parallel_size ({tp}) must divide model.num_attention_heads "
            f"({m.num_attention_heads}): pick a TP size that divides the heads")
-    _check(groups % tp == 0 or tp % groups == 0,
+    check(groups % tp == 0 or tp % groups == 0,
            f"parallel.tensor_model_parallel_size ({tp}) and the KV groups ({groups}) must divide one another")
-    _check(m.num_layers % pp == 0,
+    check(m.num_layers % pp == 0,
            f"parallel.pipeline_model_parallel_size ({pp}) must divide model.num_layers ({m.num_layers})")
-    _check(cp == 1 or m.seq_length % (2 * cp) == 0,
+    check(cp == 1 or m.seq_length % (2 * cp) == 0,
            f"model.seq_length ({m.seq_length}) must be divisible by 2 x parallel.context_parallel_size "
            f"({2 * cp}) for the zig-zag split")
-    _check(not p.sequence_parallel or tp > 1,
+    check(not p.sequence_parallel or tp > 1,
            "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1: set it to false")
-    _check(t.global_batch_size % t.micro_batch_size == 0,
+    check(t.global_batch_size % t.micro_batch_size == 0,
            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"training.micro_batch_size ({t.micro_batch_size})")
-    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
+    check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optimizer.lr ({o.lr}) must be > 0 and optimizer.min_lr ({o.min_lr}) in [0, lr]")
     decay_iters = o.lr_decay_iters or t.train_iters
-    _check(0 <= o.warmup_iters < decay_iters,
+    check(0 <= o.warmup_iters < decay_iters,
            f"optimizer.warmup_iters ({o.warmup_iters}) must be in [0, {decay_iters}) (fewer than optimizer.lr_decay_iters, "
            "default training.train_iters): megatron's scheduler needs at least one decay step after warmup")
-    _check(0 < o.adam_beta1 < 1 and 0 < o.adam_beta2 < 1,
+    check(0 < o.adam_beta1 < 1 and 0 < o.adam_beta2 < 1,
            f"optimizer.adam_beta1/adam_beta2 ({o.adam_beta1}, {o.adam_beta2}) must be in (0, 1)")
-    _check(o.clip_grad >= 0, f"optimizer.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
-    _check(c.checkpoint.keep_last is None or c.checkpoint.keep_last >= 1,
+    check(o.clip_grad >= 0, f"optimizer.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
+    check(c.checkpoint.keep_last is None or c.checkpoint.keep_last >= 1,
            f"checkpoint.keep_last ({c.checkpoint.keep_last}) must be >= 1, or null to keep all")
     if pose.enabled:
-        _check(pose.target_length >= m.seq_length,
+        check(pose.target_length >= m.seq_length,
                f"pose.target_length ({pose.target_length}) must be >= model.seq_length ({m.seq_length}): "
                "PoSE draws ids for a short window from a longer target range")
-        _check(pose.variant != "code" or pose.num_chunks == 2,
+        check(pose.variant != "code" or pose.num_chunks == 2,
                f"pose.num_chunks ({pose.num_chunks}): the 'code' variant uses 2 chunks; use variant 'paper' for more")
-    _check(bool(c.data.train_data) != c.data.tiny_corpus,
+    check(bool(c.data.train_data) != c.data.tiny_corpus,
            "data: set exactly one of data.train_data (indexed-dataset prefixes) or data.tiny_corpus: true")
-    _check(c.data.tiny_corpus or c.data.tokenizer_model is not None,
+    check(c.data.tiny_corpus or c.data.tokenizer_model is not None,
            "data.tokenizer_model: give the sentencepiece .model the data was tokenized with")
     for prefix in c.data.train_data if check_files else ():
-        _check(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(),
+        check(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(),
                f"data.train_data: {prefix}.bin/.idx not found; make them with `megatron-ext preprocess`")
     if c.data.tokenizer_model is not None and check_files:
-        _check(Path(c.data.tokenizer_model).is_file(),
+        check(Path(c.data.tokenizer_model).is_file(),
                f"data.tokenizer_model: {c.data.tokenizer_model} not found")
     try:
         c.rope.validate(num_attention_heads=m.num_attention_heads, num_query_groups=groups)

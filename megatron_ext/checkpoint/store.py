@@ -1,6 +1,7 @@
-"""Checkpoints: atomic megatron-core dist_checkpointing saves, resume lookup, and loads that reshard.
+"""Checkpoints: atomic megatron-core dist_checkpointing saves and loads that reshard.
 
-Imports torch, numpy, megatron.core and megatron_ext.compat only; never the training loop.
+Imports torch, numpy, megatron.core, megatron_ext.compat and the lookup in megatron_ext.checkpoint.layout;
+never the training loop. What `state` holds for megatron_ext's models: megatron_ext/checkpoint/state.py.
 
 On-disk layout (one directory per saved iteration, `iteration` zero-padded to 7 digits):
 
@@ -32,7 +33,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 import uuid
@@ -41,130 +41,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_ext.compat import enable_cpu_mode
+from megatron_ext.checkpoint.layout import (
+    COMMON_KEY,
+    COMPLETE_MARKER,
+    DISTRIB_OPTIM_SHARDING_TYPES,
+    FORMAT_VERSION,
+    JSON_FILE,
+    LATEST_FILE,
+    RNG_DIR,
+    TMP_INFIX,
+    CheckpointError,
+    checkpoint_name,
+    find_checkpoint,
+    is_complete_checkpoint,
+    latest_target,
+    list_checkpoints,
+    require_complete,
+    validate_checkpoint_dir,
+)
+from megatron_ext.compat import prepare_megatron
 
 log = logging.getLogger("megatron_ext")
 
 __all__ = ["checkpoint_name", "find_checkpoint", "is_complete_checkpoint", "list_checkpoints",
            "load_checkpoint", "save_checkpoint", "validate_checkpoint_dir"]
-
-FORMAT_VERSION = 1
-LATEST_FILE = "latest"
-COMPLETE_MARKER = "complete"
-MEGATRON_METADATA = "metadata.json"  # written by dist_checkpointing.save once all shards are in
-JSON_FILE = "megatron_ext.json"
-RNG_DIR = "rng"
-COMMON_KEY = "megatron_ext"  # our entry in megatron's common.pt
-TMP_INFIX = ".tmp-"
-DISTRIB_OPTIM_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
-_CHECKPOINT_NAME = re.compile(r"^iter_(\d{7,})$")
-
-
-def checkpoint_name(iteration: int) -> str:
-    """iter_0000010 for iteration 10 (megatron's naming)."""
-    return f"iter_{iteration:07d}"
-
-
-# --- which checkpoints exist ---------------------------------------------------------------
-
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """A final-named iter_ directory holding our `complete` marker or megatron's metadata.json."""
-    path = Path(path)
-    return (_CHECKPOINT_NAME.match(path.name) is not None and path.is_dir()
-            and ((path / COMPLETE_MARKER).is_file() or (path / MEGATRON_METADATA).is_file()))
-
-
-def _iteration_of(path: Path) -> int:
-    return int(_CHECKPOINT_NAME.match(path.name).group(1))
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """The complete checkpoints under root, oldest (lowest iteration) first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if is_complete_checkpoint(p)), key=_iteration_of)
-
-
-def _latest_target(root: Path) -> Path | None:
-    """The checkpoint `root/latest` names, if the file exists (complete or not)."""
-    try:
-        name = (root / LATEST_FILE).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return root / name if name else None
-
-
-def find_checkpoint(root: str | Path, resume: str) -> Path | None:
-    """The checkpoint to resume from, as `checkpoint.resume` asks.
-
-    "auto": the one `root/latest` names if it is complete, else the newest complete one, else
-    None. "none": None. Anything else is a checkpoint directory (absolute, relative to the
-    working directory, or a name inside root); it must exist and be complete.
-    """
-    root = Path(root)
-    if resume is None or str(resume).strip().lower() == "none":
-        return None
-    if str(resume).strip().lower() == "auto":
-        latest = _latest_target(root)
-        if latest is not None and is_complete_checkpoint(latest):
-            return latest
-        complete = list_checkpoints(root)
-        if latest is not None:
-            log.warning(f"megatron_ext: {root / LATEST_FILE} names {latest.name}, which is not a "
-                        f"complete checkpoint; using the newest complete one instead "
-                        f"({complete[-1].name if complete else 'none found'})")
-        return complete[-1] if complete else None
-    return _explicit_checkpoint(root, Path(resume).expanduser())
-
-
-def _explicit_checkpoint(root: Path, path: Path) -> Path:
-    if not path.is_absolute() and not path.exists() and (root / path).exists():
-        path = root / path
-    return _require_complete(path)
-
-
-def _require_complete(path: Path) -> Path:
-    """`path` if it is a complete checkpoint; else an error saying what to set checkpoint.resume to."""
-    if not path.exists():
-        raise FileNotFoundError(
-            f"checkpoint.resume ({str(path)!r}) does not exist: set checkpoint.resume to an "
-            f"existing iter_XXXXXXX directory, to 'auto' (the newest complete checkpoint in "
-            f"checkpoint.dir) or to 'none' (start from scratch)")
-    if is_complete_checkpoint(path):
-        return path
-    inside = list_checkpoints(path)
-    if inside:
-        raise ValueError(
-            f"checkpoint.resume ({str(path)!r}) is a directory of checkpoints, not one "
-            f"checkpoint: set checkpoint.resume to one of its iter_ directories (newest complete: "
-            f"{inside[-1]}) or to 'auto' with checkpoint.dir: {str(path)!r}")
-    siblings = list_checkpoints(path.parent)
-    hint = f" (newest complete next to it: {siblings[-1]})" if siblings else ""
-    raise ValueError(
-        f"checkpoint.resume ({str(path)!r}) is not a complete checkpoint: it has neither a "
-        f"'{COMPLETE_MARKER}' marker nor megatron's {MEGATRON_METADATA} (an interrupted save?). "
-        f"Set checkpoint.resume to a complete iter_ directory{hint} or to 'auto'")
-
-
-def validate_checkpoint_dir(root: str | Path) -> None:
-    """Raise before any work when checkpoint.dir cannot hold checkpoints. Creates nothing."""
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(
-            f"checkpoint.dir ({str(root)!r}) is a file: set checkpoint.dir to a directory")
-    existing = root
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(
-            f"checkpoint.dir ({str(root)!r}) cannot be created: {str(existing)!r} is a file. "
-            f"Set checkpoint.dir to a directory path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"checkpoint.dir ({str(root)!r}) is not writable ({str(existing)!r} denies write "
-            f"access): set checkpoint.dir to a writable directory")
-
 
 # --- ranks ---------------------------------------------------------------------------------
 
@@ -331,7 +231,7 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
     _check_save_arguments(iteration, keep_last, optimizer_sharding)
     validate_checkpoint_dir(root)
     _require_distributed("save_checkpoint")
-    enable_cpu_mode()
+    prepare_megatron()
     started = time.perf_counter()
     rng_states = _capture_rng()
     common = _common_part(iteration, optimizer, scheduler, state, optimizer_sharding)
@@ -443,7 +343,7 @@ def _remove_stale_staging(root: Path) -> None:
 
 
 def _keep_newest(root: Path, keep_last: int, token: str) -> None:
-    latest = _latest_target(root)
+    latest = latest_target(root)
     for checkpoint in list_checkpoints(root)[:-keep_last]:
         if latest is None or checkpoint.name != latest.name:
             _retire(checkpoint, token)
@@ -452,24 +352,25 @@ def _keep_newest(root: Path, keep_last: int, token: str) -> None:
 # --- load ----------------------------------------------------------------------------------
 
 def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer=None,
-                    scheduler=None, restore_rng: bool = True) -> dict:
+                    scheduler=None, restore_rng: bool = True, setting: str = "checkpoint.resume") -> dict:
     """Load a checkpoint into `model` (and `optimizer`, `scheduler`), resharding as needed.
 
     Collective: every rank calls it. optimizer=None loads the weights only (eval, conversion).
     Returns {"iteration", "state" (the dict given to save_checkpoint), "path",
     "rng_restored"}; RNG states are restored when asked and the parallel layout is unchanged.
+    Errors name `setting`, the argument the path came from.
     """
-    path = _require_complete(Path(path).expanduser())
+    path = require_complete(Path(path).expanduser(), setting)
     _require_distributed("load_checkpoint")
-    enable_cpu_mode()
+    prepare_megatron()
     from megatron.core import dist_checkpointing
     started = time.perf_counter()
     common = dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY)
     if common is None:
-        raise ValueError(
-            f"checkpoint.resume ({str(path)!r}) is a megatron checkpoint without megatron_ext's "
+        raise CheckpointError(
+            f"{setting} ({str(path)!r}) is a megatron checkpoint without megatron_ext's "
             f"state (iteration, scheduler, RNG): resume from a checkpoint written by "
-            f"megatron_ext.training.checkpoint.save_checkpoint")
+            f"megatron_ext.checkpoint.store.save_checkpoint")
     load_optimizer_state = _check_optimizer_matches(path, common, optimizer)
 
     sharded = _sharded_state_dict(model, optimizer if load_optimizer_state else None,
@@ -496,12 +397,12 @@ def _check_optimizer_matches(path: Path, common: dict, optimizer) -> bool:
     if optimizer is None:
         return False
     if saved is None:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds no optimizer state (saved with optimizer=None): load it without the "
             f"optimizer (checkpoint.load_optimizer: false)")
     flavor = _optimizer_flavor(optimizer)
     if saved["flavor"] != flavor:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds {saved['flavor']} optimizer state and the run builds a {flavor} "
             f"optimizer; megatron-core cannot convert between them. Set "
             f"parallel.use_distributed_optimizer: {saved['flavor'] == 'distributed'} to resume, "
@@ -523,7 +424,7 @@ def _check_dp_reshardable_layout(path: Path, common: dict) -> None:
     saved = {k: common["parallel_layout"].get(k) for k in model_parallel}
     now = {k: _parallel_layout().get(k) for k in model_parallel}
     if saved != now:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds distributed-optimizer state in the 'dp_reshardable' format, saved "
             f"with {saved}; this run has {now}, and that format only lets the data-parallel "
             f"size change. Resume with the saved sizes, or load the weights only "

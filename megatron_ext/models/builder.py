@@ -1,15 +1,13 @@
-"""Build a LongContextGPTModel from a TrainConfig, fresh or from a saved checkpoint (for eval and conversion).
+"""Build a LongContextGPTModel from a TrainConfig, fresh (the training loop) or from a saved checkpoint
+(evaluation, the tests of conversion), and the converters' weightless skeleton via `transformer_config`.
 
 The one place that maps our config onto megatron's TransformerConfig.
 """
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.training.config import TrainConfig, from_dict
+from megatron_ext.config import TrainConfig
 
 
 def precision(config: TrainConfig, device) -> torch.dtype:
@@ -46,12 +44,6 @@ def transformer_config(config: TrainConfig, device):
     )
 
 
-def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int:
-    """Round the vocabulary up to a multiple of 128 x TP (as Megatron-LM does): even TP shards, fast GEMMs."""
-    step = multiple * tp_size
-    return -(-vocab_size // step) * step
-
-
 def build_gpt(config: TrainConfig, vocab_size: int, device, *, pre_process=None, post_process=None):
     """The bare LongContextGPTModel of this pipeline stage (no DDP, no Float16Module), on `device`."""
     from megatron.core import parallel_state as ps
@@ -67,30 +59,23 @@ def build_gpt(config: TrainConfig, vocab_size: int, device, *, pre_process=None,
     ).to(device)
 
 
-def saved_config(checkpoint_dir) -> tuple[TrainConfig, dict]:
-    """The TrainConfig a megatron_ext checkpoint was trained with, and its saved state."""
-    summary = Path(checkpoint_dir) / "megatron_ext.json"
-    if not summary.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: no megatron_ext.json; is it a megatron_ext checkpoint directory?")
-    state = json.loads(summary.read_text())["state"]
-    return from_dict(TrainConfig, state["config"], prefix=""), state
-
-
-def load_model(checkpoint_dir, device, *, precision_override: str | None = None):
-    """(model, TrainConfig, state) from a checkpoint, in whatever TP/PP megatron's parallel state
-    is now (dist_checkpointing reshards). Weights only; eval mode."""
-    from megatron_ext.training.checkpoint import load_checkpoint
-
-    config, state = saved_config(checkpoint_dir)
-    if precision_override:
-        config.training.precision = precision_override
+def load_model(checkpoint, device, *, precision_override: str | None = None, setting: str = "--model"):
+    """(model, TrainConfig, CheckpointState) from a checkpoint argument (run dir, root, iter_ dir), built for
+    whatever TP/PP/CP megatron's parallel state has now (dist_checkpointing reshards). Weights only; eval mode."""
     from megatron.core import parallel_state as ps
 
+    from megatron_ext.checkpoint.state import read_checkpoint
+    from megatron_ext.checkpoint.store import load_checkpoint
+
+    saved = read_checkpoint(checkpoint, setting=setting)
+    config = saved.state.config
+    if precision_override:
+        config.training.precision = precision_override
     # build for the layout we run now (megatron derives layers per stage from these), not the saved one
     config.parallel.tensor_model_parallel_size = ps.get_tensor_model_parallel_world_size()
     config.parallel.pipeline_model_parallel_size = ps.get_pipeline_model_parallel_world_size()
     config.parallel.context_parallel_size = ps.get_context_parallel_world_size()
-    config.parallel.sequence_parallel = config.parallel.sequence_parallel and ps.get_tensor_model_parallel_world_size() > 1
-    model = build_gpt(config, state["padded_vocab_size"], device)  # the saved embedding's row count
-    load_checkpoint(checkpoint_dir, model=[model], restore_rng=False)
-    return model.eval(), config, state
+    config.parallel.sequence_parallel = False  # inference reads whole sequences; the weights do not depend on it
+    model = build_gpt(config, saved.state.padded_vocab_size, device)  # the saved embedding's row count
+    load_checkpoint(saved.path, model=[model], restore_rng=False, setting=setting)
+    return model.eval(), config, saved.state

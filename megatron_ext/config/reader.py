@@ -1,0 +1,105 @@
+"""The YAML reader every config of megatron_ext uses: a file plus `key.sub=value` overrides -> a dataclass.
+
+Unknown keys and values of the wrong type are refused by name, with the closest known key. Imports
+nothing of ours but megatron_ext.errors: the training, eval-suite and reproduction configs build on it.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from megatron_ext.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A bad setting: the message names the key, the value and the fix."""
+
+
+def read_raw(path: str | Path, overrides: list[str] = (), *, example: str) -> dict:
+    """The YAML mapping of `path` with the overrides applied (no dataclass yet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; see {example}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
+
+
+def read_config(path: str | Path, cls, overrides: list[str] = (), *, example: str):
+    """YAML file + `key.sub=value` overrides -> dataclass `cls` (unknown keys and wrong types rejected).
+
+    `example` is named when the file is missing; validation is the caller's."""
+    return from_dict(cls, read_raw(path, overrides, example=example), prefix="")
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`optimizer.lr=1e-4` -> raw['optimizer']['lr'] = 1e-4 (the value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. optimizer.lr=1e-4")
+    key, value = item.split("=", 1)
+    *sections, last = key.strip().split(".")
+    node = raw
+    for name in sections:
+        node = node.setdefault(name, {})
+    node[last] = yaml.safe_load(value)
+
+
+def from_dict(cls, raw: dict, prefix: str):
+    """Build dataclass `cls` from `raw`, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown key '{prefix}{key}': {hint}")
+    values = {}
+    for key, value in raw.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = from_dict(kind, value, prefix=f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, kind, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(value, kind, key):
+    """Check value against a simple annotation (int, float, str, bool, list, dict, X | None)."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key}: null is not allowed; give a {_type_name(kind)}")
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if base in (str, bool, list, dict) and isinstance(value, base):
+            return value
+    raise ConfigError(f"{key}: {value!r} is not a {_type_name(kind)}")
+
+
+def _type_name(kind) -> str:
+    return str(kind).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,76 @@
+"""`megatron-ext preprocess`: JSONL/text -> megatron indexed dataset (the work is megatron_ext/data/preprocess.py).
+
+Imports nothing heavy until the command runs.
+"""
+
+import argparse
+from pathlib import Path
+
+from megatron_ext.data.preprocess import DEFAULT_WORKERS, UpsampleRule, preprocess
+from megatron_ext.errors import InputError, MissingFile
+
+
+def add_preprocess_args(subparsers) -> argparse.ArgumentParser:
+    """Add the `preprocess` command to an argparse subparsers object; it dispatches to `run_preprocess`."""
+    parser = subparsers.add_parser(
+        "preprocess",
+        help="tokenize JSONL/text into a megatron indexed dataset",
+        description="Tokenize JSONL or plain-text files into {prefix}.bin/.idx (megatron-core indexed dataset).",
+    )
+    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE",
+                        help="JSONL (one object per line) or plain-text files (one document each)")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="tokenizing processes")
+    parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    parser.add_argument("--source-key", default="source", help="JSONL field naming the source (default: file stem)")
+    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                        help="end every document with the EOD token")
+    parser.add_argument("--prepend-bos", action="store_true", help="start every document with BOS (as Llama saw)")
+    parser.add_argument("--upsample", action="append", type=_upsample_arg, default=[],
+                        metavar="SOURCE:MIN_TOKENS:FACTOR",
+                        help="write documents of SOURCE with >= MIN_TOKENS tokens FACTOR times (repeatable)")
+    parser.set_defaults(func=run_preprocess)
+    return parser
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    """Run the `preprocess` command parsed by `add_preprocess_args`; print the statistics table."""
+    from megatron_ext.data.tokenizer import SentencePieceTokenizer
+
+    if not Path(args.tokenizer_model).is_file():
+        raise MissingFile(
+            f"--tokenizer-model '{args.tokenizer_model}' does not exist: pass a sentencepiece .model file"
+        )
+    upsample = {}
+    for source, rule in args.upsample:
+        if source in upsample:
+            raise InputError(f"--upsample names source '{source}' twice: keep one rule per source")
+        upsample[source] = rule
+    result = preprocess(
+        args.input,
+        args.output_prefix,
+        SentencePieceTokenizer(args.tokenizer_model),
+        workers=args.workers,
+        json_key=args.json_key,
+        source_key=args.source_key,
+        append_eod=args.append_eod,
+        prepend_bos=args.prepend_bos,
+        upsample=upsample,
+    )
+    print(f"wrote {result.bin_path} and {result.idx_path}")
+    print(result.table())
+    return 0
+
+
+def _upsample_arg(text: str) -> tuple[str, UpsampleRule]:
+    parts = text.rsplit(":", 2)  # the source name may itself contain ':'
+    try:
+        source, min_tokens, factor = parts
+        if not source:
+            raise ValueError
+        return source, UpsampleRule(min_tokens=int(min_tokens), factor=int(factor))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not SOURCE:MIN_TOKENS:FACTOR (e.g. stdlib_code:2048:3)"
+        ) from None

@@ -1,0 +1,175 @@
+"""Processes and parallel groups: the SLURM -> torch.distributed environment mapping, the process group and
+megatron's TP/PP/CP/DP groups for a run, and the one-process group conversion and evaluation use.
+
+Imports torch and megatron only inside the functions that need them (launch/slurm.py's srun wrapper
+imports the mapping before anything heavy); never the training loop, the launcher or the CLI.
+"""
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+from megatron_ext.errors import UserError
+
+log = logging.getLogger("megatron_ext")
+
+
+class LayoutError(UserError, ValueError):
+    """The processes started do not fit the parallel layout asked for."""
+
+
+# --- SLURM: srun starts one process per GPU, without torchrun --------------------------------
+
+PORT_BASE, PORT_SPAN = 15000, 15000  # below Linux's ephemeral ports (32768+)
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compressed host list -> host names: 'gpu[07-08,10],login1' -> gpu07, gpu08, gpu10, login1.
+
+    Zero padding is kept ('[07-08]'); several bracket groups in one name multiply ('r[1-2]n[1-2]')."""
+    hosts = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", hostlist):
+        hosts += _expand_one(item)
+    return hosts
+
+
+def _expand_one(name: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", name)
+    if match is None:
+        return [name]
+    head, tail = name[:match.start()], name[match.end():]
+    numbers = []
+    for part in match.group(1).split(","):
+        first, _, last = part.partition("-")
+        width = len(first)
+        numbers += [str(i).zfill(width) for i in range(int(first), int(last or first) + 1)]
+    return [head + number + rest for number in numbers for rest in _expand_one(tail)]
+
+
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """SLURM's tasks-per-node list -> one count per node: '4(x2),3' -> [4, 4, 3]."""
+    counts = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise ValueError(f"cannot read tasks per node {spec!r}: expected e.g. '8(x2),4'")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def distributed_env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this srun task,
+    or {} outside an srun step (a batch script, salloc shell or no SLURM: SLURM_STEP_NUM_TASKS unset).
+
+    MASTER_ADDR is the step's first node, where SLURM puts rank 0; MASTER_PORT is derived from the
+    job id so that every task agrees without talking. A MASTER_ADDR or MASTER_PORT already in
+    `environ` (e.g. exported by the sbatch script) is kept.
+    """
+    if "SLURM_STEP_NUM_TASKS" not in environ or "SLURM_PROCID" not in environ:
+        return {}
+    rank, world = int(environ["SLURM_PROCID"]), int(environ["SLURM_STEP_NUM_TASKS"])
+    local_rank, node = int(environ["SLURM_LOCALID"]), int(environ.get("SLURM_NODEID", "0"))
+    per_node = expand_tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE")
+                                     or environ.get("SLURM_TASKS_PER_NODE", str(world)))
+    nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+                or environ.get("SLURM_NODELIST"))
+    if node >= len(per_node) or not 0 <= local_rank < per_node[node] or not 0 <= rank < world:
+        raise ValueError(
+            f"inconsistent SLURM task: SLURM_PROCID={rank} of {world}, SLURM_LOCALID={local_rank}, "
+            f"SLURM_NODEID={node}, tasks per node {per_node}: start it with srun inside the allocation"
+        )
+    master = environ.get("MASTER_ADDR") or (expand_hostlist(nodelist)[0] if nodelist else None)
+    if master is None:
+        raise ValueError("no SLURM_STEP_NODELIST / SLURM_JOB_NODELIST to find rank 0's node: export MASTER_ADDR")
+    port = environ.get("MASTER_PORT") or str(PORT_BASE + int(environ.get("SLURM_JOB_ID", "0")) % PORT_SPAN)
+    return dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
+                LOCAL_WORLD_SIZE=str(per_node[node]), MASTER_ADDR=master, MASTER_PORT=port)
+
+
+# --- the process group and megatron's parallel groups -----------------------------------------
+
+def setup_distributed(parallel):
+    """Join (or create) the process group and megatron's TP/PP/CP/DP groups for `parallel` (a ParallelConfig).
+
+    Under torchrun or srun the environment says who we are; alone, a one-process group is made.
+    Returns this rank's device (CUDA with NCCL, else CPU with gloo and megatron's CPU patches).
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.compat import prepare_megatron
+    from megatron_ext.compat.extras import fused_kernels_line
+
+    if not torch.distributed.is_initialized():
+        for key, value in distributed_env_from_slurm(os.environ).items():  # srun without torchrun
+            os.environ.setdefault(key, value)
+    prepare_megatron()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    log.info(f"megatron_ext: device {device}, backend {backend}, fused kernels: {fused_kernels_line()}")
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # a plain single-process run
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        torch.distributed.init_process_group(backend)
+    world = torch.distributed.get_world_size()
+    model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+                      * parallel.context_parallel_size)
+    if world % model_parallel != 0:
+        raise LayoutError(
+            f"world size {world} is not a multiple of TP x PP x CP = {model_parallel}: launch "
+            f"a multiple of {model_parallel} processes or change the parallel section")
+    ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+                                 pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+                                 context_parallel_size=parallel.context_parallel_size)
+    return device
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host (for a one-process rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """A one-process gloo group and megatron's parallel state at size 1, unless the caller has them.
+
+    Conversion builds the full (unsharded) model in one process: dist_checkpointing then saves
+    global tensors that load at any TP/PP, and loads any TP/PP checkpoint into full tensors.
+    """
+    import tempfile
+
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.compat import prepare_megatron
+
+    prepare_megatron()
+    made_group = not torch.distributed.is_initialized()
+    with tempfile.TemporaryDirectory() as rendezvous:
+        if made_group:
+            torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}/store",
+                                                 rank=0, world_size=1)
+        elif torch.distributed.get_world_size() != 1:
+            raise LayoutError("this command runs in a single process: start it without torchrun/srun tasks")
+        made_state = not ps.model_parallel_is_initialized()
+        if made_state:
+            ps.initialize_model_parallel()
+        elif ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() != 1:
+            raise LayoutError("this command needs megatron's parallel state at TP=PP=1")
+        try:
+            yield
+        finally:
+            if made_state:
+                ps.destroy_model_parallel()
+            if made_group:
+                torch.distributed.destroy_process_group()

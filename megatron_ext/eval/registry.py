@@ -1,0 +1,88 @@
+"""The evaluation tasks, each declared once: its name, help line, settings dataclass and implementation module.
+
+`megatron-ext eval <task>`, the suite's YAML sections and report, and the package's exports all iterate
+TASKS; `register` adds a task (a plug-in, a test). Standard library only, and implementations load on
+first use: the command-line parser is built from this at every `megatron-ext` start, without torch.
+"""
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from megatron_ext.eval.settings import (
+    AttentionSettings,
+    NeedleSettings,
+    PasskeySettings,
+    PerplexitySettings,
+    RulerSettings,
+)
+
+# What a task's implementation module defines, under these names:
+#   evaluate(model, settings) -> an EvalResult; evaluate(model, settings, reference=None) when it uses_reference
+#   report_section(settings, results, files, report_dir) -> the suite report's Markdown lines, given the
+#       results and the files output_files wrote, both by model name; links relative to report_dir
+# and, where it has any:
+#   output_files(result, directory) -> [paths]: the files written besides the JSON (default: none)
+#   summary_columns(result) -> {label: {length: value}}: its columns in the suite's summary (default: none)
+HOOKS = ("evaluate", "report_section")
+
+RESERVED_NAMES = ("suite",)  # `megatron-ext eval suite` is not a task
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    name: str  # the subcommand `megatron-ext eval <name>` and the suite's YAML section `<name>: {...}`
+    help: str  # one line
+    settings: type  # a dataclass: defaults for every field (they become flags) and validate()
+    module: str  # the implementation, imported on first use; defines HOOKS
+    uses_reference: bool = False  # compares with a second model: `--reference`, the suite's attention_reference
+
+    def implementation(self) -> ModuleType:
+        module = importlib.import_module(self.module)
+        missing = [hook for hook in HOOKS if not callable(getattr(module, hook, None))]
+        if missing:
+            raise ImportError(f"eval task {self.name!r}: {self.module} lacks {', '.join(missing)}; "
+                              f"a task's module defines {', '.join(HOOKS)}")
+        return module
+
+    def evaluate(self, model, settings, reference=None):
+        """The task's result for `model`; `reference` is passed only to tasks that use one."""
+        if self.uses_reference:
+            return self.implementation().evaluate(model, settings, reference=reference)
+        return self.implementation().evaluate(model, settings)
+
+    def output_files(self, result, directory) -> list:
+        write = getattr(self.implementation(), "output_files", None)
+        return write(result, directory) if write else []
+
+    def report_section(self, settings, results: dict, files: dict, report_dir) -> list[str]:
+        return self.implementation().report_section(settings, results, files, report_dir)
+
+    def summary_columns(self, result) -> dict:
+        columns = getattr(self.implementation(), "summary_columns", None)
+        return columns(result) if columns else {}
+
+
+TASKS: dict[str, EvalTask] = {}  # in registration order: the order of subcommands and summary columns
+
+
+def register(task: EvalTask) -> EvalTask:
+    """Add `task` to TASKS (the CLI and the suite pick it up from then on); its name must be new."""
+    if task.name in TASKS or task.name in RESERVED_NAMES:
+        raise ValueError(f"eval task name {task.name!r} is taken: choose another")
+    if not task.name.isidentifier():
+        raise ValueError(f"eval task name {task.name!r} must be an identifier (a subcommand and a YAML key)")
+    TASKS[task.name] = task
+    return task
+
+
+register(EvalTask("perplexity", "sliding-window perplexity per evaluated length", PerplexitySettings,
+                  "megatron_ext.eval.perplexity"))
+register(EvalTask("passkey", "passkey retrieval accuracy per length (PoSE template)", PasskeySettings,
+                  "megatron_ext.eval.passkey"))
+register(EvalTask("needle", "needle-in-a-haystack grid: heatmap PNG and CSV", NeedleSettings,
+                  "megatron_ext.eval.needle"))
+register(EvalTask("ruler", "RULER-style tasks: multi-key NIAH, multi-value NIAH, variable tracking", RulerSettings,
+                  "megatron_ext.eval.ruler"))
+register(EvalTask("attention", "attention entropy per layer/head, JS divergence to a reference", AttentionSettings,
+                  "megatron_ext.eval.attention", uses_reference=True))

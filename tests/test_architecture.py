@@ -1,0 +1,141 @@
+"""The house rules of docs/architecture.md, read from the source: who may import whom.
+
+Every `import` / `from ... import` in megatron_ext/ counts, also those inside functions (they run
+too, only later). The rules are checked on this graph, and each check is shown to fail on a
+deliberately broken graph, so a passing run means the rule holds, not that the check is blind.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "megatron_ext"
+LOOP_MODULES = "megatron_ext.training"  # the loop and its command: the top of the house
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of every module `path` imports (`from a import b` counts a.b when that is a module)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """megatron_ext module -> the megatron_ext modules (and third-party top-level names) it imports."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for imported in imports_of(path):
+            if imported.startswith("megatron_ext"):
+                while imported not in modules and "." in imported:  # `from pkg import name`: name is no module
+                    imported = imported.rsplit(".", 1)[0]
+                if imported in modules and imported != name:
+                    edges.add(imported)
+            else:
+                edges.add(imported)
+        graph[name] = edges
+    return graph
+
+
+def inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every broken rule, as 'importer -> imported (rule)'."""
+    found = []
+    for module, edges in graph.items():
+        for imported in edges:
+            if inside(module, "megatron_ext.rope") and (inside(imported, "megatron") or
+                                                        inside(imported, "megatron.core")):
+                found.append(f"{module} -> {imported} (rope/ imports no megatron)")
+            if imported == "megatron_ext.cli" and module != "megatron_ext.cli":
+                found.append(f"{module} -> {imported} (nothing imports the CLI)")
+            if inside(module, "megatron_ext.training") and inside(imported, "megatron_ext.launch"):
+                found.append(f"{module} -> {imported} (training/ imports no launch/)")
+            if any(inside(module, f"megatron_ext.{low}") for low in ("launch", "eval", "convert")) \
+                    and inside(imported, LOOP_MODULES):
+                found.append(f"{module} -> {imported} (launch/, eval/, convert/ import no training loop module)")
+    return found
+
+
+def package_of(module: str) -> str:
+    """megatron_ext.eval.models -> megatron_ext.eval; top-level modules are their own package."""
+    return ".".join(module.split(".")[:2])
+
+
+def package_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles between megatron_ext's packages (and top-level modules), found by depth-first search."""
+    packages: dict[str, set[str]] = {}
+    for module, edges in graph.items():
+        source = package_of(module)
+        packages.setdefault(source, set()).update(
+            package_of(e) for e in edges if e.startswith("megatron_ext") and package_of(e) != source)
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(packages.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(packages):
+        if node not in state:
+            visit(node, [node])
+    return cycles
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph()
+
+
+def test_every_import_rule_holds(graph):
+    assert violations(graph) == []
+
+
+def test_packages_import_one_another_without_a_cycle(graph):
+    assert package_cycles(graph) == []
+
+
+@pytest.mark.parametrize("importer, imported", [
+    ("megatron_ext.rope.apply", "megatron.core"),
+    ("megatron_ext.convert.cli", "megatron_ext.cli"),
+    ("megatron_ext.training.train", "megatron_ext.launch.slurm"),
+    ("megatron_ext.eval.models", "megatron_ext.training.train"),
+    ("megatron_ext.launch.memory", "megatron_ext.training.metrics"),
+])
+def test_a_deliberate_violation_is_caught(graph, importer, imported):
+    broken = {module: set(edges) for module, edges in graph.items()}
+    broken[importer].add(imported)
+    assert any(line.startswith(f"{importer} -> {imported}") for line in violations(broken))
+
+
+def test_a_deliberate_cycle_is_caught(graph):
+    broken = {module: set(edges) for module, edges in graph.items()}
+    broken["megatron_ext.rope.config"].add("megatron_ext.models.gpt")  # models already imports rope
+    assert any({"megatron_ext.rope", "megatron_ext.models"} <= set(cycle) for cycle in package_cycles(broken))
+
+
+def test_the_graph_sees_imports_inside_functions(graph):
+    # the CLI imports every command's module inside build_parser, by name; the train command imports the loop lazily
+    assert "megatron_ext.training.train" in graph["megatron_ext.training.cli"]
