@@ -100,6 +100,7 @@ class CheckpointConfig:
     keep_last: int | None = 2
     resume: str = "auto"  # auto (newest complete one, if any) | none | a checkpoint directory
     pretrained: str | None = None  # weights to start from when there is nothing to resume (e.g. a converted HF model)
+    from_scratch: bool = False  # a model of >= 1B parameters starts from random weights only when this says so
     load_optimizer: bool = True
 
 
@@ -191,6 +192,8 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     check(0 < o.adam_beta1 < 1 and 0 < o.adam_beta2 < 1,
            f"optimizer.adam_beta1/adam_beta2 ({o.adam_beta1}, {o.adam_beta2}) must be in (0, 1)")
     check(o.clip_grad >= 0, f"optimizer.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
+    check(not (c.checkpoint.from_scratch and c.checkpoint.pretrained),
+          "checkpoint.from_scratch: true and checkpoint.pretrained both set: keep the one you mean")
     check(c.checkpoint.keep_last is None or c.checkpoint.keep_last >= 1,
            f"checkpoint.keep_last ({c.checkpoint.keep_last}) must be >= 1, or null to keep all")
     if pose.enabled:

@@ -209,12 +209,22 @@ def _plan_training_job(args, job) -> None:
         f"({100 * request.mfu:g}% of peak assumed); {config.training.train_iters} iterations ~ "
         f"{config.training.train_iters * step / 3600:.1f} h",
         f"Checkpoints: {config.checkpoint.dir} (checkpoint.dir); logs: logs/{name}-<job id>.out",
+        f"Starts from: {_starting_weights(config)}; later runs resume from the newest checkpoint",
     ]
     if not args.container_mounts:
         job.container_mounts = mounts_for([*config.data.train_data, config.data.tokenizer_model,
                                            config.data.cache_dir, config.checkpoint.dir,
                                            config.checkpoint.pretrained, config.logging.tensorboard_dir,
                                            config.logging.metrics_file])
+
+
+def _starting_weights(config) -> str:
+    """What the first run of the job starts from, as the config says."""
+    if config.checkpoint.pretrained:
+        return f"{config.checkpoint.pretrained} (checkpoint.pretrained)"
+    if config.checkpoint.from_scratch:
+        return "random weights (checkpoint.from_scratch: true)"
+    return "random weights (no checkpoint.pretrained; models of 1B+ parameters refuse this)"
 
 
 def _training_layout(args, config, request):

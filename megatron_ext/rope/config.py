@@ -77,3 +77,16 @@ class RopeConfig:
             params["seq_len"] = seq_len
         rows, factors = zip(*(rope_inv_freq(self.scaling, base=float(b), dim=rotary_dim, **params) for b in bases))
         return torch.stack(rows), factors[0]
+
+    def describe(self, num_query_groups: int) -> str:
+        """One line for people: base, scaling and, for HARPE, the bases per KV group."""
+        text = f"base {self.base:g}, scaling {self.scaling}"
+        if self.scaling_params:
+            text += " " + ", ".join(f"{k}={v}" for k, v in self.scaling_params.items())
+        if self.head_base_strategy is not None:
+            bases = self.group_bases(num_query_groups).tolist()
+            shown = ", ".join(f"{b:.6g}" for b in bases[:8]) + (", ..." if len(bases) > 8 else "")
+            text += f"; HARPE {self.head_base_strategy} bases per KV group [{shown}]"
+        if self.rotary_percent != 1.0:
+            text += f"; rotary_percent {self.rotary_percent}"
+        return text

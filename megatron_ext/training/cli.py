@@ -21,18 +21,25 @@ def add_train_args(subparsers):
 
 
 def run_train(args) -> int:
-    from megatron_ext.config import ConfigError, load_config
+    from megatron_ext.checkpoint.layout import validate_checkpoint_dir
+    from megatron_ext.config import ConfigError, TrainConfig, from_dict, read_raw, validate
+    from megatron_ext.training.start import settle_start
 
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    config = load_config(args.config, overrides)  # every setting checked before any process starts
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node ({args.nproc_per_node}) must be >= 1")
-    check_checkpoint_settings(config)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    given = read_raw(args.config, overrides, example="examples/configs/*.yaml")
+    config = from_dict(TrainConfig, given, prefix="")
+    # every setting is checked before any process starts: the checkpoint it starts from first (it supplies the
+    # architecture), then the whole config
+    validate_checkpoint_dir(config.checkpoint.dir)
+    start = settle_start(config, given)
+    validate(config)
     if args.nproc_per_node > 1 and "RANK" not in os.environ:
         return relaunch(args.argv, args.nproc_per_node)
     from megatron_ext.training.train import train
 
-    result = train(config)
+    result = train(config, start)
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
         print(f"checkpoint: {result.last_checkpoint}")
         print(f"metrics: {config.logging.metrics_file}  tensorboard: {config.logging.tensorboard_dir}")
@@ -52,13 +59,3 @@ def relaunch(argv: list[str], nproc: int) -> int:
                "-m", "megatron_ext.cli", *argv]
     return subprocess.call(command)
 
-
-def check_checkpoint_settings(config) -> None:
-    """checkpoint.dir can hold checkpoints, and checkpoint.resume / checkpoint.pretrained name usable ones."""
-    from megatron_ext.checkpoint.layout import find_checkpoint, resolve_checkpoint, validate_checkpoint_dir
-
-    validate_checkpoint_dir(config.checkpoint.dir)
-    resumed = find_checkpoint(config.checkpoint.dir, config.checkpoint.resume)
-    if config.checkpoint.pretrained and resumed is None:
-        config.checkpoint.pretrained = str(resolve_checkpoint(config.checkpoint.pretrained,
-                                                              setting="checkpoint.pretrained"))

@@ -20,6 +20,7 @@ from megatron_ext.distributed import setup_distributed
 from megatron_ext.models.builder import build_gpt
 from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size, peak_tflops
 from megatron_ext.training.metrics import TrainLogger
+from megatron_ext.training.start import Start, settle_start
 
 log = logging.getLogger("megatron_ext")
 
@@ -32,8 +33,14 @@ class TrainResult:
     stopped_by_signal: bool = False
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) a training job described by a validated TrainConfig."""
+def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
+    """Run (or resume) a training job described by a validated TrainConfig.
+
+    `start` is what `settle_start` decided (the `train` command passes it); without it every setting of
+    `config` counts as given, so a contradiction with the checkpoint it starts from is refused.
+    """
+    if start is None:
+        start = settle_start(config, given=config.to_dict())
     device = setup_distributed(config.parallel)
     from megatron.core import parallel_state as ps
 
@@ -47,21 +54,23 @@ def train(config: TrainConfig) -> TrainResult:
     model = build_model(config, vocab_size, device)
     optimizer, scheduler = build_optimizer(config, model)
 
-    from megatron_ext.checkpoint.layout import find_checkpoint, resolve_checkpoint
     from megatron_ext.checkpoint.store import load_checkpoint, save_checkpoint
 
     start_iteration = 0
-    resume_from = find_checkpoint(config.checkpoint.dir, config.checkpoint.resume)
+    resume_from = start.resume.path if start.resume else None
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=model,
                                 optimizer=optimizer if config.checkpoint.load_optimizer else None,
                                 scheduler=scheduler)
         start_iteration = state["iteration"]
-        log.info(f"megatron_ext: resumed from {resume_from} at iteration {start_iteration}")
-    elif config.checkpoint.pretrained:
-        pretrained = resolve_checkpoint(config.checkpoint.pretrained, setting="checkpoint.pretrained")
-        load_checkpoint(pretrained, model=model, setting="checkpoint.pretrained")  # weights only; iteration 0
-        log.info(f"megatron_ext: starting from the weights of {pretrained}")
+        log.info(f"megatron_ext: resumed from {resume_from} at iteration {start_iteration}"
+                 + (" = training.train_iters: nothing left to train" if start_iteration >= config.training.train_iters
+                    else ""))
+    elif start.pretrained is not None:
+        load_checkpoint(start.pretrained.path, model=model, setting="checkpoint.pretrained")  # weights only
+        log.info(f"megatron_ext: starting from the weights of {start.pretrained.path}")
+    else:
+        log.info("megatron_ext: starting from random weights")
 
     batches = build_batches(config, tokenizer, data_prefixes, start_iteration)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -192,6 +201,8 @@ def build_optimizer(config: TrainConfig, model: list):
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
         lr_decay_steps=o.lr_decay_iters or t.train_iters, lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # the config's schedule wins
+        # on resume (changes are logged by training/start.py); the checkpoint gives the step count
     )
     return optimizer, scheduler
 

@@ -1,0 +1,162 @@
+"""What a run starts from (megatron_ext/training/start.py): the checkpoint's architecture wins, a contradiction is
+refused by name, RoPE follows the config's `rope` section or else the checkpoint, a resume keeps what defines the
+model and its data, and a large model never starts from random weights by accident.
+
+Checkpoints here are their records only (an iter_ directory with `complete` and megatron_ext.json): the decisions
+are made from those before any tensor is read.
+"""
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.checkpoint.layout import CheckpointError
+from megatron_ext.checkpoint.state import CheckpointState
+from megatron_ext.cli import main
+from megatron_ext.config import TrainConfig, from_dict
+from megatron_ext.rope import RopeConfig
+from megatron_ext.training.start import check_from_scratch, model_parameters, settle_start
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "examples" / "configs").glob("llama2_7b_*.yaml"))
+
+
+def qwen2_like() -> TrainConfig:
+    """What `convert hf-to-mcore` records for a small Qwen2: q/k/v biases, tied embeddings, rope_theta 1e6."""
+    config = TrainConfig()
+    m = config.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups = 2, 64, 8, 2
+    m.ffn_hidden_size, m.vocab_size, m.norm_epsilon = 96, 500, 1e-6
+    m.qkv_bias, m.tie_embeddings = True, True
+    config.rope = RopeConfig(base=1e6)
+    return config
+
+
+def write_checkpoint(root: Path, config: TrainConfig, iteration: int = 0) -> Path:
+    state = CheckpointState.of_run(config, iteration=iteration, padded_vocab_size=512, tokenizer_model=None,
+                                   tokenizer_vocab_size=config.model.vocab_size, parallel={})
+    path = root / f"iter_{iteration:07d}"
+    path.mkdir(parents=True)
+    (path / "complete").write_text(path.name)
+    (path / "megatron_ext.json").write_text(json.dumps({
+        "format_version": 1, "iteration": iteration, "optimizer": None, "sharding_metadata": {},
+        "parallel_layout": {"world_size": 1}, "state": state.to_json()}))
+    (root / "latest").write_text(path.name)
+    return path
+
+
+def run_config(given: dict) -> TrainConfig:
+    return from_dict(TrainConfig, json.loads(json.dumps(given)), prefix="")
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    return write_checkpoint(tmp_path / "converted", qwen2_like())
+
+
+def test_a_config_without_a_model_section_takes_the_checkpoints_architecture_and_rope(tmp_path, pretrained):
+    given = {"model": {"seq_length": 128}, "checkpoint": {"dir": str(tmp_path / "run"), "pretrained": str(pretrained)}}
+    config = run_config(given)
+    start = settle_start(config, given)
+    source = qwen2_like()
+    assert start.pretrained.path == pretrained and start.resume is None
+    assert (config.model.qkv_bias, config.model.tie_embeddings, config.model.norm_epsilon) == (True, True, 1e-6)
+    assert (config.model.num_query_groups, config.model.ffn_hidden_size, config.model.vocab_size) == (2, 96, 500)
+    assert config.model.seq_length == 128  # the training window is the run's own
+    assert config.rope == source.rope and config.rope.base == 1e6  # no rope section: the source's, not 10000
+
+
+def test_an_explicit_value_that_contradicts_the_checkpoint_is_refused_naming_both(tmp_path, pretrained):
+    given = {"model": {"qkv_bias": False}, "checkpoint": {"dir": str(tmp_path / "run"), "pretrained": str(pretrained)}}
+    with pytest.raises(CheckpointError, match=r"^model\.qkv_bias: the config says False, the checkpoint "
+                                              r"checkpoint\.pretrained \(.*\) says True"):
+        settle_start(run_config(given), given)
+
+
+def test_an_explicit_value_that_agrees_is_accepted(tmp_path, pretrained):
+    given = {"model": {"num_layers": 2, "qkv_bias": True, "vocab_size": 500},
+             "checkpoint": {"dir": str(tmp_path / "run"), "pretrained": str(pretrained)}}
+    config = run_config(given)
+    settle_start(config, given)
+    assert config.model.tie_embeddings
+
+
+def test_a_llama3_source_keeps_its_rope_and_a_harpe_config_logs_the_change(tmp_path, caplog):
+    source = qwen2_like()
+    source.rope = RopeConfig(base=500000.0, scaling="llama3", scaling_params=dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
+    path = write_checkpoint(tmp_path / "llama3", source)
+    given = {"checkpoint": {"dir": str(tmp_path / "run"), "pretrained": str(path)}}
+    config = run_config(given)
+    settle_start(config, given)
+    assert config.rope == source.rope
+
+    harpe = {"rope": {"head_base_strategy": "uniform", "head_base_params": {"b_min": 1e6, "b_max": 5e6}}, **given}
+    config = run_config(harpe)
+    with caplog.at_level(logging.INFO, logger="megatron_ext"):
+        settle_start(config, harpe)
+    assert config.rope.head_base_strategy == "uniform"
+    assert "RoPE: base 500000, scaling llama3 factor=8.0" in caplog.text
+    assert "-> base 10000, scaling default; HARPE uniform bases per KV group [1e+06, 5e+06]" in caplog.text
+
+
+def resumable_run(tmp_path) -> dict:
+    config = qwen2_like()
+    config.model.seq_length = 128
+    config.checkpoint.dir = str(tmp_path / "run")
+    config.training.train_iters = 10
+    write_checkpoint(tmp_path / "run", config, iteration=10)
+    return config.to_dict()
+
+
+def test_resuming_with_another_training_window_is_refused(tmp_path):
+    given = resumable_run(tmp_path)
+    given["model"]["seq_length"] = 512
+    with pytest.raises(CheckpointError, match=r"model\.seq_length: 128 in the checkpoint, 512 now.*--resume none"):
+        settle_start(run_config(given), given)
+
+
+def test_resuming_with_other_rope_bases_is_refused(tmp_path):
+    given = resumable_run(tmp_path)
+    given["rope"]["base"] = 10000.0
+    with pytest.raises(CheckpointError, match=r"rope\.base: 1000000\.0 in the checkpoint, 10000\.0 now"):
+        settle_start(run_config(given), given)
+
+
+def test_resuming_with_more_iterations_goes_on_and_says_what_changed(tmp_path, caplog):
+    given = resumable_run(tmp_path)
+    given["training"]["train_iters"] = 20
+    config = run_config(given)
+    with caplog.at_level(logging.INFO, logger="megatron_ext"):
+        start = settle_start(config, given)
+    assert start.resume.iteration == 10 and config.training.train_iters == 20
+    assert "resuming with changed settings: training.train_iters 10 -> 20" in caplog.text
+
+
+def test_a_7b_model_needs_pretrained_weights_or_an_explicit_from_scratch():
+    config = TrainConfig()
+    m = config.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size, m.vocab_size = 32, 4096, 32, 11008, 32000
+    assert model_parameters(m) == 6_738_415_616  # Llama-2-7B's published count
+    with pytest.raises(CheckpointError, match=r"6\.7B-parameter model would start from random weights: set "
+                                              r"checkpoint\.pretrained .*megatron-ext convert hf-to-mcore.*"
+                                              r"checkpoint\.from_scratch: true"):
+        check_from_scratch(config)
+    config.checkpoint.from_scratch = True
+    check_from_scratch(config)
+
+
+def test_a_tiny_model_starts_from_scratch_without_the_flag():
+    check_from_scratch(TrainConfig())  # 4 layers x 128: well under 1B
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_each_7b_recipe_without_its_converted_checkpoint_is_refused_before_any_work(recipe, capsys, tmp_path):
+    code = main(["train", "--config", str(recipe), "--set", f"checkpoint.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("megatron-ext train: checkpoint.pretrained ('/checkpoints/llama2_7b_hf/iter_0000000') "
+                          "does not exist")
+    assert "megatron-ext convert hf-to-mcore --hf" in err
+    assert not (tmp_path / "run").exists()
