@@ -200,7 +200,10 @@ def test_round_trip_is_bitwise_with_the_same_config(models, round_trips, name):
     source_config = json.loads((source / "config.json").read_text())
     back_config = json.loads((back / "config.json").read_text())
     assert rope_keys(back_config) == rope_keys(source_config)
-    assert back_config == source_config
+    # the one change: no sliding window (MistralConfig's default is 4096), as megatron_ext's model has
+    # none (tests/test_convert_window.py)
+    window_off = {"sliding_window": None} if "sliding_window" in source_config else {}
+    assert back_config == {**source_config, **window_off}
     for file in (*TOKENIZER_FILES, "generation_config.json"):
         assert (back / file).read_bytes() == (source / file).read_bytes(), file
 

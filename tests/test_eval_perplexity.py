@@ -9,6 +9,7 @@ import torch
 
 from megatron_ext.eval.perplexity import evaluate_perplexity, sliding_windows
 from megatron_ext.eval.settings import PerplexitySettings
+from test_eval_support import SP_VOCAB
 
 pytest_plugins = ["test_eval_support"]
 
@@ -24,7 +25,8 @@ def test_window_plan_scores_every_token_once():
 
 def hand_nll(raw_model, bos: int, document: list[int], window_tokens: list[tuple[int, int]]) -> tuple[float, int]:
     """Sum of -log p(token) over hand-listed (window start, token index) pairs: the model reads
-    [BOS] + document[start:...] and token i sits at position i - start + 1."""
+    [BOS] + document[start:...] and token i sits at position i - start + 1. Probabilities are over the tokenizer's
+    SP_VOCAB ids: the model's padding rows (up to its 640) are no tokens."""
     total, ends = 0.0, {}
     for start, index in window_tokens:
         ends[start] = max(ends.get(start, 0), index + 1)
@@ -32,7 +34,7 @@ def hand_nll(raw_model, bos: int, document: list[int], window_tokens: list[tuple
         ids = torch.tensor([[bos] + document[start:end]])
         with torch.no_grad():
             logits = raw_model(ids, torch.arange(ids.size(1))[None], None)
-        log_probs = torch.log_softmax(logits[0].double(), dim=-1)
+        log_probs = torch.log_softmax(logits[0, :, :SP_VOCAB].double(), dim=-1)
         for s, index in window_tokens:
             if s == start:
                 position = index - start + 1

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megatron_ext.eval.prompts import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
 
 MAX_LENGTH = 512
+SP_VOCAB = 600  # pieces of the sentencepiece tokenizer; the megatron models below have 640 (padded) rows
 
 
 def training_text() -> list[str]:
@@ -30,7 +31,7 @@ def sp_tokenizer(tmp_path_factory):
     from megatron_ext.data import train_sentencepiece
     from megatron_ext.eval.tokenizers import SentencePieceEvalTokenizer
 
-    model = train_sentencepiece(iter(training_text()), tmp_path_factory.mktemp("sp") / "tok", 600, seed=0)
+    model = train_sentencepiece(iter(training_text()), tmp_path_factory.mktemp("sp") / "tok", SP_VOCAB, seed=0)
     return SentencePieceEvalTokenizer(model)
 
 

@@ -160,3 +160,18 @@ def test_each_7b_recipe_without_its_converted_checkpoint_is_refused_before_any_w
                           "does not exist")
     assert "megatron-ext convert hf-to-mcore --hf" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_given_whole_checks_its_architecture_and_lets_null_sizes_stand_for_the_checkpoints(tmp_path):
+    """`train(config)` called from Python counts every setting as given: nulls stand for derived sizes."""
+    source = qwen2_like()
+    source.model.vocab_size = None  # recorded as the tokenizer's (500)
+    path = write_checkpoint(tmp_path / "converted", source)
+    config = qwen2_like()
+    config.model.vocab_size, config.checkpoint.pretrained = None, str(path)
+    config.checkpoint.dir = str(tmp_path / "run")
+    settle_start(config, config.to_dict())
+    assert config.model.vocab_size is None
+    config.model.num_layers = 3
+    with pytest.raises(CheckpointError, match="model.num_layers: the config says 3, .* says 2"):
+        settle_start(config, config.to_dict())

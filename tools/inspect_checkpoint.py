@@ -69,6 +69,8 @@ def inspect_megatron(argument: Path, list_tensors: bool) -> None:
     if hf:
         print(f"  converted from: {hf['architecture']} at {hf['source']} "
               f"({hf['dtype']}, RoPE in {hf['rope_form']} form)")
+        for setting, value in (hf.get("dropped") or {}).items():
+            print(f"  dropped at conversion: {setting} {value} (the model attends to the whole context)")
     optimizer = checkpoint.optimizer
     print(f"  optimizer state: {'none (weights only)' if not optimizer else optimizer['flavor']}")
 

@@ -7,7 +7,6 @@ head; both sides use rotate-half RoPE, so q/k rows need no permutation.
 Imports torch and megatron_ext's config only (no megatron, no transformers).
 """
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +15,6 @@ import torch
 from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.rope import dynamic_max_positions, hf_rope_parameters, rope_from_hf, rope_to_hf, set_hf_rope
 from megatron_ext.config import ModelConfig, TrainConfig
-
-log = logging.getLogger("megatron_ext")
 
 
 @dataclass(frozen=True)
@@ -130,6 +127,12 @@ LLAMA_RULES = (
 # In Hugging Face checkpoints but derived from the config, not weights: skipped when reading.
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 
+# config.json keys of sliding-window attention, with the values that turn it off. megatron_ext's
+# model attends to the whole causal context, so a source window is dropped on the way in and an
+# export never turns one on: it would run a model other than the one trained.
+WINDOW_OFF = {"sliding_window": None, "use_sliding_window": False}
+DEFAULT_WINDOW = 4096  # MistralConfig's and Qwen2Config's sliding_window when config.json names none
+
 
 # --- families ---------------------------------------------------------------------------------
 
@@ -143,6 +146,9 @@ class LlamaAdapter:
     rules = LLAMA_RULES
     # config.json keys of a fresh export, before the model's own numbers are filled in
     fresh_config = {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    # WINDOW_OFF keys this family's config reads: written even where the source has none, as
+    # transformers' default for them may turn a window on
+    window_keys: tuple[str, ...] = ()
 
     def qkv_bias(self, hf: dict) -> bool:
         if hf.get("attention_bias"):
@@ -154,6 +160,10 @@ class LlamaAdapter:
     def check(self, hf: dict) -> None:
         if hf.get("mlp_bias"):
             raise ConversionError("mlp_bias: true is not supported: megatron_ext's MLP has no biases")
+
+    def sliding_window(self, hf: dict) -> int | None:
+        """The attention window transformers runs this config.json with; None: full causal attention."""
+        return None
 
     def export_overrides(self, config: TrainConfig, source: dict) -> dict:
         return {}
@@ -220,6 +230,7 @@ class LlamaAdapter:
         hf.setdefault("max_position_embeddings", _trained_length(config))
         hf[_dtype_key(hf)] = str(dtype).removeprefix("torch.")
         hf.update(self.export_overrides(config, source or {}))
+        hf.update({key: off for key, off in WINDOW_OFF.items() if key in hf or key in self.window_keys})
         _write_rope(hf, config, source, rope_form, groups, head_dim)
         return hf
 
@@ -232,41 +243,48 @@ class LlamaAdapter:
 
 
 class MistralAdapter(LlamaAdapter):
-    """Mistral (MistralForCausalLM): Llama's layout. Sliding-window attention is kept in config.json
-    but megatron_ext trains with full causal attention."""
+    """Mistral (MistralForCausalLM): Llama's layout. A sliding window (v0.1: 4096) is dropped both ways
+    (see WINDOW_OFF)."""
 
     family = "mistral"
     architecture = "MistralForCausalLM"
     older_names = ()
     model_type = "mistral"
-    fresh_config = {"sliding_window": None}
+    fresh_config = {}
+    window_keys = ("sliding_window",)
 
     def qkv_bias(self, hf: dict) -> bool:
         return False
 
-    def check(self, hf: dict) -> None:
-        window = hf.get("sliding_window")
-        if window is not None and window < hf.get("max_position_embeddings", 0):
-            log.warning(f"megatron_ext: sliding_window ({window}) is kept in config.json, but megatron_ext "
-                        f"trains with full causal attention over the whole sequence")
+    def sliding_window(self, hf: dict) -> int | None:
+        return hf.get("sliding_window", DEFAULT_WINDOW)
 
 
 class Qwen2Adapter(LlamaAdapter):
-    """Qwen2 / Qwen2.5 (Qwen2ForCausalLM): Llama's layout plus biases on q, k and v."""
+    """Qwen2 / Qwen2.5 (Qwen2ForCausalLM): Llama's layout plus biases on q, k and v. A sliding window
+    (use_sliding_window) is dropped both ways (see WINDOW_OFF)."""
 
     family = "qwen2"
     architecture = "Qwen2ForCausalLM"
     older_names = ()
     model_type = "qwen2"
-    fresh_config = {"use_sliding_window": False, "sliding_window": None}
+    fresh_config = {}
+    window_keys = ("use_sliding_window", "sliding_window")
 
     def qkv_bias(self, hf: dict) -> bool:
         return True
 
-    def check(self, hf: dict) -> None:
-        if hf.get("use_sliding_window"):
-            log.warning("megatron_ext: use_sliding_window is kept in config.json, but megatron_ext trains "
-                        "with full causal attention over the whole sequence")
+    def sliding_window(self, hf: dict) -> int | None:
+        """transformers 5's rule: the window applies to the layers layer_types marks, by default to
+        those from max_window_layers on."""
+        window = hf.get("sliding_window", DEFAULT_WINDOW)
+        if not hf.get("use_sliding_window") or window is None:
+            return None
+        types = hf.get("layer_types")
+        if types is not None:
+            return window if "sliding_attention" in types else None
+        first_windowed_layer = hf.get("max_window_layers", 28)  # 28: Qwen2Config's default
+        return window if first_windowed_layer < hf.get("num_hidden_layers", 0) else None
 
     def check_export(self, model: ModelConfig) -> None:
         if not model.qkv_bias:
@@ -275,9 +293,8 @@ class Qwen2Adapter(LlamaAdapter):
 
     def export_overrides(self, config: TrainConfig, source: dict) -> dict:
         layers = config.model.num_layers
-        types = source.get("layer_types")
         return {"max_window_layers": source.get("max_window_layers", layers),
-                "layer_types": types if types and len(types) == layers else ["full_attention"] * layers}
+                "layer_types": ["full_attention"] * layers}  # no window: see WINDOW_OFF
 
 
 ADAPTERS = {adapter.family: adapter for adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter())}

@@ -46,6 +46,7 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
     hf_config = read_config(hf_dir)
     adapter = adapter_for_hf(hf_config, str(hf_dir / "config.json"))
     config = adapter.train_config(hf_config)
+    dropped = dropped_settings(adapter, hf_config, hf_dir)
     check_layout(config, tp, pp)
     config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size = tp, pp
     source = SafetensorsCheckpoint(hf_dir)
@@ -66,7 +67,7 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
             final = Path(out_dir).expanduser().absolute() / checkpoint_name(0)
             tokenizer_files = present_tokenizer_files(hf_dir)
             state = checkpoint_state(config, padded, hf_dir, hf_config, adapter.architecture, source, final,
-                                     tokenizer_files, tp, pp)
+                                     tokenizer_files, tp, pp, dropped)
             with _Puller(plan, source, weights_dtype, progress) as pull:
                 saved = save_checkpoint(staging, 0, model=[skeleton], state=state.to_json(),
                                         sharded_strategy=PullingSaveStrategy(pull))
@@ -74,6 +75,16 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
     log.info(f"megatron_ext: converted {hf_dir} ({adapter.family}, {source.nbytes() / 2**30:.2f} GiB) -> {final} "
              f"in {time.perf_counter() - started:.1f} s")
     return final
+
+
+def dropped_settings(adapter, hf_config: dict, hf_dir: Path) -> dict:
+    """The source's settings the converted model does not have, each logged: its sliding window."""
+    window = adapter.sliding_window(hf_config)
+    if window is None:
+        return {}
+    log.warning(f"megatron_ext: sliding_window ({window}) of {hf_dir} is dropped: the converted model attends to "
+                f"the whole context (full causal attention), and mcore-to-hf exports sliding_window: null")
+    return {"sliding_window": window}
 
 
 def check_layout(config: TrainConfig, tp: int, pp: int) -> None:
@@ -118,8 +129,9 @@ def _ignorable(name: str, config: TrainConfig) -> bool:
 
 def checkpoint_state(config: TrainConfig, padded: int, hf_dir: Path, hf_config: dict, architecture: str,
                      source: SafetensorsCheckpoint, final: Path, tokenizer_files: list[str], tp: int,
-                     pp: int) -> CheckpointState:
-    """The checkpoint's state, as a training checkpoint's at iteration 0, plus the source model."""
+                     pp: int, dropped: dict) -> CheckpointState:
+    """The checkpoint's state, as a training checkpoint's at iteration 0, plus the source model
+    (its config.json as it was, and the settings of it the model does not have: `dropped`)."""
     main = source.main_dtype()
     tokenizer_dir = final / TOKENIZER_DIR
     if "tokenizer.model" in tokenizer_files:  # sentencepiece: what megatron_ext's training reads
@@ -132,7 +144,8 @@ def checkpoint_state(config: TrainConfig, padded: int, hf_dir: Path, hf_config: 
         hf=dict(source=str(hf_dir), architecture=architecture, config=hf_config,
                 dtype=_name(main), rope_form=hf_rope_parameters(hf_config)[1],
                 tensor_dtypes={n: _name(d) for n, d in source.dtypes.items() if d != main},  # for the way back
-                tokenizer_dir=TOKENIZER_DIR if tokenizer_files else None, tokenizer_files=tokenizer_files))
+                tokenizer_dir=TOKENIZER_DIR if tokenizer_files else None, tokenizer_files=tokenizer_files,
+                dropped=dropped))
 
 
 def _name(dtype) -> str | None:

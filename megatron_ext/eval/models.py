@@ -1,8 +1,8 @@
 """The model interface every evaluation runs on, for megatron_ext checkpoints and Hugging Face causal LMs.
 
-`EvalModel.logits` returns next-token logits at chosen positions; `attention_probs` the attention
-distributions of chosen query positions, from the rotated q and k. megatron and transformers are
-imported only when a model of their kind is loaded.
+`EvalModel.logits` returns next-token logits over the model's real vocabulary (never megatron's padding
+rows) at chosen positions; `attention_probs` the attention distributions of chosen query positions, from the
+rotated q and k. megatron and transformers are imported only when a model of their kind is loaded.
 """
 
 from contextlib import contextmanager
@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from megatron_ext.errors import InputError, MissingFile
-from megatron_ext.eval.tokenizers import EvalTokenizer, HFEvalTokenizer, SentencePieceEvalTokenizer
+from megatron_ext.eval.tokenizers import EvalTokenizer, SentencePieceEvalTokenizer, hf_directory_tokenizer
 
 
 class EvalModel(Protocol):
@@ -21,6 +21,7 @@ class EvalModel(Protocol):
     tokenizer: EvalTokenizer
     context_window: int | None  # the length it was trained for (PoSE: the target length), for tables
     source: str | None  # where it was loaded from (a checkpoint's iter_ directory, a model directory)
+    vocab_size: int  # V, the columns of `logits`: the real vocabulary, without the rows megatron pads it with
 
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,15 +83,19 @@ class MegatronExtModel:
 
     `from_checkpoint` loads any saved TP/PP layout into this process's layout. Built around a model in
     memory, it evaluates during training too. Every rank computes the same numbers; rank 0 writes them.
+    The model's output layer has megatron's padded vocabulary (a multiple of 128 x TP rows); `vocab_size`
+    is the real one (default: the tokenizer's), and logits keep only those columns, so a softmax or argmax
+    never sees a padding row, and scores equal those of the Hugging Face export (which drops the padding).
     """
 
     def __init__(self, model, tokenizer: EvalTokenizer, *, name: str = "model", context_window: int | None = None,
-                 source: str | None = None):
+                 source: str | None = None, vocab_size: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.context_window = context_window
         self.source = source
+        self.vocab_size = min(vocab_size or tokenizer.vocab_size, model.vocab_size)
         self.device = next(model.parameters()).device
 
     @classmethod
@@ -116,9 +121,12 @@ class MegatronExtModel:
         if not tokenizer_model.is_file():
             raise MissingFile(f"the checkpoint's tokenizer {tokenizer_model} is gone: pass its new path "
                               "(--tokenizer / tokenizer_model)")
+        tokenizer = SentencePieceEvalTokenizer(tokenizer_model)
+        # the vocabulary it was trained with, as training sized it and `convert mcore-to-hf` exports it
+        vocab_size = state.config.model.vocab_size or state.tokenizer_vocab_size or tokenizer.vocab_size
         path = saved.path
-        return cls(model, SentencePieceEvalTokenizer(tokenizer_model), context_window=state.context_window,
-                   source=str(path), name=name or f"{path.parent.name}/{path.name}")
+        return cls(model, tokenizer, context_window=state.context_window, source=str(path), vocab_size=vocab_size,
+                   name=name or f"{path.parent.name}/{path.name}")
 
     @torch.no_grad()
     def logits(self, tokens, position_ids=None, rows=None):
@@ -139,7 +147,8 @@ class MegatronExtModel:
         finally:
             if hook is not None:
                 hook.remove()
-        return _gather_tensor_parallel(logits, dim=-1)  # [b, r, V/tp] -> [b, r, V]
+        padded = _gather_tensor_parallel(logits, dim=-1)  # [b, r, padded V / tp] -> [b, r, padded V]
+        return padded[..., :self.vocab_size]  # [b, r, V]: the padding rows are no tokens
 
     def _pipeline_forward(self, tokens, position_ids, num_rows):
         """Run the stages with megatron's schedule; the last stage's logits reach every rank of the pipeline."""
@@ -240,21 +249,26 @@ def _current_device() -> torch.device:
 
 
 class HFCausalLM:
-    """`AutoModelForCausalLM` from a local directory (no downloads, no remote code), SDPA attention."""
+    """A causal LM from a local Hugging Face directory (no downloads, no remote code), SDPA attention.
+
+    Loaded by megatron_ext.hf's loader: stock `AutoModelForCausalLM`, except that exports whose RoPE
+    transformers lacks (rope_type 'harpe': one base per KV group) rotate q and k per group. Its vocabulary
+    is the config's `vocab_size` (exports from megatron_ext drop megatron's padding rows).
+    """
 
     def __init__(self, local_dir, *, device: str | None = None, dtype: torch.dtype | None = None,
                  name: str | None = None):
-        from transformers import AutoModelForCausalLM
+        from megatron_ext.hf import load_harpe_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(local_dir), local_files_only=True, trust_remote_code=False, dtype=dtype, attn_implementation="sdpa",
-        ).to(self.device).eval()
-        self.tokenizer = HFEvalTokenizer(local_dir)
+        self.model = load_harpe_model(str(local_dir), local_files_only=True, dtype=dtype,
+                                      attn_implementation="sdpa").to(self.device).eval()
+        self.tokenizer = hf_directory_tokenizer(local_dir)
         self.name = name or Path(local_dir).name
         self.source = str(local_dir)
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
+        self.vocab_size = self.model.config.vocab_size
 
     @torch.no_grad()
     def logits(self, tokens, position_ids=None, rows=None):

@@ -5,6 +5,8 @@ positions are exact; `encode_continuation` makes a piece tokenize as it would in
 No torch, no megatron.
 """
 
+import json
+from pathlib import Path
 from typing import Protocol
 
 _ANCHOR = "x"  # a one-token word that text with a leading separator can follow without merging
@@ -13,6 +15,7 @@ _ANCHOR = "x"  # a one-token word that text with a leading separator can follow 
 class EvalTokenizer(Protocol):
     bos_id: int | None  # prepended to every evaluated sequence when not None
     eos_id: int | None
+    vocab_size: int  # ids are 0 .. vocab_size - 1
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added."""
@@ -51,6 +54,22 @@ class SentencePieceEvalTokenizer:
     def decode(self, ids) -> str:
         # ids of a model's padded vocabulary rows are no pieces: they read as <unk> (id 0 in Llama's layout and ours)
         return self._tokenizer.detokenize([i if 0 <= i < self.vocab_size else 0 for i in ids])
+
+
+def hf_directory_tokenizer(local_dir) -> EvalTokenizer:
+    """The tokenizer of a Hugging Face model directory.
+
+    A bare sentencepiece model (tokenizer.model, a LlamaTokenizer config, no tokenizer.json: how `megatron-ext
+    convert mcore-to-hf` exports a run's tokenizer) is read with sentencepiece, as training read it; transformers 5
+    rebuilds it as a Metaspace tokenizer, which drops the word-start piece of text that begins with a space.
+    """
+    local_dir = Path(local_dir)
+    config_file = local_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if ((local_dir / "tokenizer.model").is_file() and not (local_dir / "tokenizer.json").is_file()
+            and config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast")):
+        return SentencePieceEvalTokenizer(local_dir / "tokenizer.model")
+    return HFEvalTokenizer(local_dir)
 
 
 class HFEvalTokenizer:

@@ -88,7 +88,8 @@ def adopt_model(config: TrainConfig, given: dict, saved: SavedCheckpoint, settin
     source = saved.state.config
     source_model = dataclasses.replace(source.model, vocab_size=source.model.vocab_size
                                        or saved.state.tokenizer_vocab_size)
-    explicit = given.get("model") or {}
+    # a null (vocab_size, num_query_groups, ffn_hidden_size) means "the size it stands for": not a value given
+    explicit = {key: value for key, value in (given.get("model") or {}).items() if value is not None}
     for key, value_of in ARCHITECTURE.items():
         theirs = value_of(source_model)
         if key in explicit and value_of(config.model) != theirs:
