@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.checkpoint.state import read_checkpoint
-from megatron_ext.convert.rope import describe, hf_rope_parameters, needs_megatron_ext, rope_from_hf
+from megatron_ext.convert.rope import hf_rope_parameters, needs_megatron_ext, rope_from_hf
 from megatron_ext.errors import UserError
 
 
@@ -60,7 +60,7 @@ def inspect_megatron(argument: Path, list_tensors: bool) -> None:
           f"vocab {vocab} (padded {state.padded_vocab_size}), "
           f"{m.normalization}, {'SwiGLU' if m.swiglu else 'GeLU'}, tied embeddings {m.tie_embeddings}, "
           f"q/k/v bias {m.qkv_bias}, seq_length {m.seq_length}")
-    print(f"  RoPE: {describe(config.rope, groups)}")
+    print(f"  RoPE: {config.rope.describe(groups)}")
     pose = config.pose
     print("  PoSE: " + (f"on, target_length {pose.target_length}, {pose.num_chunks} chunks ({pose.variant})"
                          if pose.enabled else "off"))
@@ -102,7 +102,7 @@ def inspect_hf(path: Path, list_tensors: bool) -> None:
           f"max_position_embeddings {hf.get('max_position_embeddings')}")
     params, form = hf_rope_parameters(hf)
     try:
-        rope = describe(rope_from_hf(hf), groups)
+        rope = rope_from_hf(hf).describe(groups)
     except ValueError as error:
         rope = f"{params} (not readable by megatron_ext: {error})"
     loader = "megatron_ext.hf.load_harpe_model" if needs_megatron_ext(hf) else "stock transformers"

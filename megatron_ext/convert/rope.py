@@ -188,17 +188,3 @@ def dynamic_max_positions(rope: RopeConfig) -> int | None:
     if rope.scaling == "dynamic" and rope.head_base_strategy is None and rope.rotary_percent == 1.0:
         return int(rope.scaling_params["original_max_position_embeddings"])
     return None
-
-
-def describe(rope: RopeConfig, num_query_groups: int) -> str:
-    """One line for people: base, scaling and, for HARPE, the bases per KV group."""
-    text = f"base {rope.base:g}, scaling {rope.scaling}"
-    if rope.scaling_params:
-        text += " " + ", ".join(f"{k}={v}" for k, v in rope.scaling_params.items())
-    if rope.head_base_strategy is not None:
-        bases = rope.group_bases(num_query_groups).tolist()
-        shown = ", ".join(f"{b:.6g}" for b in bases[:8]) + (", ..." if len(bases) > 8 else "")
-        text += f"; HARPE {rope.head_base_strategy} bases per KV group [{shown}]"
-    if rope.rotary_percent != 1.0:
-        text += f"; rotary_percent {rope.rotary_percent}"
-    return text
