@@ -50,7 +50,11 @@ class PoseConfig:
 class DataConfig:
     train_data: list[str] = field(default_factory=list)  # indexed-dataset prefixes ({prefix}.bin/.idx)
     train_data_weights: list[float] | None = None
-    tokenizer_model: str | None = None  # a sentencepiece .model (e.g. Llama's)
+    tokenizer: str | None = None  # a sentencepiece .model, a Hugging Face tokenizer directory, a tiktoken BPE file
+    tokenizer_type: str | None = None  # sentencepiece | huggingface | tiktoken; None: detected from the files
+    tokenizer_model: str | None = None  # a sentencepiece .model (the older name of `tokenizer` for that kind)
+    document_mask: bool = False  # packed documents: positions restart at each document, attention stays inside it
+    mask_eod_loss: bool = False  # no loss on predicting the end-of-document token
     tiny_corpus: bool = False  # build the offline tiny corpus + tokenizer + dataset under cache_dir
     tiny_corpus_documents: int = 400
     tokenizer_vocab_size: int = 2000  # for the tokenizer trained on the tiny corpus
@@ -133,6 +137,7 @@ class TrainConfig:
 CHOICES = {
     "model.normalization": ("RMSNorm", "LayerNorm"),
     "pose.variant": ("code", "paper"),
+    "data.tokenizer_type": (None, "sentencepiece", "huggingface", "tiktoken"),
     "training.precision": ("auto", "bf16", "fp32"),
     "training.recompute": ("none", "selective", "full"),
     "optimizer.lr_decay_style": ("cosine", "linear", "constant"),
@@ -154,7 +159,7 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
-        check(value in allowed, f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        check(value in allowed, f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
     for key in ("model.num_layers", "model.hidden_size", "model.num_attention_heads", "model.seq_length",
                 "training.train_iters", "training.micro_batch_size", "training.global_batch_size",
                 "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
