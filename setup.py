@@ -18,6 +18,7 @@ setup(
         "psutil",  # megatron's torch_dist checkpoint writer hangs without it
         "tqdm",
         "tensorboard",
+        "pyarrow",  # preprocess reads local Hugging Face datasets (save_to_disk, .arrow, .parquet)
     ],
     extras_require={
         "dev": [
@@ -28,6 +29,7 @@ setup(
             # transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS 4.48 (megatron_ext/eval/models.py).
             "transformers>=5.0",
             "safetensors",
+            "datasets",  # writes the Hugging Face datasets the preprocessing tests read
             "matplotlib",
             "triton",  # the fused rotary kernel's tests run in Triton's CPU interpreter
         ],
