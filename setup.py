@@ -15,6 +15,8 @@ setup(
         "numpy",
         "pyyaml",
         "sentencepiece",
+        "tiktoken",  # Llama-3's tokenizer.model (megatron_ext/data/tokenizer_files.py)
+        "tokenizers",  # Hugging Face tokenizers in preprocess workers; tokenizer.json of exports
         "psutil",  # megatron's torch_dist checkpoint writer hangs without it
         "tqdm",
         "tensorboard",

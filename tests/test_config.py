@@ -83,3 +83,13 @@ def test_bad_settings_are_rejected_naming_the_key(tmp_path, raw, key):
 def test_missing_config_file_names_the_flag(tmp_path):
     with pytest.raises(ConfigError, match="--config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_numbers_in_exponent_form_are_numbers_everywhere(tmp_path):
+    """YAML 1.1 reads 1.0e6 and 1e6 as strings; inside a params mapping no dataclass type coerces them."""
+    path = tmp_path / "harpe.yaml"
+    path.write_text("rope:\n  head_base_strategy: uniform\n  head_base_params: {b_min: 1.0e6, b_max: 5e6}\n"
+                    "data: {tiny_corpus: true}\noptimizer: {lr: 3e-4}\n")
+    config = load_config(path, ["rope.base=1e5"])
+    assert config.rope.head_base_params == {"b_min": 1e6, "b_max": 5e6} and config.rope.base == 1e5
+    assert config.rope.group_bases(4).tolist() == [1e6, 1e6 + 4e6 / 3, 1e6 + 8e6 / 3, 5e6]

@@ -24,6 +24,7 @@ from megatron_ext.data import (
     slice_for_context_parallel,
     train_sentencepiece,
 )
+from megatron_ext.data.dataset import packed_sequences_on_this_cp_rank
 from megatron_ext.rope.pose import pose_chunks, pose_position_ids
 
 SEQ_LENGTH = 32
@@ -201,6 +202,86 @@ def test_pose_settings_are_checked_when_the_dataset_is_made(dataset):
         PoseDataset(dataset, target_length=TARGET_LENGTH, seed=0, num_chunks=3)
 
 
+# ----------------------------------------------------------------------------- document masking
+
+
+@pytest.fixture(scope="module")
+def document_dataset(prefix, tokenizer):
+    return build_gpt_dataset([prefix], SEQ_LENGTH, tokenizer, num_samples=NUM_SAMPLES, seed=1, document_mask=True,
+                             mask_eod_loss=True)
+
+
+def test_document_mask_matches_megatrons_reset_position_ids_attention_mask_and_eod_loss(
+        document_dataset, dataset, tokenizer):
+    """The reference: megatron's own reset_position_ids / reset_attention_mask / eod_mask_loss (a loop over EODs)."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+    samples_with_a_boundary = 0
+    for index in range(NUM_SAMPLES):
+        sample = document_dataset[index]
+        assert torch.equal(sample["tokens"], dataset[index]["tokens"])
+        masked_out, loss_mask, position_ids = _get_ltor_masks_and_position_ids(
+            sample["tokens"], tokenizer.eod, reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True,
+            create_attention_mask=True)
+        document_ids = sample["document_ids"]
+        may_attend = (document_ids[:, None] == document_ids[None, :]) & torch.ones(SEQ_LENGTH, SEQ_LENGTH).tril().bool()
+        assert torch.equal(sample["position_ids"], position_ids), index
+        assert torch.equal(may_attend, ~masked_out[0]), index
+        assert torch.equal(sample["loss_mask"], loss_mask), index
+        samples_with_a_boundary += bool(document_ids[-1] > 0)
+    assert samples_with_a_boundary >= 20
+
+
+@pytest.mark.parametrize("variant, num_chunks", POSE_SETTINGS)
+def test_pose_with_document_mask_draws_ids_per_document(document_dataset, variant, num_chunks):
+    pose = PoseDataset(document_dataset, target_length=TARGET_LENGTH, seed=5, num_chunks=num_chunks, variant=variant,
+                       mask_chunk_boundary=True)
+    for index in range(0, NUM_SAMPLES, 37):
+        sample, base = pose[index], document_dataset[index]
+        starts = torch.ones(SEQ_LENGTH, dtype=torch.bool)
+        starts[1:] = base["document_ids"][1:] != base["document_ids"][:-1]
+        ids = sample["position_ids"]
+        assert ((ids == 0) == starts).all() and (ids < TARGET_LENGTH).all(), index
+        assert (ids[1:] > ids[:-1])[~starts[1:]].all(), index
+        # a skip inside a document masks its label; a document boundary is left to mask_eod_loss
+        jumps_inside = (ids[1:] - ids[:-1] != 1) & ~starts[1:]
+        expected = base["loss_mask"].clone()
+        expected[:-1][jumps_inside] = 0.0
+        assert torch.equal(sample["loss_mask"], expected), index
+
+
+def test_packed_sequences_give_one_sequence_per_document_piece():
+    document_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 1, 1]])
+    batch = dict(tokens=torch.arange(16).view(2, 8), document_ids=document_ids)
+    packed, params = packed_sequences_on_this_cp_rank(batch)
+    assert set(packed) == {"tokens"} and packed["tokens"].tolist() == [list(range(16))]
+    assert params.qkv_format == "thd"
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == [0, 3, 5, 8, 14, 16]
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == params.max_seqlen_kv == 6
+
+
+def test_packed_sequences_under_cp2_pad_every_document_to_a_multiple_of_4(monkeypatch):
+    """Transformer Engine's THD CP splits each sequence into 2*cp chunks: pieces are padded to 4 (cp=2) before
+    megatron's get_thd_batch_on_this_cp_rank (which needs TE) picks this rank's part."""
+    import megatron.core.utils
+
+    seen = {}
+
+    def get_thd_batch_on_this_cp_rank(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, cp_size, cp_rank):
+        seen.update(batch=batch, cu_seqlens=cu_seqlens.tolist(), cu_seqlens_padded=cu_seqlens_padded.tolist(),
+                    max_seqlen=max_seqlen.tolist(), cp=(cp_size, cp_rank))
+        return batch, "params"
+
+    monkeypatch.setattr(megatron.core.utils, "get_thd_batch_on_this_cp_rank", get_thd_batch_on_this_cp_rank)
+    batch = dict(tokens=torch.arange(1, 9).view(1, 8), loss_mask=torch.ones(1, 8),
+                 document_ids=torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]]))
+    packed_sequences_on_this_cp_rank(batch, cp_size=2, cp_rank=1)
+    assert seen["cu_seqlens"] == [0, 3, 8] and seen["cu_seqlens_padded"] == [0, 4, 12]
+    assert seen["max_seqlen"] == [8] and seen["cp"] == (2, 1)
+    assert seen["batch"]["tokens"].tolist() == [[1, 2, 3, 0, 4, 5, 6, 7, 8, 0, 0, 0]]
+    assert seen["batch"]["loss_mask"].tolist() == [[1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 0]]
+
+
 # ----------------------------------------------------------------------------- micro-batches
 
 
@@ -253,8 +334,9 @@ def test_batches_stack_the_samples_of_global_sample_indices(dataset):
     assert iterator.iteration == 4
 
 
-def test_resumed_iterator_serves_what_the_uninterrupted_one_would(dataset):
-    pose = PoseDataset(dataset, target_length=TARGET_LENGTH, seed=5)
+@pytest.mark.parametrize("base", ["dataset", "document_dataset"])  # the second: PoSE ids per document
+def test_resumed_iterator_serves_what_the_uninterrupted_one_would(base, request):
+    pose = PoseDataset(request.getfixturevalue(base), target_length=TARGET_LENGTH, seed=5)
     layout = dict(micro_batch_size=2, global_batch_size=12, dp_rank=1, dp_size=2)
     uninterrupted = MicroBatchIterator(pose, **layout)
     for _ in range(4):

@@ -72,3 +72,16 @@ def test_a_dataset_dict_asks_for_one_split(tmp_path):
 def test_a_missing_text_column_names_the_setting(inputs):
     with pytest.raises(InputError, match=r"no 'body' column \(columns: \['text', 'source', 'id'\]\); set --text-key"):
         list(read_documents(inputs["parquet"], json_key="body"))
+
+
+def test_the_command_reads_a_saved_dataset_by_its_text_column(inputs, tmp_path, capsys):
+    from megatron_ext.cli import main
+    from megatron_ext.data import train_sentencepiece
+
+    model = train_sentencepiece([inputs["jsonl"]], tmp_path / "tok", 400, seed=0)
+    assert main(["preprocess", "--input", str(inputs["saved"]), "--output-prefix", str(tmp_path / "out"),
+                 "--tokenizer", str(model), "--text-key", "text", "--workers", "1"]) == 0
+    assert (tmp_path / "out.bin").stat().st_size > 0
+    assert main(["preprocess", "--input", str(inputs["parquet"]), "--output-prefix", str(tmp_path / "bad"),
+                 "--tokenizer", str(model), "--text-key", "body"]) == 2
+    assert "no 'body' column" in capsys.readouterr().err

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ext.rope.pose import POSE_VARIANTS, pose_chunks, pose_content_indices, pose_position_ids
+from megatron_ext.rope.pose import (
+    POSE_VARIANTS,
+    pose_chunks,
+    pose_content_indices,
+    pose_document_position_ids,
+    pose_position_ids,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = [("code", 2), ("paper", 2), ("paper", 3), ("paper", 5)]
@@ -134,3 +140,64 @@ def test_bad_settings_are_named(settings, message):
 def test_document_shorter_than_window_is_an_error():
     with pytest.raises(ValueError, match=r"document_length \(10\) is shorter than seq_length \(64\)"):
         pose_content_indices(10, 64, 1024, seed=0, sample_index=0)
+
+
+# ----------------------------------------------------------------------------- packed documents
+
+
+def document_ids_of(lengths) -> torch.Tensor:
+    return torch.cat([torch.full((length,), index) for index, length in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("variant, num_chunks", SETTINGS)
+def test_packed_documents_restart_at_zero_and_stay_below_target(variant, num_chunks):
+    rng = np.random.default_rng(0)
+    seq_length, target_length = 64, 1024
+    for sample_index in range(50):
+        cuts = np.sort(rng.choice(np.arange(1, seq_length), size=rng.integers(0, 6), replace=False))
+        lengths = np.diff([0, *cuts, seq_length]).tolist()
+        ids = pose_document_position_ids(document_ids_of(lengths), target_length, seed=3, sample_index=sample_index,
+                                         num_chunks=num_chunks, variant=variant)
+        assert ids.shape == (seq_length,)
+        for start, length in zip(np.cumsum([0, *lengths[:-1]]), lengths):
+            document = ids[start:start + length]
+            assert document[0] == 0 and document[-1] < target_length and (document[1:] > document[:-1]).all()
+            if length < num_chunks:  # no room for a skip
+                assert document.tolist() == list(range(length))
+
+
+def test_each_document_draws_its_own_skips_whatever_its_neighbours():
+    """Keyed by (seed, sample index, document index): the draw of document 2 does not depend on the lengths of
+    documents 0 and 1, documents of equal length get different skips, and a one-document window gets the ids
+    of an unpacked window."""
+    draw = dict(seed=3, sample_index=17)
+
+    def documents(lengths):
+        ids = pose_document_position_ids(document_ids_of(lengths), 4096, **draw)
+        return torch.split(ids, lengths)
+
+    assert torch.equal(documents([10, 30, 24])[2], documents([20, 20, 24])[2])
+    assert len({tuple(ids.tolist()) for ids in documents([16, 16, 16, 16])}) == 4
+    assert torch.equal(documents([64])[0], pose_position_ids(64, 4096, **draw))
+
+
+def test_same_document_ids_in_another_process():
+    lengths = [100, 3, 1, 152]
+    script = (
+        "import json, sys, torch\n"
+        "from megatron_ext.rope.pose import pose_document_position_ids\n"
+        "lengths = json.loads(sys.argv[1])\n"
+        "ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])\n"
+        "print(json.dumps(pose_document_position_ids(ids, 32768, seed=5, sample_index=987654321).tolist()))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(lengths)], capture_output=True, text=True,
+                            env=env, cwd=REPO_ROOT, check=True)
+    here = pose_document_position_ids(document_ids_of(lengths), 32768, seed=5, sample_index=987654321)
+    assert json.loads(result.stdout) == here.tolist()
+
+
+@pytest.mark.parametrize("document_ids", [[1, 1, 2], [0, 0, 2], [0, 1, 0], []])
+def test_document_ids_must_number_runs_from_zero(document_ids):
+    with pytest.raises(ValueError, match="numbered from 0 without gaps"):
+        pose_document_position_ids(torch.tensor(document_ids, dtype=torch.long), 1024, seed=0, sample_index=0)

@@ -19,7 +19,7 @@ from megatron_ext.rope import RopeConfig
 from megatron_ext.training.start import check_from_scratch, model_parameters, settle_start
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "examples" / "configs").glob("llama2_7b_*.yaml"))
+RECIPES = sorted((ROOT / "examples" / "configs").glob("*_128k.yaml"))  # the 7B/8B recipes
 
 
 def qwen2_like() -> TrainConfig:
@@ -153,11 +153,13 @@ def test_a_tiny_model_starts_from_scratch_without_the_flag():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_each_7b_recipe_without_its_converted_checkpoint_is_refused_before_any_work(recipe, capsys, tmp_path):
+    import yaml
+
+    pretrained = yaml.safe_load(recipe.read_text())["checkpoint"]["pretrained"]
     code = main(["train", "--config", str(recipe), "--set", f"checkpoint.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("megatron-ext train: checkpoint.pretrained ('/checkpoints/llama2_7b_hf/iter_0000000') "
-                          "does not exist")
+    assert err.startswith(f"megatron-ext train: checkpoint.pretrained ('{pretrained}') does not exist")
     assert "megatron-ext convert hf-to-mcore --hf" in err
     assert not (tmp_path / "run").exists()
 

@@ -97,3 +97,12 @@ def test_pretrained_weights_start_a_new_run_at_iteration_one(runs):
     """Weights trained for 3 iterations start a fresh run: iteration 1 again, with a lower loss."""
     assert sorted(runs["pretrained"]) == [1]
     assert runs["pretrained"][1] < runs["single"][1] - 0.05
+
+
+def test_document_mask_reaches_the_model_and_cp2_agrees(runs):
+    """data.document_mask + mask_eod_loss change what is trained once a window holds a document boundary (the
+    third iteration here), and CP=2 slices the document ids with the tokens: the losses of DP=2."""
+    same_losses(runs["documents_cp2"], runs["documents_dp2"], range(1, 4))
+    masked, plain = runs["documents_dp2"], runs["long_dp2"]
+    assert [masked[i] for i in (1, 2)] == pytest.approx([plain[i] for i in (1, 2)], abs=2e-6)  # no boundary yet
+    assert abs(masked[3] - plain[3]) > 5e-5  # one window of four has a boundary: measured 2e-4

@@ -1,9 +1,9 @@
 """Gloo worker for the training tests: torchrun --nproc-per-node 2 train_checks.py WORKDIR CONFIG_JSON.
 
 Runs the training entry point several times in one launch (a launch costs ~10 s on CPU):
-DP=2, TP=2, PP=2, CP=2, a run stopped after 2 iterations and resumed, and a TP=1 run
-resumed from the TP=2 run's checkpoint. Writes every run's per-iteration losses to
-WORKDIR/results.json for test_train.py to compare.
+DP=2, TP=2, PP=2, CP=2, a run stopped after 2 iterations and resumed, a TP=1 run
+resumed from the TP=2 run's checkpoint, and document-masked runs at DP=2 and CP=2. Writes
+every run's per-iteration losses to WORKDIR/results.json for test_train.py to compare.
 """
 
 import json
@@ -12,6 +12,11 @@ from pathlib import Path
 
 from megatron_ext.config import TrainConfig, apply_override, from_dict, validate
 from megatron_ext.training.train import train
+
+
+DOCUMENT_MASK = ["data.document_mask=true", "data.mask_eod_loss=true"]
+# the tiny corpus's documents run to thousands of tokens: 12 windows of 512 hold one document boundary (window 9)
+LONG = ["model.seq_length=512", "training.train_iters=3"]
 
 
 def run(base: dict, name: str, workdir: Path, overrides: list[str]) -> dict[int, float]:
@@ -37,6 +42,10 @@ def main(workdir: str, base_json: str):
         "cp2": run(base, "cp2", workdir, ["parallel.context_parallel_size=2"]),
         "dp2_distributed_optimizer": run(base, "dp2_do", workdir, ["parallel.use_distributed_optimizer=true"]),
         "dp2_full_recompute": run(base, "dp2_recompute", workdir, ["training.recompute=full"]),
+        "long_dp2": run(base, "long_dp2", workdir, LONG),
+        "documents_dp2": run(base, "documents_dp2", workdir, [*LONG, *DOCUMENT_MASK]),
+        "documents_cp2": run(base, "documents_cp2", workdir,
+                             [*LONG, *DOCUMENT_MASK, "parallel.context_parallel_size=2"]),
     }
     first = run(base, "resumed", workdir, ["training.exit_interval=2"])
     second = run(base, "resumed", workdir, ["checkpoint.resume=auto"])

@@ -6,6 +6,7 @@ nothing of ours but megatron_ext.errors: the training, eval-suite and reproducti
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,12 +20,27 @@ class ConfigError(UserError, ValueError):
     """A bad setting: the message names the key, the value and the fix."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: `1e6` and `1.0e6` are floats (YAML 1.1 wants `1.0e+6`; YAML 1.2 does not)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """The YAML document in `text`, with safe types only."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_raw(path: str | Path, overrides: list[str] = (), *, example: str) -> dict:
     """The YAML mapping of `path` with the overrides applied (no dataclass yet)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file; see {example}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
     for item in overrides:
@@ -48,7 +64,7 @@ def apply_override(raw: dict, item: str) -> None:
     node = raw
     for name in sections:
         node = node.setdefault(name, {})
-    node[last] = yaml.safe_load(value)
+    node[last] = load_yaml(value)
 
 
 def from_dict(cls, raw: dict, prefix: str):

@@ -54,12 +54,18 @@ class DataConfig:
     tokenizer_type: str | None = None  # sentencepiece | huggingface | tiktoken; None: detected from the files
     tokenizer_model: str | None = None  # a sentencepiece .model (the older name of `tokenizer` for that kind)
     document_mask: bool = False  # packed documents: positions restart at each document, attention stays inside it
-    mask_eod_loss: bool = False  # no loss on predicting the end-of-document token
+    mask_eod_loss: bool = False  # no loss at EOD tokens (megatron's eod_mask_loss: an EOD predicts the next doc)
     tiny_corpus: bool = False  # build the offline tiny corpus + tokenizer + dataset under cache_dir
     tiny_corpus_documents: int = 400
     tokenizer_vocab_size: int = 2000  # for the tokenizer trained on the tiny corpus
     cache_dir: str = "runs/cache"
     upsample: dict[str, dict] = field(default_factory=dict)  # source -> {min_tokens, factor}
+
+    def tokenizer_source(self) -> tuple[str, str | None, str | None]:
+        """(the setting that names the tokenizer, its path or None, its kind or None: detect it from the files)."""
+        if self.tokenizer_model is not None:
+            return "data.tokenizer_model", self.tokenizer_model, self.tokenizer_type or "sentencepiece"
+        return "data.tokenizer", self.tokenizer, self.tokenizer_type
 
 
 @dataclass
@@ -209,15 +215,30 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
                f"pose.num_chunks ({pose.num_chunks}): the 'code' variant uses 2 chunks; use variant 'paper' for more")
     check(bool(c.data.train_data) != c.data.tiny_corpus,
            "data: set exactly one of data.train_data (indexed-dataset prefixes) or data.tiny_corpus: true")
-    check(c.data.tiny_corpus or c.data.tokenizer_model is not None,
-           "data.tokenizer_model: give the sentencepiece .model the data was tokenized with")
     for prefix in c.data.train_data if check_files else ():
         check(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(),
                f"data.train_data: {prefix}.bin/.idx not found; make them with `megatron-ext preprocess`")
-    if c.data.tokenizer_model is not None and check_files:
-        check(Path(c.data.tokenizer_model).is_file(),
-               f"data.tokenizer_model: {c.data.tokenizer_model} not found")
+    _validate_tokenizer(c.data, check_files, pretrained=c.checkpoint.pretrained)
     try:
         c.rope.validate(num_attention_heads=m.num_attention_heads, num_query_groups=groups)
     except ValueError as error:
         raise ConfigError(f"rope: {error}") from None
+
+
+def _validate_tokenizer(data: DataConfig, check_files: bool, *, pretrained: str | None) -> None:
+    """One tokenizer named (none for the tiny corpus, which trains its own); with check_files, a path whose kind
+    is known (megatron_ext/data/tokenizer_files.py: the file sniffing, no megatron)."""
+    check(data.tokenizer is None or data.tokenizer_model is None,
+          f"data.tokenizer ({data.tokenizer}) and data.tokenizer_model ({data.tokenizer_model}) are both set: keep "
+          "data.tokenizer (tokenizer_model is its older name for a sentencepiece .model)")
+    check(data.tokenizer_model is None or data.tokenizer_type in (None, "sentencepiece"),
+          f"data.tokenizer_model names a sentencepiece .model, but data.tokenizer_type is {data.tokenizer_type!r}: "
+          "name the file with data.tokenizer instead")
+    setting, path, kind = data.tokenizer_source()
+    check(data.tiny_corpus or path is not None or pretrained,  # a checkpoint records its tokenizer
+          "data.tokenizer: give the tokenizer the data was tokenized with (a sentencepiece .model, a Hugging Face "
+          "tokenizer directory or a tiktoken BPE file), or start from checkpoint.pretrained, whose tokenizer is used")
+    if path is not None and check_files and not data.tiny_corpus:
+        from megatron_ext.data.tokenizer_files import detect_tokenizer
+
+        detect_tokenizer(path, kind, setting=setting)

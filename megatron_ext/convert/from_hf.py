@@ -133,10 +133,10 @@ def checkpoint_state(config: TrainConfig, padded: int, hf_dir: Path, hf_config: 
     """The checkpoint's state, as a training checkpoint's at iteration 0, plus the source model
     (its config.json as it was, and the settings of it the model does not have: `dropped`)."""
     main = source.main_dtype()
-    tokenizer_dir = final / TOKENIZER_DIR
-    if "tokenizer.model" in tokenizer_files:  # sentencepiece: what megatron_ext's training reads
-        config.data.tokenizer_model = str(tokenizer_dir / "tokenizer.model")
-    tokenizer = config.data.tokenizer_model or (str(tokenizer_dir) if _has_tokenizer(tokenizer_files) else None)
+    # the copied directory, whatever kind it holds: training and evaluation load it with
+    # megatron_ext.data.tokenizer.load_tokenizer (tokenizer.json first, else what tokenizer.model is)
+    tokenizer = str(final / TOKENIZER_DIR) if _has_tokenizer(tokenizer_files) else None
+    config.data.tokenizer = tokenizer
     return CheckpointState.of_run(
         config, iteration=0, padded_vocab_size=padded, tokenizer_model=tokenizer,
         tokenizer_vocab_size=config.model.vocab_size,

@@ -66,7 +66,8 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
         out_dtype = (DTYPE_NAMES[dtype] if dtype else _dtype_named(converted_from.get("dtype"))
                      or reader.dtype("embedding.word_embeddings.weight"))
         hf_config = adapter.hf_config(config, vocab_size=vocab_size, dtype=out_dtype, source=source,
-                                      rope_form=rope_form, special_tokens=_special_tokens(tokenizer))
+                                      rope_form=rope_form,
+                                      special_tokens={} if source else _special_tokens(tokenizer))
         if config.pose.enabled:
             hf_config["megatron_ext"] = {"pose": asdict(config.pose), "trained_seq_length": config.model.seq_length}
         groups = _layer_groups(list(plan.entries), config.model.num_layers)
@@ -134,23 +135,34 @@ def _tokenizer_source(path: Path, state, hf_base) -> Path | None:
 
 
 def _special_tokens(tokenizer: Path | None) -> dict:
-    """BOS/EOS ids for a config.json written from scratch: the sentencepiece model's, else Llama's."""
-    model = tokenizer if tokenizer and tokenizer.is_file() else (tokenizer / "tokenizer.model" if tokenizer else None)
-    if model is None or not model.is_file():
-        return dict(DEFAULT_SPECIAL_TOKENS)
-    import sentencepiece
+    """BOS/EOS ids for a config.json written from scratch: the tokenizer's, else Llama's."""
+    from megatron_ext.data.tokenizer_files import open_encoder
+    from megatron_ext.errors import UserError
 
-    processor = sentencepiece.SentencePieceProcessor(model_file=str(model))
-    return {"bos_token_id": processor.bos_id() if processor.bos_id() >= 0 else None,
-            "eos_token_id": processor.eos_id() if processor.eos_id() >= 0 else None}
+    if tokenizer is None:
+        return dict(DEFAULT_SPECIAL_TOKENS)
+    try:
+        encoder = open_encoder(tokenizer, setting="the checkpoint's tokenizer")
+    except UserError as error:
+        log.warning(f"megatron_ext: config.json gets Llama's BOS/EOS ids: {error}")
+        return dict(DEFAULT_SPECIAL_TOKENS)
+    return {"bos_token_id": encoder.bos if encoder.bos >= 0 else None, "eos_token_id": encoder.eos}
 
 
 def _copy_tokenizer(tokenizer: Path | None, out: Path) -> None:
+    """A tokenizer directory is copied as it is; a training tokenizer file (sentencepiece, tiktoken) goes with
+    a tokenizer.json that tokenizes as training did (megatron_ext/convert/hf_tokenizer.py)."""
+    from megatron_ext.convert.hf_tokenizer import write_hf_tokenizer
+    from megatron_ext.data.tokenizer_files import sniff_tokenizer_file
+
     if tokenizer is None:
         return
     if tokenizer.is_dir():
         copy_tokenizer_files(tokenizer, out)
-    else:  # the sentencepiece model training used
+        return
+    kind = sniff_tokenizer_file(tokenizer)
+    if kind is None:
+        log.warning(f"megatron_ext: {tokenizer} is no tokenizer file megatron_ext knows; copied as tokenizer.model")
         shutil.copy2(tokenizer, out / "tokenizer.model")
-        (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}, indent=2) + "\n")
-
+        return
+    write_hf_tokenizer(kind, tokenizer, out)

@@ -1,4 +1,4 @@
-"""Data: the sentencepiece tokenizer, a tiny offline corpus, preprocessing into megatron indexed datasets.
+"""Data: tokenizers (sentencepiece, Hugging Face, tiktoken), a tiny offline corpus, preprocessing into megatron indexed datasets.
 
 Importing this package must not import megatron-core: spawned preprocessing workers import it, and
 megatron-core costs each ~4 s and ~300 MB. Names whose module needs megatron-core (or torch, ~1 s) load on
@@ -13,6 +13,8 @@ from megatron_ext.lazy import lazy_getattr
 
 _LOADED_ON_FIRST_USE = {
     "SentencePieceTokenizer": "megatron_ext.data.tokenizer",
+    "TextTokenizer": "megatron_ext.data.tokenizer",
+    "load_tokenizer": "megatron_ext.data.tokenizer",
     "train_sentencepiece": "megatron_ext.data.tokenizer",
     "MicroBatchIterator": "megatron_ext.data.dataset",
     "PoseDataset": "megatron_ext.data.dataset",
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
         global_sample_indices,
         slice_for_context_parallel,
     )
-    from megatron_ext.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from megatron_ext.data.tokenizer import SentencePieceTokenizer, TextTokenizer, load_tokenizer, train_sentencepiece
 
 __all__ = [
     "Document",
@@ -38,10 +40,12 @@ __all__ = [
     "PreprocessResult",
     "SentencePieceTokenizer",
     "SourceStats",
+    "TextTokenizer",
     "UpsampleRule",
     "build_gpt_dataset",
     "build_tiny_corpus",
     "global_sample_indices",
+    "load_tokenizer",
     "preprocess",
     "read_documents",
     "slice_for_context_parallel",

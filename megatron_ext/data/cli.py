@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from megatron_ext.data.preprocess import DEFAULT_WORKERS, UpsampleRule, preprocess
+from megatron_ext.data.tokenizer_files import KINDS
 from megatron_ext.errors import InputError, MissingFile
 
 
@@ -18,11 +19,19 @@ def add_preprocess_args(subparsers) -> argparse.ArgumentParser:
         description="Tokenize JSONL or plain-text files into {prefix}.bin/.idx (megatron-core indexed dataset).",
     )
     parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="FILE",
-                        help="JSONL (one object per line) or plain-text files (one document each)")
+                        help="JSONL (one object per line), plain-text files (one document each), or a local Hugging Face "
+                             "dataset: a save_to_disk directory, .arrow or .parquet files (read a batch of rows at a time)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
-    parser.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    tokenizer = parser.add_mutually_exclusive_group(required=True)
+    tokenizer.add_argument("--tokenizer", metavar="PATH",
+                           help="a sentencepiece .model, a Hugging Face tokenizer directory (tokenizer.json) or a "
+                                "tiktoken BPE file (Llama-3's tokenizer.model)")
+    tokenizer.add_argument("--tokenizer-model", metavar="FILE", help="a sentencepiece .model (the older --tokenizer)")
+    parser.add_argument("--tokenizer-type", choices=KINDS,
+                        help="the tokenizer's kind (default: detected from the files)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="tokenizing processes")
-    parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    parser.add_argument("--text-key", "--json-key", dest="json_key", default="text",
+                        help="the field (JSONL) or column (a Hugging Face dataset) holding the text")
     parser.add_argument("--source-key", default="source", help="JSONL field naming the source (default: file stem)")
     parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                         help="end every document with the EOD token")
@@ -36,12 +45,20 @@ def add_preprocess_args(subparsers) -> argparse.ArgumentParser:
 
 def run_preprocess(args: argparse.Namespace) -> int:
     """Run the `preprocess` command parsed by `add_preprocess_args`; print the statistics table."""
-    from megatron_ext.data.tokenizer import SentencePieceTokenizer
+    from megatron_ext.data.tokenizer import load_tokenizer
 
-    if not Path(args.tokenizer_model).is_file():
-        raise MissingFile(
-            f"--tokenizer-model '{args.tokenizer_model}' does not exist: pass a sentencepiece .model file"
-        )
+    if args.tokenizer_model is not None:
+        if not Path(args.tokenizer_model).is_file():
+            raise MissingFile(
+                f"--tokenizer-model '{args.tokenizer_model}' does not exist: pass a sentencepiece .model file"
+            )
+        if args.tokenizer_type not in (None, "sentencepiece"):
+            raise InputError(f"--tokenizer-model names a sentencepiece .model, but --tokenizer-type says "
+                             f"{args.tokenizer_type}: pass the file with --tokenizer instead")
+        path, kind, setting = args.tokenizer_model, "sentencepiece", "--tokenizer-model"
+    else:
+        path, kind, setting = args.tokenizer, args.tokenizer_type, "--tokenizer"
+    tokenizer = load_tokenizer(path, kind, setting=setting)  # before any work: a bad tokenizer stops here
     upsample = {}
     for source, rule in args.upsample:
         if source in upsample:
@@ -50,7 +67,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     result = preprocess(
         args.input,
         args.output_prefix,
-        SentencePieceTokenizer(args.tokenizer_model),
+        tokenizer,
         workers=args.workers,
         json_key=args.json_key,
         source_key=args.source_key,

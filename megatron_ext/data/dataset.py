@@ -1,5 +1,6 @@
-"""Training samples: megatron-core GPTDataset over indexed datasets, PoSE position ids, the layout of global
-samples over iterations, micro-batches and data-parallel ranks, and context-parallel slicing.
+"""Training samples: megatron-core GPTDataset over indexed datasets, document masking, PoSE position ids, the
+layout of global samples over iterations, micro-batches and data-parallel ranks, and context-parallel slicing
+(zig-zag for the SDPA attention, THD packed sequences for Transformer Engine).
 Imports megatron-core inside functions only: `megatron_ext.data` must stay cheap to import."""
 
 import contextlib
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.rope.pose import pose_chunks, pose_position_ids
+from megatron_ext.rope.pose import pose_chunks, pose_document_position_ids, pose_position_ids
 from megatron_ext.errors import MissingFile
 
 TRAINING_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+DOCUMENT_IDS = "document_ids"  # the field document masking adds: [L] int64, which document of the window
 
 # megatron-core reads path_to_cache=None as "next to the data" (`{prefix}/cache/...`) and an empty path as
 # "build in memory, write nothing".
@@ -35,6 +37,8 @@ def build_gpt_dataset(
     seed: int,
     cache_dir: str | None = None,
     weights: list[float] | None = None,
+    document_mask: bool = False,
+    mask_eod_loss: bool = False,
 ) -> torch.utils.data.Dataset:
     """`num_samples` samples of `seq_length` tokens from megatron-core's GPTDataset over the indexed datasets
     `data_prefixes` (`{prefix}.bin/.idx`, as `preprocess` writes them).
@@ -44,6 +48,11 @@ def build_gpt_dataset(
     back to back and shuffles documents and samples with `seed`; the same arguments give the same samples.
     `len()` is exactly `num_samples`. Several prefixes are blended by `weights` (normalized; None: in proportion
     to their token counts); one prefix ignores them.
+
+    `document_mask=True` keeps each packed document apart: position_ids restart at 0 after every EOD token and
+    each item gains `document_ids` [L] int64 (0 for the tokens up to and including the first EOD, then 1, ...),
+    from which the model's attention builds its block-causal mask. `mask_eod_loss=True` zeroes loss_mask where
+    the token is EOD (megatron's eod_mask_loss: the prediction made from an EOD crosses into the next document).
 
     Ranks: every rank builds its own copy (megatron's `is_built_on_rank` is always true here), so every TP,
     PP and CP rank can read its data locally. With torch.distributed initialized the call is collective (it
@@ -62,7 +71,9 @@ def build_gpt_dataset(
             megatron_dataset = _build_one_source(data_prefixes[0], num_samples, **settings)
         else:
             megatron_dataset = _build_blend(data_prefixes, weights, num_samples, **settings)
-    return _TrainingSamples(megatron_dataset, num_samples)
+    eod = tokenizer.eod if document_mask or mask_eod_loss else None
+    return _TrainingSamples(megatron_dataset, num_samples, eod=eod, document_mask=document_mask,
+                            mask_eod_loss=mask_eod_loss)
 
 
 def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> None:
@@ -192,13 +203,18 @@ def _normalized(weights: Sequence[float]) -> list[float]:
 
 
 class _TrainingSamples(torch.utils.data.Dataset):
-    """The first `num_samples` samples of a megatron dataset, each as the `TRAINING_FIELDS` alone."""
+    """The first `num_samples` samples of a megatron dataset, each as the `TRAINING_FIELDS` alone (+ document_ids
+    with document masking)."""
 
-    def __init__(self, megatron_dataset, num_samples: int) -> None:
+    def __init__(self, megatron_dataset, num_samples: int, *, eod: int | None = None, document_mask: bool = False,
+                 mask_eod_loss: bool = False) -> None:
         if len(megatron_dataset) < num_samples:
             raise ValueError(f"megatron built {len(megatron_dataset)} samples, fewer than num_samples ({num_samples})")
         self.megatron_dataset = megatron_dataset
         self.num_samples = num_samples
+        self.eod = eod
+        self.document_mask = document_mask
+        self.mask_eod_loss = mask_eod_loss
 
     def __len__(self) -> int:
         return self.num_samples
@@ -209,7 +225,28 @@ class _TrainingSamples(torch.utils.data.Dataset):
         sample = self.megatron_dataset[index]
         fields = {name: sample[name] for name in TRAINING_FIELDS}
         fields["position_ids"] = fields["position_ids"].clone()  # GPTDataset hands every sample one cached tensor
+        if self.document_mask:
+            fields[DOCUMENT_IDS] = document_ids_from_eod(fields["tokens"] == self.eod)
+            fields["position_ids"] = positions_within_documents(fields[DOCUMENT_IDS])
+        if self.mask_eod_loss:
+            fields["loss_mask"] = fields["loss_mask"] * (fields["tokens"] != self.eod)
         return fields
+
+
+def document_ids_from_eod(is_eod: torch.Tensor) -> torch.LongTensor:
+    """[L] bool (token is EOD) -> [L]: the document of the window each token belongs to, from 0. An EOD token
+    ends its document, so the next token starts the next one."""
+    ends = is_eod.long()
+    return torch.cumsum(ends, dim=-1) - ends
+
+
+def positions_within_documents(document_ids: torch.Tensor) -> torch.LongTensor:
+    """[..., L] -> [..., L]: each token's index within its document (0 where a document starts)."""
+    index = torch.arange(document_ids.size(-1)).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    start_index = torch.cummax(torch.where(starts, index, 0), dim=-1).values
+    return index - start_index
 
 
 # ----------------------------------------------------------------------------- PoSE
@@ -220,14 +257,17 @@ class PoseDataset(torch.utils.data.Dataset):
 
     tokens, labels and loss_mask are the base's; position_ids are
     `pose_position_ids(L, target_length, seed=seed, sample_index=index, ...)`, keyed by the dataset index (the
-    global sample index), so every rank and a resumed run compute the same ids without communicating.
+    global sample index), so every rank and a resumed run compute the same ids without communicating. A base
+    with document masking (items with `document_ids`) gets ids per document: each restarts at 0 and draws its
+    own chunks, keyed by (seed, sample index, document index in the window) (`pose_document_position_ids`).
 
     Content is the base's contiguous window of packed documents: the paper's content offsets v_i, which skip
     content between chunks (`pose_content_indices`), are not drawn; the paper reports that the choice of v_i
     barely changes results (its v_i = 0 ablation).
 
     `mask_chunk_boundary=True` zeroes loss_mask at every token whose next position id jumps (the label that
-    crosses a chunk boundary). A boundary whose skip is zero has no jump and keeps its loss.
+    crosses a chunk boundary). A boundary whose skip is zero has no jump and keeps its loss; a document boundary
+    is no chunk boundary (`data.mask_eod_loss` is its setting).
     """
 
     def __init__(
@@ -255,24 +295,26 @@ class PoseDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = dict(self.base[index])
-        position_ids = pose_position_ids(
-            len(sample["tokens"]),
-            self.target_length,
-            seed=self.seed,
-            sample_index=index,
-            num_chunks=self.num_chunks,
-            variant=self.variant,
-        )
+        settings = dict(seed=self.seed, sample_index=index, num_chunks=self.num_chunks, variant=self.variant)
+        document_ids = sample.get(DOCUMENT_IDS)
+        if document_ids is None:
+            position_ids = pose_position_ids(len(sample["tokens"]), self.target_length, **settings)
+        else:
+            position_ids = pose_document_position_ids(document_ids, self.target_length, **settings)
         sample["position_ids"] = position_ids
         if self.mask_chunk_boundary:
-            sample["loss_mask"] = sample["loss_mask"] * _continuing_positions(position_ids)
+            sample["loss_mask"] = sample["loss_mask"] * _continuing_positions(position_ids, document_ids)
         return sample
 
 
-def _continuing_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """1.0 where the next token's position id is this one's + 1 (and at the last token), 0.0 where it jumps."""
+def _continuing_positions(position_ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """1.0 where the next token's position id is this one's + 1 (and at the last token, and before a new
+    document), 0.0 where it jumps inside a document."""
+    jumps = position_ids[1:] - position_ids[:-1] != 1
+    if document_ids is not None:
+        jumps &= document_ids[1:] == document_ids[:-1]
     keep = torch.ones(position_ids.shape, dtype=torch.float32)
-    keep[:-1][position_ids[1:] - position_ids[:-1] != 1] = 0.0
+    keep[:-1][jumps] = 0.0
     return keep
 
 
@@ -417,3 +459,59 @@ def slice_for_context_parallel(batch: dict, *, cp_group=None) -> dict:
                 f"{2 * cp_size}, or lower the context parallel size"
             )
     return get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)
+
+
+# ----------------------------------------------------------------------------- packed sequences (THD)
+
+
+def packed_sequences_on_this_cp_rank(batch: dict, *, cp_size: int = 1, cp_rank: int = 0, pad_multiple: int = 1):
+    """A document-masked batch in megatron's packed (THD) form, for Transformer Engine attention:
+    (batch of [1, T] tensors without document_ids, PackedSeqParams(qkv_format="thd", cu_seqlens...)).
+
+    Every document piece of every row becomes one sequence of the pack (rows are laid end to end, so T = b*s).
+    Under context parallelism TE splits each sequence into 2*cp zig-zag chunks: every piece is padded to a
+    multiple of 2*cp*pad_multiple (pad tokens: token, label and position 0, no loss; pass pad_multiple = TP size
+    under sequence parallelism), then megatron's `get_thd_batch_on_this_cp_rank` (Transformer Engine >= 1.10)
+    keeps this rank's part. T then varies from batch to batch, which pipeline parallelism cannot take.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.utils import get_thd_batch_on_this_cp_rank
+
+    document_ids = batch[DOCUMENT_IDS]
+    rows, seq_length = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = starts.reshape(-1).nonzero().squeeze(1)
+    total = torch.tensor([rows * seq_length], device=start_index.device)
+    lengths = torch.diff(start_index, append=total)
+    fields = {name: value.reshape(1, -1) for name, value in batch.items() if name != DOCUMENT_IDS}
+    cu_seqlens = _cumulative(lengths)
+    if cp_size == 1:
+        longest = int(lengths.max())
+        return fields, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                       max_seqlen_q=longest, max_seqlen_kv=longest)
+    multiple = 2 * cp_size * pad_multiple
+    padded_lengths = (lengths + multiple - 1) // multiple * multiple
+    fields = _spread_into_padded_slots(fields, lengths, padded_lengths)
+    return get_thd_batch_on_this_cp_rank(fields, cu_seqlens, _cumulative(padded_lengths),
+                                         padded_lengths.max().reshape(1), cp_size=cp_size, cp_rank=cp_rank)
+
+
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    """[n] sequence lengths -> [n + 1] int32 offsets 0, l0, l0 + l1, ... (cu_seqlens)."""
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+
+
+def _spread_into_padded_slots(fields: dict, lengths: torch.Tensor, padded_lengths: torch.Tensor) -> dict:
+    """[1, T] tensors -> [1, sum(padded_lengths)]: sequence i starts at the i-th padded offset, zeros after it."""
+    padded_starts = torch.cumsum(padded_lengths, 0) - padded_lengths
+    starts = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
+    destination = torch.repeat_interleave(padded_starts, lengths) + within
+    padded_total = int(padded_lengths.sum())
+    spread = {}
+    for name, value in fields.items():
+        slots = value.new_zeros(1, padded_total)
+        slots[0, destination] = value[0]
+        spread[name] = slots
+    return spread

@@ -21,7 +21,7 @@ from megatron_ext.data.encode_worker import encode_document, start_worker
 from megatron_ext.errors import InputError, MissingFile
 
 if TYPE_CHECKING:
-    from megatron_ext.data.tokenizer import SentencePieceTokenizer
+    from megatron_ext.data.tokenizer import TextTokenizer
 
 DEFAULT_WORKERS = 2
 _POOL_BLOCK = 1024  # documents handed to the pool at a time, so a large input is never all in memory
@@ -77,7 +77,7 @@ class PreprocessResult:
 def preprocess(
     inputs: Sequence[str | Path],
     output_prefix: str | Path,
-    tokenizer: "SentencePieceTokenizer",
+    tokenizer: "TextTokenizer",
     *,
     workers: int = DEFAULT_WORKERS,
     json_key: str = "text",
@@ -164,14 +164,14 @@ def _count(stats: SourceStats, text_tokens: int, document_tokens: int, copies: i
 
 
 @contextlib.contextmanager
-def _encoded(documents: Iterable[Document], tokenizer: "SentencePieceTokenizer", workers: int):
+def _encoded(documents: Iterable[Document], tokenizer: "TextTokenizer", workers: int):
     """(source, token ids) per document, in document order."""
     if workers == 1:
         yield ((doc.source, np.asarray(tokenizer.tokenize(doc.text), dtype=np.int32)) for doc in documents)
         return
     # spawn, not fork: the same on every platform, and safe in a parent that runs threads (torch, tqdm).
     pool = multiprocessing.get_context("spawn").Pool(
-        workers, initializer=start_worker, initargs=(str(tokenizer.model_path),)
+        workers, initializer=start_worker, initargs=(tokenizer.encoder,)
     )
     with pool:
         yield _pool_map_in_blocks(pool, iter(documents))

@@ -1,5 +1,6 @@
-"""A sentencepiece tokenizer behind megatron-core's tokenizer interface, and training a small one.
-Imports megatron-core (for the base class), so `megatron_ext.data` loads this module only on first use."""
+"""megatron-core's tokenizer interface over every tokenizer kind a model ships (`load_tokenizer`), and training
+a small sentencepiece model. Imports megatron-core (for the base class), so `megatron_ext.data` loads this module
+only on first use; the files themselves are read in megatron_ext/data/tokenizer_files.py."""
 
 import io
 from collections import OrderedDict
@@ -10,7 +11,7 @@ import sentencepiece
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_ext.data.documents import check_input_files, read_documents
-from megatron_ext.errors import InputError, MissingFile
+from megatron_ext.data.tokenizer_files import HuggingFaceFiles, SentencePieceFile, TiktokenFile, open_encoder
 
 # Llama's layout: <unk>=0, <s>=1, </s>=2, no pad piece. Byte fallback and an identity normalizer make every
 # string round-trip exactly (code keeps its indentation, "ﬁ" is not folded to "fi").
@@ -28,80 +29,109 @@ _TRAINER_OPTIONS = dict(
 )
 
 
-class SentencePieceTokenizer(MegatronTokenizerBase):
-    """Wraps a sentencepiece `.model` (e.g. Llama's `tokenizer.model`) for megatron-core datasets.
+def load_tokenizer(path, kind: str | None = None, *, setting: str = "data.tokenizer") -> "TextTokenizer":
+    """The tokenizer at `path`: a sentencepiece .model, a Hugging Face tokenizer directory or a tiktoken BPE file
+    (Llama-3's tokenizer.model); `kind` ('sentencepiece' | 'huggingface' | 'tiktoken') names it instead of
+    detecting it. Errors (a megatron_ext UserError) name `setting`, where the path came from."""
+    encoder = open_encoder(path, kind, setting=setting)
+    return _CLASSES[encoder.kind]._of(encoder)
 
-    `tokenize` adds no BOS/EOS; the end of a document (`eod`) is the EOS piece, as in megatron's
-    Llama tokenizers. `pad` is sentencepiece's pad id, -1 when the model has none (Llama).
+
+class TextTokenizer(MegatronTokenizerBase):
+    """One tokenizer file's encoder for megatron-core datasets and `preprocess`.
+
+    `tokenize` adds no BOS/EOS; the end of a document (`eod`) is the EOS token, as in megatron's Llama
+    tokenizers. `bos`/`pad` are -1 when the tokenizer has none (Qwen2 has no BOS; Llama no pad).
+    `kind` and `model_path` (the file or directory) say what it is; it pickles as them.
     """
 
-    def __init__(self, model_path: str | Path) -> None:
-        model_path = Path(model_path)
-        if not model_path.is_file():
-            raise MissingFile(
-                f"tokenizer model '{model_path}' does not exist: pass the path of a sentencepiece .model file "
-                "(e.g. Llama's tokenizer.model, or one made by train_sentencepiece)"
-            )
-        try:
-            processor = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
-        except (OSError, RuntimeError) as error:
-            raise InputError(f"tokenizer model '{model_path}' is not a sentencepiece model: {error}") from error
-        if processor.eos_id() < 0:
-            raise InputError(
-                f"tokenizer model '{model_path}' has no EOS piece, which marks document ends (eod): "
-                "train it with an eos_id"
-            )
-        super().__init__(str(model_path), config={})
-        self.model_path = model_path
-        self._processor = processor
-        self._vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
-        self._inv_vocab = {i: piece for piece, i in self._vocab.items()}
+    kind: str
+
+    @classmethod
+    def _of(cls, encoder) -> "TextTokenizer":
+        tokenizer = cls.__new__(cls)
+        TextTokenizer.__init__(tokenizer, encoder)
+        return tokenizer
+
+    def __init__(self, encoder) -> None:
+        super().__init__(str(encoder.path), config={})
+        self.encoder = encoder
+        self.kind = encoder.kind
+        self.model_path = encoder.path
+        self._vocab = None
 
     def __reduce__(self):
         # Rebuilt from the file in DataLoader workers and spawned processes.
-        return (type(self), (self.model_path,))
+        return (type(self)._of, (self.encoder,))
 
     def tokenize(self, text: str) -> list[int]:
-        return self._processor.encode(text)
+        return self.encoder.encode(text)
 
     def detokenize(self, ids: Iterable[int]) -> str:
-        return self._processor.decode([int(i) for i in ids])
+        return self.encoder.decode(ids)
 
     def apply_chat_template(self, *args, **kwargs):
-        raise NotImplementedError("SentencePieceTokenizer tokenizes plain pretraining text; it has no chat template")
+        raise NotImplementedError(f"{type(self).__name__} tokenizes plain pretraining text; it has no chat template")
 
     @property
     def vocab_size(self) -> int:
-        return self._processor.get_piece_size()
+        return self.encoder.vocab_size
 
     @property
     def vocab(self) -> dict[str, int]:
+        if self._vocab is None:
+            self._vocab = self.encoder.vocab()
         return self._vocab
 
     @property
     def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
+        return {i: piece for piece, i in self.vocab.items()}
 
     @property
     def bos(self) -> int:
-        return self._processor.bos_id()
+        return self.encoder.bos
 
     @property
     def eos(self) -> int:
-        return self._processor.eos_id()
+        return self.encoder.eos
 
     @property
     def eod(self) -> int:
-        return self._processor.eos_id()
+        return self.encoder.eos
 
     @property
     def pad(self) -> int:
-        return self._processor.pad_id()
+        return self.encoder.pad
 
     @property
     def unique_identifiers(self) -> OrderedDict:
         """What megatron-core's dataset cache keys use to tell tokenizers apart."""
         return OrderedDict(class_name=type(self).__name__, tokenizer_path=str(self.model_path))
+
+
+class SentencePieceTokenizer(TextTokenizer):
+    """A sentencepiece `.model` (e.g. Llama-2's `tokenizer.model`)."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        super().__init__(SentencePieceFile(model_path))
+
+
+class HuggingFaceTokenizer(TextTokenizer):
+    """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json: Qwen2, Mistral v0.3, Llama-3)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        super().__init__(HuggingFaceFiles(directory))
+
+
+class TiktokenTokenizer(TextTokenizer):
+    """A tiktoken BPE file with Llama-3's special tokens after its ranks (Llama-3's original tokenizer.model)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(TiktokenFile(path))
+
+
+_CLASSES = {"sentencepiece": SentencePieceTokenizer, "huggingface": HuggingFaceTokenizer,
+            "tiktoken": TiktokenTokenizer}
 
 
 def train_sentencepiece(

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from megatron_ext.errors import InputError, MissingFile
-from megatron_ext.eval.tokenizers import EvalTokenizer, SentencePieceEvalTokenizer, hf_directory_tokenizer
+from megatron_ext.eval.tokenizers import EvalTokenizer, hf_directory_tokenizer, load_eval_tokenizer
 
 
 class EvalModel(Protocol):
@@ -117,11 +117,12 @@ class MegatronExtModel:
                              seed=saved.state.config.training.seed)
         device = _current_device()
         model, _, state = load_model(saved.path, device, precision_override=precision, setting=setting)
-        tokenizer_model = Path(tokenizer_model or state.tokenizer_model)
-        if not tokenizer_model.is_file():
-            raise MissingFile(f"the checkpoint's tokenizer {tokenizer_model} is gone: pass its new path "
+        tokenizer_path = tokenizer_model or state.tokenizer_model
+        if not tokenizer_model and not (tokenizer_path and Path(tokenizer_path).exists()):
+            raise MissingFile(f"the checkpoint's tokenizer {state.tokenizer_model} is gone: pass its new path "
                               "(--tokenizer / tokenizer_model)")
-        tokenizer = SentencePieceEvalTokenizer(tokenizer_model)
+        tokenizer = load_eval_tokenizer(tokenizer_path, setting="--tokenizer" if tokenizer_model else
+                                        f"the tokenizer of {saved.path}")
         # the vocabulary it was trained with, as training sized it and `convert mcore-to-hf` exports it
         vocab_size = state.config.model.vocab_size or state.tokenizer_vocab_size or tokenizer.vocab_size
         path = saved.path

@@ -1,4 +1,5 @@
-"""One text <-> token-id interface over our sentencepiece tokenizer and Hugging Face tokenizers.
+"""One text <-> token-id interface over every tokenizer kind a checkpoint records (sentencepiece, a Hugging Face
+tokenizer directory, a tiktoken BPE file) and Hugging Face model directories.
 
 Prompts are assembled in token space from separately encoded pieces, so lengths and needle
 positions are exact; `encode_continuation` makes a piece tokenize as it would inside running text.
@@ -56,12 +57,42 @@ class SentencePieceEvalTokenizer:
         return self._tokenizer.detokenize([i if 0 <= i < self.vocab_size else 0 for i in ids])
 
 
+class TiktokenEvalTokenizer:
+    """A tiktoken BPE file (megatron_ext.data.tokenizer_files.TiktokenFile, Llama-3's layout) behind EvalTokenizer."""
+
+    def __init__(self, encoder):
+        self._encoder = encoder
+        self.bos_id = encoder.bos
+        self.eos_id = encoder.eos
+        self.vocab_size = encoder.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self._encoder.encode(text)
+
+    def decode(self, ids) -> str:
+        return self._encoder.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
+
+
+def load_eval_tokenizer(path, kind: str | None = None, *, setting: str = "--tokenizer") -> EvalTokenizer:
+    """The tokenizer at `path`, of any kind training reads (megatron_ext.data.tokenizer_files.detect_tokenizer):
+    a sentencepiece .model, a Hugging Face tokenizer directory, a tiktoken BPE file."""
+    from megatron_ext.data.tokenizer_files import TiktokenFile, detect_tokenizer
+
+    kind, where = detect_tokenizer(path, kind, setting=setting)
+    if kind == "sentencepiece":
+        return SentencePieceEvalTokenizer(where)
+    if kind == "tiktoken":
+        return TiktokenEvalTokenizer(TiktokenFile(where))
+    return HFEvalTokenizer(where)
+
+
 def hf_directory_tokenizer(local_dir) -> EvalTokenizer:
     """The tokenizer of a Hugging Face model directory.
 
     A bare sentencepiece model (tokenizer.model, a LlamaTokenizer config, no tokenizer.json: how `megatron-ext
-    convert mcore-to-hf` exports a run's tokenizer) is read with sentencepiece, as training read it; transformers 5
-    rebuilds it as a Metaspace tokenizer, which drops the word-start piece of text that begins with a space.
+    convert mcore-to-hf` exported a run's tokenizer before it wrote tokenizer.json) is read with sentencepiece, as
+    training read it; transformers 5 rebuilds it as a Metaspace tokenizer, which drops the word-start piece of
+    text that begins with a space.
     """
     local_dir = Path(local_dir)
     config_file = local_dir / "tokenizer_config.json"

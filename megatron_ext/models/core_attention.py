@@ -1,4 +1,5 @@
-"""Causal SDPA core attention for the local (non-Transformer-Engine) layer spec, context-parallel aware.
+"""Causal SDPA core attention for the local (non-Transformer-Engine) layer spec, context-parallel aware,
+block-causal over packed documents when given their document ids.
 
 Used on CPU (tests, CI) and on GPUs without Transformer Engine; TE's DotProductAttention
 replaces it where TE is installed.
@@ -17,7 +18,15 @@ class SDPACoreAttention(torch.nn.Module):
     group and the causal mask is built from the global token indices, so CP=n computes exactly
     what CP=1 does. This is the simple, memory-hungry form of CP (O(s) K/V per rank); ring
     attention is Transformer Engine's job on GPUs.
+
+    Document masking: LongContextGPTModel hands the document ids of this rank's tokens, [b, s]
+    int64, in megatron's `attention_mask` slot (threaded to every layer on every pipeline stage,
+    and saved by activation recompute). A query then sees a key only if the key is not later and
+    belongs to the same document; under CP the keys' ids are all-gathered with K and V. The mask is
+    dense ([b, 1, s_q, s_k] bool): fine on CPU and at moderate lengths; TE's THD path scales.
     """
+
+    takes_document_ids = True  # LongContextGPTModel passes document ids, not megatron's [b, 1, s, s] mask
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None):
@@ -30,13 +39,19 @@ class SDPACoreAttention(torch.nn.Module):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if packed_seq_params is not None:
-            raise NotImplementedError("SDPACoreAttention: packed (THD) sequences need the Transformer Engine spec")
+            raise NotImplementedError(
+                "SDPACoreAttention: packed (THD) sequences need the Transformer Engine spec; this spec masks "
+                "documents from document ids (LongContextGPTModel's document_ids argument)"
+            )
+        document_ids = attention_mask  # [b, s_local] or None
         cp_size = get_pg_size(self.cp_group) if self.cp_group is not None else 1
         mask = None
         if cp_size > 1:
             key = _GatherSequence.apply(key, self.cp_group)
             value = _GatherSequence.apply(value, self.cp_group)
             mask = _zigzag_causal_mask(query.size(0), cp_size, get_pg_rank(self.cp_group), query.device)
+        if document_ids is not None:
+            mask = _block_causal_mask(document_ids, mask, self.cp_group if cp_size > 1 else None)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         context = grouped_sdpa(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
                                dropout_p=self.dropout if self.training else 0.0)
@@ -75,6 +90,24 @@ def _zigzag_causal_mask(local_len, cp_size, cp_rank, device):
     query_index = zigzag_token_indices(local_len, cp_size, cp_rank, device)
     key_index = torch.cat([zigzag_token_indices(local_len, cp_size, r, device) for r in range(cp_size)])
     return key_index[None, :] <= query_index[:, None]  # [sq, sk], True = may attend
+
+
+def _block_causal_mask(document_ids, causal_mask, cp_group):
+    """[b, 1, s_q, s_k] bool, True = may attend: causal (the zig-zag mask under CP) and same document.
+
+    document_ids [b, s_q] are this rank's tokens' ids; under CP the keys' are gathered in rank order,
+    the order of the gathered K/V."""
+    query_documents = document_ids
+    key_documents = document_ids
+    if cp_group is not None:
+        parts = [torch.empty_like(document_ids) for _ in range(get_pg_size(cp_group))]
+        torch.distributed.all_gather(parts, document_ids.contiguous(), group=cp_group)
+        key_documents = torch.cat(parts, dim=1)
+    if causal_mask is None:
+        causal_mask = torch.ones(query_documents.size(1), key_documents.size(1), dtype=torch.bool,
+                                 device=document_ids.device).tril()
+    same_document = query_documents[:, None, :, None] == key_documents[:, None, None, :]
+    return same_document & causal_mask
 
 
 class _GatherSequence(torch.autograd.Function):

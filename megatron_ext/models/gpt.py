@@ -15,6 +15,12 @@ class LongContextGPTModel(GPTModel):
     position ids to the decoder instead, on every pipeline stage: the data iterator must give
     `position_ids` to middle and last stages too. Under context parallelism the ids arrive
     already sliced with the tokens, so PoSE ids, CP slices and plain ranges are all the same case.
+
+    Document masking (packed documents that must not see one another) takes one of two forms,
+    by layer spec: `document_ids` [b, s] (this rank's slice, like the tokens) for the SDPA core
+    attention, which builds a block-causal mask from them (`takes_document_ids`); or megatron's
+    `packed_seq_params` (THD, cu_seqlens) for Transformer Engine's attention
+    (megatron_ext.data.dataset.packed_sequences_on_this_cp_rank makes both batch and params).
     """
 
     def __init__(self, config: LongContextTransformerConfig, transformer_layer_spec,
@@ -37,6 +43,28 @@ class LongContextGPTModel(GPTModel):
                     "transformer_layer_spec must use megatron_ext's PositionIdSelfAttention: "
                     "build it with megatron_ext.models.specs.layer_spec()"
                 )
+
+    @property
+    def takes_document_ids(self) -> bool:
+        """True when the core attention masks documents from document ids (the SDPA spec); False when it
+        takes packed (THD) sequences instead (Transformer Engine)."""
+        return all(getattr(layer.self_attention.core_attention, "takes_document_ids", False)
+                   for layer in self.decoder.layers)
+
+    def forward(self, input_ids, position_ids, attention_mask=None, *args, document_ids=None, **kwargs):
+        """GPTModel.forward; `document_ids` [b, s] int64 (0, 0, 1, 1, 1, 2, ... per row) keeps attention
+        inside each document. Every pipeline stage needs them, as it needs the position ids."""
+        if document_ids is not None:
+            if attention_mask is not None:
+                raise ValueError("LongContextGPTModel: give document_ids or attention_mask, not both")
+            if not self.takes_document_ids:
+                raise ValueError(
+                    "LongContextGPTModel: this layer spec's attention (Transformer Engine) masks documents with "
+                    "packed sequences: pass packed_seq_params (qkv_format='thd', see "
+                    "megatron_ext.data.dataset.packed_sequences_on_this_cp_rank) instead of document_ids"
+                )
+            attention_mask = document_ids  # the slot megatron threads to every layer's core attention
+        return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):

@@ -1,5 +1,5 @@
 """PoSE (arXiv 2309.10400): position ids drawn from a long target window for a short training window.
-Pure python/numpy/torch, deterministic in (seed, sample_index): must not import megatron."""
+Pure python/numpy/torch, deterministic in (seed, sample_index, document_index): must not import megatron."""
 
 import itertools
 from dataclasses import dataclass
@@ -25,15 +25,18 @@ import torch
 # Every draw comes from Philox keyed by (seed, sample_index): counter-based, no hidden state, so all
 # TP/PP/CP ranks and a resumed run compute the same ids for a sample without communicating. We use
 # its raw 64-bit words (a stable stream) rather than Generator methods, whose streams NumPy may
-# change between versions.
+# change between versions. With document masking every document of a packed window draws its own
+# chunks from the counter word `document_index` (document 0 draws what an unpacked window draws).
 
 POSE_VARIANTS = ("code", "paper")
 _POSITION_STREAM, _CONTENT_STREAM = 0, 1  # separate counters, so ids never depend on document length
 
 
-def _uniform_ints(seed: int, sample_index: int, stream: int):
-    """A function randint(low, high), both ends included, drawing from Philox(key=(seed, sample_index))."""
-    bits = np.random.Philox(key=[seed, sample_index], counter=[0, 0, 0, stream])
+def _uniform_ints(seed: int, sample_index: int, stream: int, document_index: int = 0):
+    """A function randint(low, high), both ends included, drawing from Philox(key=(seed, sample_index)),
+    counter (0, 0, document_index, stream): the first counter word advances with each draw, so documents
+    and streams never share a counter."""
+    bits = np.random.Philox(key=[seed, sample_index], counter=[0, 0, document_index, stream])
 
     def randint(low: int, high: int) -> int:
         # modulo bias is below (high - low + 1) / 2**64: nil for any window length
@@ -56,7 +59,7 @@ class PoseChunks:
         return tuple(itertools.accumulate(self.lengths[:-1], initial=0))
 
 
-def _check_settings(seq_length, target_length, seed, sample_index, num_chunks, variant) -> None:
+def _check_settings(seq_length, target_length, seed, sample_index, num_chunks, variant, document_index=0) -> None:
     if variant not in POSE_VARIANTS:
         raise ValueError(
             f"pose: variant {variant!r} is unknown: use 'code' (the released code, 2 chunks) or 'paper' (N chunks)"
@@ -78,7 +81,7 @@ def _check_settings(seq_length, target_length, seed, sample_index, num_chunks, v
             f"pose: target_length ({target_length}) must be >= seq_length ({seq_length}): "
             "set target_length >= seq_length"
         )
-    for name, value in (("seed", seed), ("sample_index", sample_index)):
+    for name, value in (("seed", seed), ("sample_index", sample_index), ("document_index", document_index)):
         if not 0 <= value < 2**64:
             raise ValueError(f"pose: {name} ({value}) must be in [0, 2**64): it keys the Philox generator")
 
@@ -109,10 +112,12 @@ def pose_chunks(
     sample_index: int,
     num_chunks: int = 2,
     variant: str = "code",
+    document_index: int = 0,
 ) -> PoseChunks:
-    """Chunk lengths and position skips of one sample (the two variants are described at the top of this file)."""
-    _check_settings(seq_length, target_length, seed, sample_index, num_chunks, variant)
-    randint = _uniform_ints(seed, sample_index, _POSITION_STREAM)
+    """Chunk lengths and position skips of one sample (the two variants are described at the top of this file),
+    or of document `document_index` of a packed sample (then `seq_length` is that document's length)."""
+    _check_settings(seq_length, target_length, seed, sample_index, num_chunks, variant, document_index)
+    randint = _uniform_ints(seed, sample_index, _POSITION_STREAM, document_index)
     if variant == "code":
         return _code_chunks(seq_length, target_length, randint)
     return _paper_chunks(seq_length, target_length, num_chunks, randint)
@@ -132,13 +137,45 @@ def pose_position_ids(
     sample_index: int,
     num_chunks: int = 2,
     variant: str = "code",
+    document_index: int = 0,
 ) -> torch.LongTensor:
     """Position ids [seq_length] for one training window: strictly increasing, the first 0, the last
     < target_length. Equal to arange(seq_length) when target_length == seq_length."""
     chunks = pose_chunks(
-        seq_length, target_length, seed=seed, sample_index=sample_index, num_chunks=num_chunks, variant=variant
+        seq_length, target_length, seed=seed, sample_index=sample_index, num_chunks=num_chunks, variant=variant,
+        document_index=document_index,
     )
     return _shift_chunks(chunks.lengths, chunks.position_skips)
+
+
+def pose_document_position_ids(
+    document_ids: torch.Tensor,
+    target_length: int,
+    *,
+    seed: int,
+    sample_index: int,
+    num_chunks: int = 2,
+    variant: str = "code",
+) -> torch.LongTensor:
+    """Position ids [L] for a packed window whose token i belongs to document document_ids[i] (0, 0, 1, 1, 1, 2,
+    ...: non-decreasing from 0). Each document restarts at 0 and gets the ids `pose_position_ids` draws for a
+    window of its own length, keyed by (seed, sample_index, its index in the window), as the released code does
+    per document. A document shorter than num_chunks has no room for a skip: it keeps 0 .. n-1."""
+    steps = document_ids[1:] - document_ids[:-1]
+    runs_from_zero = document_ids.numel() > 0 and document_ids[0] == 0 and steps.clamp(0, 1).equal(steps)
+    if document_ids.dim() != 1 or not runs_from_zero:
+        raise ValueError(
+            f"pose: document_ids {document_ids.tolist()[:16]}... must be a 1-d run of 0, 0, .., 1, 1, ..: "
+            "each document's tokens together, numbered from 0 without gaps"
+        )
+    lengths = torch.bincount(document_ids).tolist()
+    parts = [
+        pose_position_ids(length, target_length, seed=seed, sample_index=sample_index, num_chunks=num_chunks,
+                          variant=variant, document_index=index)
+        if length >= num_chunks else torch.arange(length)
+        for index, length in enumerate(lengths)
+    ]
+    return torch.cat(parts)
 
 
 def pose_content_indices(

@@ -5,7 +5,9 @@ The checkpoint is the source of truth for the architecture: a config may leave t
 (it is taken from the checkpoint) but may not contradict it. RoPE and PoSE are what an extension
 changes: a config's `rope` section wins (the change is logged), none keeps the checkpoint's. On a
 resume, everything that defines the model, its tokens or its data order must equal the checkpoint's;
-what may change (iterations, LR schedule, logging, saving, layout) is applied and listed.
+what may change (iterations, LR schedule, logging, saving, layout) is applied and listed. A config that
+names no tokenizer reads its data with the checkpoint's; a tokenizer with more ids than the model has
+embedding rows is refused.
 Imports no megatron.
 """
 from __future__ import annotations
@@ -68,6 +70,7 @@ def settle_start(config: TrainConfig, given: dict) -> Start:
     if found is not None:
         saved = read_checkpoint(found, setting="checkpoint.resume")
         adopt_model(config, given, saved, "checkpoint.resume")
+        adopt_tokenizer(config, saved, "checkpoint.resume")
         check_resume(config, saved)
         return Start(resume=saved)
     if config.checkpoint.pretrained:
@@ -78,6 +81,7 @@ def settle_start(config: TrainConfig, given: dict) -> Start:
         saved = read_checkpoint(path, setting="checkpoint.pretrained")
         config.checkpoint.pretrained = str(saved.path)
         adopt_model(config, given, saved, "checkpoint.pretrained")
+        adopt_tokenizer(config, saved, "checkpoint.pretrained")
         return Start(pretrained=saved)
     check_from_scratch(config)
     return Start()
@@ -105,6 +109,41 @@ def adopt_model(config: TrainConfig, given: dict, saved: SavedCheckpoint, settin
         log.info(f"megatron_ext: RoPE from {setting}: {config.rope.describe(groups)}")
     elif config.rope != source.rope:
         log.info(f"megatron_ext: RoPE: {source.rope.describe(groups)} -> {config.rope.describe(groups)}")
+
+
+def adopt_tokenizer(config: TrainConfig, saved: SavedCheckpoint, setting: str) -> None:
+    """A config naming no tokenizer (and not the tiny corpus, which trains its own) takes the checkpoint's: a
+    resume its run's settings, pretrained weights the tokenizer they record (a converted model's own files).
+    Then the tokenizer must fit the model's embedding."""
+    data = config.data
+    if data.tiny_corpus:
+        return
+    if data.tokenizer is None and data.tokenizer_model is None:
+        recorded = saved.state.config.data
+        if setting == "checkpoint.resume" and (recorded.tokenizer or recorded.tokenizer_model):
+            data.tokenizer, data.tokenizer_model = recorded.tokenizer, recorded.tokenizer_model
+            data.tokenizer_type = recorded.tokenizer_type
+        elif saved.state.tokenizer_model:
+            data.tokenizer = saved.state.tokenizer_model
+        else:
+            return  # validate asks for one
+        log.info(f"megatron_ext: tokenizer from {setting}: {data.tokenizer or data.tokenizer_model}")
+    check_tokenizer_fits(config, saved, setting)
+
+
+def check_tokenizer_fits(config: TrainConfig, saved: SavedCheckpoint, setting: str) -> None:
+    """Refuse a tokenizer whose ids reach past the model's vocabulary (the embedding rows it was trained with)."""
+    from megatron_ext.data.tokenizer_files import TokenizerError, open_encoder
+
+    name, path, kind = config.data.tokenizer_source()
+    tokens = open_encoder(path, kind, setting=name).vocab_size
+    rows = config.model.vocab_size or saved.state.padded_vocab_size
+    if tokens > rows:
+        raise TokenizerError(
+            f"{name} ({path}) has {tokens} tokens, but the model of {setting} ({saved.path}) has a vocabulary of "
+            f"{rows} (model.vocab_size; {saved.state.padded_vocab_size} padded embedding rows): its ids would index "
+            f"past the embedding; use the tokenizer the model was trained with (leave {name} out to take the "
+            f"checkpoint's)")
 
 
 def check_resume(config: TrainConfig, saved: SavedCheckpoint) -> None:

@@ -121,7 +121,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
 
 def prepare_data(config: TrainConfig):
     """The tokenizer and the indexed-dataset prefixes; builds the tiny corpus on rank 0 if asked."""
-    from megatron_ext.data import SentencePieceTokenizer
+    from megatron_ext.data import SentencePieceTokenizer, load_tokenizer
     from megatron_ext.data.tiny import prepare_tiny_dataset
 
     data = config.data
@@ -134,11 +134,13 @@ def prepare_data(config: TrainConfig):
         torch.distributed.barrier()
         tokenizer_model, prefix = tiny(build=False)
         return SentencePieceTokenizer(tokenizer_model), [prefix]
-    return SentencePieceTokenizer(data.tokenizer_model), list(data.train_data)
+    setting, path, kind = data.tokenizer_source()
+    return load_tokenizer(path, kind, setting=setting), list(data.train_data)
 
 
 def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_iteration: int):
-    """Micro-batches for this DP rank, starting at the resumed iteration; PoSE ids when enabled."""
+    """Micro-batches for this DP rank, starting at the resumed iteration; PoSE ids when enabled; document ids
+    (positions restarting per document) with data.document_mask."""
     from megatron.core import parallel_state as ps
 
     from megatron_ext.data import MicroBatchIterator, PoseDataset, build_gpt_dataset
@@ -147,6 +149,7 @@ def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_ite
     dataset = build_gpt_dataset(
         prefixes, config.model.seq_length, tokenizer, num_samples=t.train_iters * t.global_batch_size,
         seed=t.seed, cache_dir=str(Path(data.cache_dir) / "index"), weights=data.train_data_weights,
+        document_mask=data.document_mask, mask_eod_loss=data.mask_eod_loss,
     )
     if config.pose.enabled:
         pose = config.pose
@@ -220,8 +223,42 @@ def loss_func(loss_mask, per_token_loss):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   document_ids=batch.get("document_ids"), packed_seq_params=batch.get("packed_seq_params"))
     return output, partial(loss_func, batch["loss_mask"])
+
+
+def batch_on_this_rank(batch: dict, model: list, device):
+    """(this rank's part of a micro-batch on `device`, its global sequence length, its batch size), the
+    last two for the pipeline schedule's tensor shapes.
+
+    Context parallelism zig-zags every tensor (document ids too) for the SDPA attention; a document-masked
+    batch for Transformer Engine's attention becomes megatron's packed (THD) form instead: one row of
+    micro_batch_size * seq_length tokens plus `packed_seq_params`.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import unwrap_model
+
+    from megatron_ext.data.dataset import packed_sequences_on_this_cp_rank, slice_for_context_parallel
+
+    cp_size = ps.get_context_parallel_world_size()
+    gpt = unwrap_model(model[0])
+    if "document_ids" not in batch or gpt.takes_document_ids:
+        batch = {name: value.to(device) for name, value in slice_for_context_parallel(batch).items()}
+        return batch, batch["tokens"].shape[1] * cp_size, batch["tokens"].shape[0]
+    if cp_size > 1 and ps.get_pipeline_model_parallel_world_size() > 1:
+        from megatron_ext.config import ConfigError
+
+        raise ConfigError(
+            "data.document_mask with Transformer Engine, context and pipeline parallelism at once: the padded "
+            "packed sequences change length every batch, which the pipeline cannot take: set "
+            "parallel.pipeline_model_parallel_size=1 or parallel.context_parallel_size=1"
+        )
+    tp_size = ps.get_tensor_model_parallel_world_size()
+    batch, packed_seq_params = packed_sequences_on_this_cp_rank(
+        {name: value.to(device) for name, value in batch.items()}, cp_size=cp_size,
+        cp_rank=ps.get_context_parallel_rank(), pad_multiple=tp_size if gpt.config.sequence_parallel else 1)
+    return dict(batch, packed_seq_params=packed_seq_params), batch["tokens"].shape[1] * cp_size, 1
 
 
 def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
@@ -229,17 +266,17 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_ext.data import slice_for_context_parallel
-
     device = next(model[0].parameters()).device
-    micro_batches = [{k: v.to(device) for k, v in slice_for_context_parallel(b).items()} for b in micro_batches]
+    on_this_rank = [batch_on_this_rank(batch, model, device) for batch in micro_batches]
+    micro_batches = [batch for batch, _, _ in on_this_rank]
+    _, seq_length, micro_batch_size = on_this_rank[0]
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
-        num_microbatches=len(micro_batches), seq_length=micro_batches[0]["tokens"].shape[1],
-        micro_batch_size=config.training.micro_batch_size, forward_only=False,
+        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=False,
     )
     _, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
