@@ -85,7 +85,11 @@ def test_errors_name_the_setting_in_use(tmp_path, setting):
 def test_a_checkpoint_without_our_record_is_refused_by_name(tmp_path):
     foreign = tmp_path / "iter_0000005"
     foreign.mkdir()
-    (foreign / "metadata.json").write_text("{}")  # complete by megatron's marker, but not ours
+    (foreign / "metadata.json").write_text("{}")  # megatron's marker alone no longer makes it complete
+    with pytest.raises(CheckpointError, match="--ckpt .* is not a complete checkpoint") as caught:
+        read_checkpoint(foreign, setting="--ckpt")
+    assert isinstance(caught.value, UserError)
+    (foreign / "complete").write_text(foreign.name)
     with pytest.raises(CheckpointError, match="--ckpt .* has no megatron_ext.json") as caught:
         read_checkpoint(foreign, setting="--ckpt")
     assert isinstance(caught.value, UserError)

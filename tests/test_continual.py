@@ -60,7 +60,8 @@ def run(tmp_path_factory):
     }))
     first = train(config)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = train(config, "--set", "training.train_iters=4")
+    second = train(config, "--set", "training.train_iters=4", "--set", "optimizer.lr=5e-4",
+                   "--set", "optimizer.min_lr=5e-4")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return dict(work=work, config=config, converted=converted, logs=first.stderr + first.stdout,
                 resumed_logs=second.stderr + second.stdout)
@@ -71,10 +72,13 @@ def test_the_run_starts_from_the_converted_weights_with_the_sources_rope(run):
     assert "RoPE from checkpoint.pretrained: base 1e+06, scaling default" in run["logs"]
 
 
-def test_a_resume_with_more_iterations_continues_to_the_new_count(run):
+def test_a_resume_with_more_iterations_and_another_lr_applies_both(run):
     rows = [json.loads(line) for line in (run["work"] / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [1, 2, 3, 4]
-    assert "resuming with changed settings: training.train_iters 3 -> 4" in run["resumed_logs"]
+    assert rows[-1]["lr"] == pytest.approx(5e-4, rel=1e-9)  # the config's range (5e-4 .. 5e-4), not the checkpoint's
+    assert rows[2]["lr"] != pytest.approx(5e-4)
+    assert "resuming with changed settings: training.train_iters 3 -> 4; optimizer.lr 0.001 -> 0.0005; " \
+           "optimizer.min_lr 0.0001 -> 0.0005" in run["resumed_logs"]
 
 
 def test_the_trained_model_keeps_biases_tying_and_base_and_exports_with_equal_logits(run):

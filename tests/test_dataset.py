@@ -115,7 +115,7 @@ def test_labels_are_tokens_shifted_by_one_and_fields_are_plain(dataset):
 
 def test_same_seed_same_samples_with_or_without_a_cache(dataset, prefix, tokenizer, tmp_path):
     cached = build_gpt_dataset([prefix], SEQ_LENGTH, tokenizer, num_samples=NUM_SAMPLES, seed=1, cache_dir=tmp_path)
-    assert any(tmp_path.glob("*shuffle_index.npy")), "cache_dir set: megatron saves its indices there"
+    assert any(tmp_path.rglob("*shuffle_index.npy")), "cache_dir set: megatron saves its indices there"
     from_cache = build_gpt_dataset([prefix], SEQ_LENGTH, tokenizer, num_samples=NUM_SAMPLES, seed=1,
                                    cache_dir=tmp_path)
     other_seed = build_gpt_dataset([prefix], SEQ_LENGTH, tokenizer, num_samples=NUM_SAMPLES, seed=2)
@@ -440,7 +440,7 @@ def test_two_ranks_build_the_same_samples_as_one_process(dataset, prefix, tokeni
         assert result["in_memory"] == expected
         assert result["cached"] == expected
         assert result["cp_tokens"] == [zigzag_by_hand(row, 2, rank) for row in tokens]
-    assert any((tmp_path / "cache").glob("*shuffle_index.npy"))
+    assert any((tmp_path / "cache").rglob("*shuffle_index.npy"))
 
 
 def _two_rank_worker(prefix: str, tokenizer_path: str, out_dir: str) -> None:

@@ -5,7 +5,7 @@
     python tools/inspect_checkpoint.py path/to/hf-model            # a Hugging Face directory
 
 Reads metadata only (megatron_ext.json, torch.distributed.checkpoint's .metadata, safetensors
-headers): no weights are loaded and megatron is not imported.
+headers; `.metadata` with an allow-list unpickler): no weights are loaded and megatron is not imported.
 """
 
 import argparse
@@ -37,8 +37,9 @@ def main(argv=None) -> int:
 
 
 def inspect_megatron(argument: Path, list_tensors: bool) -> None:
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_ext.checkpoint.safe_metadata import SafeFileSystemReader
 
     checkpoint = read_checkpoint(argument, setting="path")
     path, state = checkpoint.path, checkpoint.state
@@ -74,7 +75,7 @@ def inspect_megatron(argument: Path, list_tensors: bool) -> None:
     optimizer = checkpoint.optimizer
     print(f"  optimizer state: {'none (weights only)' if not optimizer else optimizer['flavor']}")
 
-    metadata = FileSystemReader(str(path)).read_metadata()
+    metadata = SafeFileSystemReader(str(path)).read_metadata()  # allow-listed unpickling: runs no code
     tensors = {key: md for key, md in metadata.state_dict_metadata.items()
                if isinstance(md, TensorStorageMetadata) and not key.startswith("optimizer")}
     count = sum(math.prod(md.size) for md in tensors.values())

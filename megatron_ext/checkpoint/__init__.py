@@ -1,5 +1,7 @@
 """Checkpoints: where they live and which exist (layout), what they record (state), how they are written
-and read with megatron-core's dist_checkpointing (store). Imports nothing heavy until a name is used.
+and read with megatron-core's dist_checkpointing (store), whether their files are intact (integrity), one
+writer per directory (lock), `.metadata` read without running code (safe_metadata). Imports nothing heavy
+until a name is used.
 """
 
 from typing import TYPE_CHECKING
@@ -11,6 +13,9 @@ _LOADED_ON_FIRST_USE = {
     "find_checkpoint": "megatron_ext.checkpoint.layout",
     "resolve_checkpoint": "megatron_ext.checkpoint.layout",
     "list_checkpoints": "megatron_ext.checkpoint.layout",
+    "CheckpointCorrupt": "megatron_ext.checkpoint.integrity",
+    "verify_checkpoint": "megatron_ext.checkpoint.integrity",
+    "lock_checkpoint_dir": "megatron_ext.checkpoint.lock",
     "CheckpointState": "megatron_ext.checkpoint.state",
     "SavedCheckpoint": "megatron_ext.checkpoint.state",
     "read_checkpoint": "megatron_ext.checkpoint.state",
@@ -19,7 +24,9 @@ _LOADED_ON_FIRST_USE = {
 }
 
 if TYPE_CHECKING:
+    from megatron_ext.checkpoint.integrity import CheckpointCorrupt, verify_checkpoint
     from megatron_ext.checkpoint.layout import CheckpointError, find_checkpoint, list_checkpoints, resolve_checkpoint
+    from megatron_ext.checkpoint.lock import lock_checkpoint_dir
     from megatron_ext.checkpoint.state import CheckpointState, SavedCheckpoint, read_checkpoint
     from megatron_ext.checkpoint.store import load_checkpoint, save_checkpoint
 

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from megatron_ext.checkpoint.integrity import require_verified, verify_checkpoint
 from megatron_ext.errors import UserError
 
 log = logging.getLogger("megatron_ext")
@@ -24,10 +25,13 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
     """A checkpoint argument naming a path that does not exist."""
 
 
+class CheckpointUnverifiable(CheckpointError):
+    """checkpoint.resume 'auto' finds checkpoints, but none matches its manifest."""
+
+
 FORMAT_VERSION = 1
 LATEST_FILE = "latest"
 COMPLETE_MARKER = "complete"
-MEGATRON_METADATA = "metadata.json"  # written by dist_checkpointing.save once all shards are in
 JSON_FILE = "megatron_ext.json"
 RNG_DIR = "rng"
 COMMON_KEY = "megatron_ext"  # our entry in megatron's common.pt
@@ -44,10 +48,10 @@ def checkpoint_name(iteration: int) -> str:
 # --- which checkpoints exist ---------------------------------------------------------------
 
 def is_complete_checkpoint(path: str | Path) -> bool:
-    """A final-named iter_ directory holding our `complete` marker or megatron's metadata.json."""
+    """A final-named iter_ directory holding our `complete` marker (written after the tensors and the
+    manifest). megatron's metadata.json alone does not count: a stray or foreign directory has it too."""
     path = Path(path)
-    return (_CHECKPOINT_NAME.match(path.name) is not None and path.is_dir()
-            and ((path / COMPLETE_MARKER).is_file() or (path / MEGATRON_METADATA).is_file()))
+    return _CHECKPOINT_NAME.match(path.name) is not None and path.is_dir() and (path / COMPLETE_MARKER).is_file()
 
 
 def _iteration_of(path: Path) -> int:
@@ -63,38 +67,72 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def latest_target(root: Path) -> Path | None:
-    """The checkpoint `root/latest` names, if the file exists (complete or not)."""
+    """The checkpoint `root/latest` names (complete or not), if it names an iter_ directory inside root.
+    A `latest` that is binary, a directory, or names anything else is ignored with a warning."""
+    latest = Path(root) / LATEST_FILE
     try:
-        name = (root / LATEST_FILE).read_text().strip()
+        name = latest.read_bytes().decode("utf-8").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return root / name if name else None
+    except (OSError, UnicodeDecodeError) as error:
+        log.warning(f"megatron_ext: ignoring {latest}: not a readable text file ({type(error).__name__})")
+        return None
+    if not name:
+        return None
+    if _CHECKPOINT_NAME.match(name) is None:
+        log.warning(f"megatron_ext: ignoring {latest}: it names {name[:80]!r}, not an iter_XXXXXXX directory "
+                    f"of {root}")
+        return None
+    return Path(root) / name
 
 
-def find_checkpoint(root: str | Path, resume: str, *, setting: str = "checkpoint.resume") -> Path | None:
+def find_checkpoint(root: str | Path, resume: str, *, setting: str = "checkpoint.resume",
+                    verify: bool = True) -> Path | None:
     """The checkpoint to resume from, as `checkpoint.resume` asks.
 
-    "auto": the one `root/latest` names if it is complete, else the newest complete one, else
-    None. "none": None. Anything else is a checkpoint directory (absolute, relative to the
-    working directory, or a name inside root); it must exist and be complete. Errors name `setting`.
+    "auto": the newest complete checkpoint that verifies against its manifest, trying the one `root/latest`
+    names first; skipped ones are named in a warning; None when root holds no complete checkpoint, and a
+    CheckpointUnverifiable error when it holds only ones that fail (no silent fresh start). "none": None.
+    Anything else is a checkpoint directory (absolute, relative to the working directory, or a name inside
+    root); it must exist, be complete and verify. Errors name `setting`.
     """
     root = Path(root)
     if resume is None or str(resume).strip().lower() == "none":
         return None
     if str(resume).strip().lower() == "auto":
-        latest = latest_target(root)
-        if latest is not None and is_complete_checkpoint(latest):
-            return latest
-        complete = list_checkpoints(root)
-        if latest is not None:
-            log.warning(f"megatron_ext: {root / LATEST_FILE} names {latest.name}, which is not a "
-                        f"complete checkpoint; using the newest complete one instead "
-                        f"({complete[-1].name if complete else 'none found'})")
-        return complete[-1] if complete else None
+        return _newest_verified(root, setting, verify)
     path = Path(resume).expanduser()
     if not path.is_absolute() and not path.exists() and (root / path).exists():
         path = root / path
-    return require_complete(path, setting)
+    path = require_complete(path, setting)
+    if verify:
+        require_verified(path, setting)
+    return path
+
+
+def _newest_verified(root: Path, setting: str, verify: bool) -> Path | None:
+    complete = list_checkpoints(root)
+    latest = latest_target(root)
+    if latest is not None and not is_complete_checkpoint(latest):
+        log.warning(f"megatron_ext: {root / LATEST_FILE} names {latest.name}, which is not a complete "
+                    f"checkpoint; using the newest complete one that verifies instead")
+    candidates = ([latest] if latest in complete else []) + [p for p in reversed(complete) if p != latest]
+    skipped = []
+    for candidate in candidates:
+        problems = verify_checkpoint(candidate) if verify else []
+        if not problems:
+            if skipped:
+                log.warning(f"megatron_ext: using {candidate}; skipped, as not matching their manifest: "
+                            + "; ".join(f"{path.name} ({reason})" for path, reason in skipped))
+            return candidate
+        skipped.append((candidate, problems[0]))
+    if skipped:
+        raise CheckpointUnverifiable(
+            f"{setting} is 'auto' and no checkpoint in {str(root)!r} verifies: "
+            + "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
+            + f". Remove or repair them, set {setting} to 'none' (--resume none) to start from scratch, or "
+              f"load one anyway with checkpoint.verify: false (--no-verify)")
+    return None
 
 
 def resolve_checkpoint(argument: str | Path, *, setting: str) -> Path:
@@ -102,7 +140,8 @@ def resolve_checkpoint(argument: str | Path, *, setting: str) -> Path:
     `checkpoint.pretrained`, ...).
 
     Accepted: an iter_XXXXXXX directory; a checkpoint root (the checkpoint its `latest` names, else
-    the newest complete one); a run directory holding such a root as `checkpoints/`; a `latest` file.
+    the newest complete one; either only if it verifies, see find_checkpoint); a run directory holding such
+    a root as `checkpoints/`; a `latest` file.
     """
     path = Path(argument).expanduser()
     if path.name == LATEST_FILE and path.is_file():
@@ -134,8 +173,8 @@ def require_complete(path: Path, setting: str = "checkpoint.resume") -> Path:
     hint = f" (newest complete next to it: {siblings[-1]})" if siblings else ""
     if path.is_dir() and _CHECKPOINT_NAME.match(path.name):
         raise CheckpointError(
-            f"{setting} ({str(path)!r}) is not a complete checkpoint: it has neither a "
-            f"'{COMPLETE_MARKER}' marker nor megatron's {MEGATRON_METADATA} (an interrupted save?). "
+            f"{setting} ({str(path)!r}) is not a complete checkpoint: it has no "
+            f"'{COMPLETE_MARKER}' marker (an interrupted save, or not written by megatron_ext?). "
             f"Set {setting} to a complete iter_ directory{hint}")
     raise CheckpointError(
         f"{setting} ({str(path)!r}) holds no complete megatron_ext checkpoint: give an iter_XXXXXXX "

@@ -1,22 +1,28 @@
 """Checkpoints: atomic megatron-core dist_checkpointing saves and loads that reshard.
 
-Imports torch, numpy, megatron.core, megatron_ext.compat and the lookup in megatron_ext.checkpoint.layout;
-never the training loop. What `state` holds for megatron_ext's models: megatron_ext/checkpoint/state.py.
+Imports torch, numpy, megatron.core, megatron_ext.compat and the checkpoint package's layout, integrity,
+lock and safe_metadata modules; never the training loop. What `state` holds for megatron_ext's models: megatron_ext/checkpoint/state.py.
 
 On-disk layout (one directory per saved iteration, `iteration` zero-padded to 7 digits):
 
     root/latest                      text: the name of the newest complete checkpoint, moved in last
+    root/megatron_ext.lock           host and pid of the job saving here (checkpoint/lock.py)
     root/iter_0000010/               megatron `dist_checkpointing.save` (torch_dist backend):
         metadata.json, .metadata, __*.distcp   model + optimizer tensors, resharded on load
         common.pt                    rank 0's plain objects, ours under the key "megatron_ext"
         rng/rank_00000.pt            each rank's python/numpy/torch(/CUDA, megatron tracker) RNG
         megatron_ext.json            the same plain objects, for people (iteration, state, ...)
+        manifest.json                size and CRC-32 of every file above (checkpoint/integrity.py)
         complete                     marker: everything above is written
     root/iter_0000020.tmp-<token>/   a save in progress, or one a crash interrupted (ignored)
 
-A save writes into the `.tmp-` directory, waits for every rank, then rank 0 renames it into place
-and replaces `latest`; only then are stale `.tmp-` directories and, with keep_last, older
-checkpoints removed. A crash at any point leaves the previous checkpoint and `latest` intact.
+A save takes the directory's lock, removes what interrupted saves left (their `.tmp-` directories may
+be what filled the disk), writes into a fresh `.tmp-` directory, waits for every rank, checksums the
+files (each rank a share), then rank 0 writes the manifest and the marker, renames the directory into
+place and replaces `latest`; only then are older checkpoints removed (keep_last, never the one just
+saved). A crash at any point leaves the previous checkpoint and `latest` intact. A load verifies the
+files against the manifest (each rank a share) and vets `.metadata` with an allow-list unpickler
+(checkpoint/safe_metadata.py) before megatron reads anything.
 
 Resharding on load (dist_checkpointing maps the saved global tensors onto the new layout):
 - model weights: TP, PP and DP may all change.
@@ -59,6 +65,15 @@ from megatron_ext.checkpoint.layout import (
     require_complete,
     validate_checkpoint_dir,
 )
+from megatron_ext.checkpoint.integrity import (
+    checkpoint_files,
+    corrupt,
+    describe_files,
+    verify_checkpoint,
+    write_manifest,
+)
+from megatron_ext.checkpoint.lock import lock_checkpoint_dir, release_checkpoint_dir
+from megatron_ext.checkpoint.safe_metadata import check_dcp_metadata
 from megatron_ext.compat import prepare_megatron
 
 log = logging.getLogger("megatron_ext")
@@ -81,6 +96,33 @@ def _is_rank0() -> bool:
 
 def _barrier() -> None:
     torch.distributed.barrier()
+
+
+def _on_rank0(action):
+    """`action()` on rank 0 (its result there, None elsewhere); if it raises, every rank raises the same
+    error, so that nobody waits at a barrier for it."""
+    error, result = [None], None
+    if _is_rank0():
+        try:
+            result = action()
+        except Exception as raised:  # noqa: BLE001 - handed to every rank, then raised
+            error[0] = raised
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+    return result
+
+
+def _checksum_collectively(staging: Path) -> dict[str, dict]:
+    """Size and CRC-32 of every file in the staging directory, each rank reading a share; on every rank."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    files = describe_files(staging, checkpoint_files(staging)[rank::world])
+    if world == 1:
+        return files
+    every_rank = [None] * world
+    torch.distributed.all_gather_object(every_rank, files)
+    return {name: entry for share in every_rank for name, entry in share.items()}
 
 
 def _shared_token() -> str:
@@ -238,22 +280,49 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
 
     name, token = checkpoint_name(iteration), _shared_token()
     staging = root / f"{name}{TMP_INFIX}{token}"
-    if _is_rank0():
-        staging.mkdir(parents=True)
-    _barrier()
-    _write_tensors(staging, model, optimizer, common, sharded_strategy)
-    _save_rng(staging, rng_states)
-    _barrier()  # every rank's files are in
-    final = root / name
-    if _is_rank0():
-        _finish(staging, final, common, token)
-        _remove_stale_staging(root)
-        if keep_last is not None:
-            _keep_newest(root, keep_last, token)
-    _barrier()  # nobody returns before the checkpoint is in place
+    took_lock = _on_rank0(lambda: _claim_root(root, staging))
+    try:
+        final = _write_and_finish(root, staging, name, token, model, optimizer, common, rng_states,
+                                  sharded_strategy, keep_last)
+    finally:
+        if took_lock:
+            release_checkpoint_dir(root)
     _restore_rng(rng_states)
     if _is_rank0():
         log.info(f"megatron_ext: saved {final} in {time.perf_counter() - started:.1f} s")
+    return final
+
+
+def _claim_root(root: Path, staging: Path) -> bool:
+    """Rank 0, before writing: take root's lock (True if this save took it), clear what interrupted saves
+    left, create the staging directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    took = lock_checkpoint_dir(root)
+    _remove_stale_staging(root)
+    staging.mkdir()
+    return took
+
+
+def _write_and_finish(root, staging, name, token, model, optimizer, common, rng_states, sharded_strategy,
+                      keep_last) -> Path:
+    _barrier()
+    _write_tensors(staging, model, optimizer, common, sharded_strategy)
+    _save_rng(staging, rng_states)
+    if _is_rank0():
+        summary = {**common, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (staging / JSON_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    _barrier()  # every rank's files are in
+    checksummed = time.perf_counter()
+    files = _checksum_collectively(staging)
+    if _is_rank0():
+        log.debug(f"megatron_ext: manifest of {len(files)} files, CRC-32 in {time.perf_counter() - checksummed:.2f} s")
+    final = root / name
+    if _is_rank0():
+        _finish(staging, final, files, token)
+        _remove_stale_staging(root)
+        if keep_last is not None:
+            _keep_newest(root, keep_last, final, token)
+    _barrier()  # nobody returns before the checkpoint is in place
     return final
 
 
@@ -295,10 +364,10 @@ def _write_tensors(staging: Path, model, optimizer, common: dict, sharded_strate
                             content_metadata=dict(metadata))
 
 
-def _finish(staging: Path, final: Path, common: dict, token: str) -> None:
-    """Rank 0: mark the staging directory complete, move it into place, then point `latest` at it."""
-    summary = {**common, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (staging / JSON_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+def _finish(staging: Path, final: Path, files: dict, token: str) -> None:
+    """Rank 0: write the manifest, mark the staging directory complete, move it into place, then point
+    `latest` at it."""
+    write_manifest(staging, files)
     _write_synced(staging / COMPLETE_MARKER, final.name + "\n")
     if final.exists():  # the same iteration saved again: the old copy goes first
         _retire(final, token)
@@ -332,7 +401,8 @@ def _retire(checkpoint: Path, token: str) -> None:
 
 
 def _remove_stale_staging(root: Path) -> None:
-    """Rank 0, after a good save: what interrupted saves (or deletes) left behind."""
+    """Rank 0, holding root's lock (so no other job's save is in progress): what interrupted saves (or
+    deletes) left behind."""
     for path in root.iterdir():
         if TMP_INFIX in path.name and path.name.startswith(("iter_", LATEST_FILE)):
             log.info(f"megatron_ext: removing {path} (left by an interrupted save)")
@@ -342,26 +412,32 @@ def _remove_stale_staging(root: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _keep_newest(root: Path, keep_last: int, token: str) -> None:
+def _keep_newest(root: Path, keep_last: int, saved: Path, token: str) -> None:
+    """Remove all but the keep_last newest, never the one just saved (verified by construction: a newer
+    iteration may exist that a resume skipped because it failed verification) nor the one `latest` names."""
     latest = latest_target(root)
     for checkpoint in list_checkpoints(root)[:-keep_last]:
-        if latest is None or checkpoint.name != latest.name:
+        if checkpoint.name != saved.name and (latest is None or checkpoint.name != latest.name):
             _retire(checkpoint, token)
 
 
 # --- load ----------------------------------------------------------------------------------
 
-def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer=None,
-                    scheduler=None, restore_rng: bool = True, setting: str = "checkpoint.resume") -> dict:
+def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer=None, scheduler=None,
+                    restore_rng: bool = True, setting: str = "checkpoint.resume", verify: bool = True) -> dict:
     """Load a checkpoint into `model` (and `optimizer`, `scheduler`), resharding as needed.
 
     Collective: every rank calls it. optimizer=None loads the weights only (eval, conversion).
     Returns {"iteration", "state" (the dict given to save_checkpoint), "path",
     "rng_restored"}; RNG states are restored when asked and the parallel layout is unchanged.
-    Errors name `setting`, the argument the path came from.
+    Errors name `setting`, the argument the path came from. `verify` checks every file against the
+    manifest first (each rank a share); `.metadata` is vetted by the allow-list unpickler regardless.
     """
     path = require_complete(Path(path).expanduser(), setting)
     _require_distributed("load_checkpoint")
+    if verify:
+        _verify_collectively(path, setting)
+    check_dcp_metadata(path)
     prepare_megatron()
     from megatron.core import dist_checkpointing
     started = time.perf_counter()
@@ -389,6 +465,18 @@ def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer
                  f"{time.perf_counter() - started:.1f} s")
     return {"iteration": common["iteration"], "state": common["state"], "path": path,
             "rng_restored": rng_restored}
+
+
+def _verify_collectively(path: Path, setting: str) -> None:
+    """Raise a CheckpointCorrupt on every rank if any file differs from the manifest (each rank checks a share)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    problems = verify_checkpoint(path, rank, world)
+    if world > 1:
+        every_rank = [None] * world
+        torch.distributed.all_gather_object(every_rank, problems)
+        problems = [problem for share in every_rank for problem in share]
+    if problems:
+        raise corrupt(path, setting, problems)
 
 
 def _check_optimizer_matches(path: Path, common: dict, optimizer) -> bool:

@@ -5,6 +5,7 @@ data exists, and the planner, converters and evaluation read the same dataclasse
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,8 @@ class TrainingConfig:
     recompute: str = "none"  # none | selective | full
     exit_signal_handler: bool = True  # SIGTERM/SIGUSR1: save a checkpoint, then exit (SLURM)
     exit_interval: int | None = None  # save and stop after every this many iterations of a run
+    nonfinite: str = "stop"  # a NaN/inf loss or grad norm: "stop" at once, or "skip" that step (no update)
+    nonfinite_patience: int = 3  # with "skip": this many consecutive non-finite iterations, then stop
 
 
 @dataclass
@@ -112,6 +115,7 @@ class CheckpointConfig:
     pretrained: str | None = None  # weights to start from when there is nothing to resume (e.g. a converted HF model)
     from_scratch: bool = False  # a model of >= 1B parameters starts from random weights only when this says so
     load_optimizer: bool = True
+    verify: bool = True  # check every file against the checkpoint's manifest (size, CRC-32) before loading
 
 
 @dataclass
@@ -146,6 +150,7 @@ CHOICES = {
     "data.tokenizer_type": (None, "sentencepiece", "huggingface", "tiktoken"),
     "training.precision": ("auto", "bf16", "fp32"),
     "training.recompute": ("none", "selective", "full"),
+    "training.nonfinite": ("stop", "skip"),
     "optimizer.lr_decay_style": ("cosine", "linear", "constant"),
 }
 
@@ -194,6 +199,7 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     check(t.global_batch_size % t.micro_batch_size == 0,
            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"training.micro_batch_size ({t.micro_batch_size})")
+    _validate_numbers(c)
     check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optimizer.lr ({o.lr}) must be > 0 and optimizer.min_lr ({o.min_lr}) in [0, lr]")
     decay_iters = o.lr_decay_iters or t.train_iters
@@ -223,6 +229,31 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
         c.rope.validate(num_attention_heads=m.num_attention_heads, num_query_groups=groups)
     except ValueError as error:
         raise ConfigError(f"rope: {error}") from None
+
+
+def _validate_numbers(c: TrainConfig) -> None:
+    """Numbers that would train to NaN or never stop: refused before any work, each with its fix."""
+    m, t, o, ckpt = c.model, c.training, c.optimizer, c.checkpoint
+    for key, value in (("optimizer.lr", o.lr), ("optimizer.min_lr", o.min_lr), ("optimizer.clip_grad", o.clip_grad),
+                       ("optimizer.adam_eps", o.adam_eps), ("optimizer.weight_decay", o.weight_decay),
+                       ("model.norm_epsilon", m.norm_epsilon), ("model.init_method_std", m.init_method_std)):
+        check(math.isfinite(value), f"{key} ({value}) must be a finite number: set it to an ordinary value")
+    check(o.lr > 0, f"optimizer.lr ({o.lr}) must be > 0: set e.g. optimizer.lr=3e-4")
+    check(o.adam_eps > 0, f"optimizer.adam_eps ({o.adam_eps}) must be > 0 (it keeps Adam's division finite): "
+                          "set e.g. optimizer.adam_eps=1e-8")
+    check(m.norm_epsilon > 0, f"model.norm_epsilon ({m.norm_epsilon}) must be > 0 (it keeps the norm's division "
+                              "finite): set e.g. model.norm_epsilon=1e-5")
+    check(m.init_method_std > 0, f"model.init_method_std ({m.init_method_std}) must be > 0: set e.g. "
+                                 "model.init_method_std=0.02")
+    for key, value in (("model.attention_dropout", m.attention_dropout), ("model.hidden_dropout", m.hidden_dropout)):
+        check(0 <= value < 1, f"{key} ({value}) must be in [0, 1): set it to 0 for no dropout")
+    check(t.exit_interval is None or t.exit_interval >= 0,
+          f"training.exit_interval ({t.exit_interval}) must be >= 1 (stop after that many iterations), "
+          "or null/0 for never")
+    check(ckpt.save_interval >= 1, f"checkpoint.save_interval ({ckpt.save_interval}) must be >= 1: set the "
+                                   "number of iterations between checkpoints")
+    check(t.nonfinite_patience >= 0, f"training.nonfinite_patience ({t.nonfinite_patience}) must be >= 0: the "
+                                     "consecutive non-finite iterations training.nonfinite=skip tolerates")
 
 
 def _validate_tokenizer(data: DataConfig, check_files: bool, *, pretrained: str | None) -> None:

@@ -206,12 +206,29 @@ def present_tokenizer_files(source: Path) -> list[str]:
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
-    """Copy the tokenizer (and generation-config) files found in `source`; their names."""
+    """Copy the tokenizer (and generation-config) files found in `source`; their names. A file that is a
+    symlink leaving `source` is refused (see require_inside)."""
     names = present_tokenizer_files(source)
+    for name in names:
+        require_inside(Path(source), Path(source) / name)
     for name in names:
         destination.mkdir(parents=True, exist_ok=True)
         shutil.copy2(Path(source) / name, Path(destination) / name)
     return names
+
+
+def require_inside(source_dir: Path, path: Path) -> Path:
+    """`path` if it resolves inside `source_dir`; a ConversionError if a symlink leads it elsewhere (a crafted
+    tokenizer.json -> /etc/passwd would be copied into the export). The one allowed exception is the Hugging
+    Face hub cache, whose snapshots/<revision>/ files link to the same repository's blobs/."""
+    source_dir = Path(source_dir).resolve()
+    target = Path(path).resolve()
+    if target.is_relative_to(source_dir):
+        return path
+    if source_dir.parent.name == "snapshots" and target.parent == source_dir.parent.parent / "blobs":
+        return path
+    raise ConversionError(f"{path} is a symlink to {target}, outside {source_dir}: refusing to copy it into the "
+                          f"export. Replace the link with the file itself if it is meant to be copied")
 
 
 def parse_size(text: str | int) -> int:

@@ -20,6 +20,7 @@ from megatron_ext.convert.hf_io import (
     copy_tokenizer_files,
     parse_size,
     read_config,
+    require_inside,
     staged_directory,
 )
 
@@ -160,6 +161,7 @@ def _copy_tokenizer(tokenizer: Path | None, out: Path) -> None:
     if tokenizer.is_dir():
         copy_tokenizer_files(tokenizer, out)
         return
+    require_inside(tokenizer.parent, tokenizer)
     kind = sniff_tokenizer_file(tokenizer)
     if kind is None:
         log.warning(f"megatron_ext: {tokenizer} is no tokenizer file megatron_ext knows; copied as tokenizer.model")

@@ -39,6 +39,8 @@ def add_preprocess_args(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--upsample", action="append", type=_upsample_arg, default=[],
                         metavar="SOURCE:MIN_TOKENS:FACTOR",
                         help="write documents of SOURCE with >= MIN_TOKENS tokens FACTOR times (repeatable)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing PREFIX.bin/.idx (default: refuse to)")
     parser.set_defaults(func=run_preprocess)
     return parser
 
@@ -74,6 +76,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
         append_eod=args.append_eod,
         prepend_bos=args.prepend_bos,
         upsample=upsample,
+        overwrite=args.overwrite,
     )
     print(f"wrote {result.bin_path} and {result.idx_path}")
     print(result.table())

@@ -4,15 +4,17 @@ layout of global samples over iterations, micro-batches and data-parallel ranks,
 Imports megatron-core inside functions only: `megatron_ext.data` must stay cheap to import."""
 
 import contextlib
+import hashlib
 import logging
 import math
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from megatron_ext.rope.pose import pose_chunks, pose_document_position_ids, pose_position_ids
-from megatron_ext.errors import MissingFile
+from megatron_ext.errors import InputError, MissingFile
 
 TRAINING_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
 DOCUMENT_IDS = "document_ids"  # the field document masking adds: [L] int64, which document of the window
@@ -20,6 +22,12 @@ DOCUMENT_IDS = "document_ids"  # the field document masking adds: [L] int64, whi
 # megatron-core reads path_to_cache=None as "next to the data" (`{prefix}/cache/...`) and an empty path as
 # "build in memory, write nothing".
 _IN_MEMORY = ""
+# The `.idx` header megatron-core's IndexedDatasetBuilder writes: magic, version (8), dtype code (1), sequence
+# count (8), document count (8, boundaries incl. the leading 0); then int32 lengths, int64 byte pointers and
+# int64 document boundaries (+ int8 modes per sequence in a multimodal index).
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+_REPREPROCESS = "re-run `megatron-ext preprocess` to write both files again"
 # Samples built per source beyond its share of a blend, as megatron's builder does (mid_level_dataset_surplus):
 # the blend's greedy draw may take one sample more than a source's exact share.
 _BLEND_SURPLUS = 0.005
@@ -54,13 +62,16 @@ def build_gpt_dataset(
     from which the model's attention builds its block-causal mask. `mask_eod_loss=True` zeroes loss_mask where
     the token is EOD (megatron's eod_mask_loss: the prediction made from an EOD crosses into the next document).
 
+    Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`).
+
     Ranks: every rank builds its own copy (megatron's `is_built_on_rank` is always true here), so every TP,
     PP and CP rank can read its data locally. With torch.distributed initialized the call is collective (it
     holds barriers over the world group): every rank must call it with the same arguments.
     - `cache_dir=None`: every rank builds the index arrays in memory and writes nothing; global rank 0 first,
       then the others (megatron's order). Nothing needs to be shared.
-    - `cache_dir` set: global rank 0 builds the indices and saves them there (or finds them from an earlier
-      run), then the other ranks load them, so the directory must be on a filesystem every rank sees (a rank
+    - `cache_dir` set: global rank 0 builds the indices and saves them there, in one subdirectory per version of
+      each dataset's files (a dataset replaced at the same prefix gets new indices), or finds them from an earlier
+      run, then the other ranks load them, so the directory must be on a filesystem every rank sees (a rank
       that cannot find them raises an error saying so). The blend's own index is always built in memory.
     """
     _check_build_arguments(data_prefixes, seq_length, num_samples, weights)
@@ -86,6 +97,7 @@ def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> N
                 f"data prefix '{prefix}' has no {' or '.join(missing)}: pass the prefix of an indexed dataset "
                 "(run `megatron-ext preprocess` to make one)"
             )
+        check_indexed_dataset(prefix)
     if seq_length < 1:
         raise ValueError(f"seq_length ({seq_length}) must be >= 1")
     if num_samples < 1:
@@ -95,6 +107,70 @@ def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> N
             f"weights ({weights}) must give one positive weight per data prefix ({len(data_prefixes)} prefixes): "
             "fix weights, or leave them out to blend by token count"
         )
+
+
+def check_indexed_dataset(prefix: str | Path) -> None:
+    """`{prefix}.idx` is whole and `{prefix}.bin` holds exactly the tokens it lists, else an `InputError` naming the
+    file, the bytes expected and found, and the fix. Reads the header and three numbers, never the data."""
+    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    idx_bytes, bin_bytes = idx_path.stat().st_size, bin_path.stat().st_size
+    with idx_path.open("rb") as idx:
+        header = idx.read(_IDX_HEADER.size)
+        if len(header) < _IDX_HEADER.size:
+            raise InputError(f"index file '{idx_path}' is truncated: expected at least {_IDX_HEADER.size} header "
+                             f"bytes, found {idx_bytes}: {_REPREPROCESS}")
+        magic, version, dtype_code, sequences, boundaries = _IDX_HEADER.unpack(header)
+        if magic != _IDX_MAGIC or version != 1:
+            raise InputError(f"'{idx_path}' is not a megatron indexed dataset index (version 1): {_REPREPROCESS}")
+        token_bytes = _token_bytes(idx_path, dtype_code)
+        arrays_start = _IDX_HEADER.size
+        pointers_start = arrays_start + 4 * sequences
+        boundaries_start = pointers_start + 8 * sequences
+        expected_idx = boundaries_start + 8 * boundaries
+        if idx_bytes not in (expected_idx, expected_idx + sequences):  # the second: a multimodal index
+            raise InputError(
+                f"index file '{idx_path}' is truncated or damaged: its header lists {sequences} sequences and "
+                f"{max(boundaries - 1, 0)} documents ({expected_idx} bytes), found {idx_bytes} bytes: {_REPREPROCESS}")
+        if sequences == 0:
+            expected_bin = 0
+        else:
+            last_length = _read_number(idx, arrays_start + 4 * (sequences - 1), "<i")
+            last_pointer = _read_number(idx, pointers_start + 8 * (sequences - 1), "<q")
+            expected_bin = last_pointer + last_length * token_bytes
+            last_boundary = _read_number(idx, boundaries_start + 8 * (boundaries - 1), "<q")
+            if last_boundary != sequences:
+                raise InputError(f"index file '{idx_path}' is damaged: its last document ends at sequence "
+                                 f"{last_boundary}, not at its sequence count {sequences}: {_REPREPROCESS}")
+    if bin_bytes != expected_bin:
+        raise InputError(
+            f"data file '{bin_path}' has {bin_bytes} bytes, but its index '{idx_path}' ({max(boundaries - 1, 0)} "
+            f"documents) lists {expected_bin} bytes ({expected_bin // token_bytes} tokens of {token_bytes} bytes): "
+            f"the .bin is truncated or the two files come from different runs: {_REPREPROCESS}")
+
+
+def _token_bytes(idx_path: Path, dtype_code: int) -> int:
+    from megatron.core.datasets.indexed_dataset import DType
+
+    try:
+        return DType.size(DType.dtype_from_code(dtype_code))
+    except (ValueError, KeyError):
+        raise InputError(f"index file '{idx_path}' names an unknown token dtype (code {dtype_code}): "
+                         f"{_REPREPROCESS}") from None
+
+
+def _read_number(file, offset: int, number_format: str) -> int:
+    file.seek(offset)
+    return struct.unpack(number_format, file.read(struct.calcsize(number_format)))[0]
+
+
+def _index_cache_dir(prefix: str, cache_dir: str) -> str:
+    """Where one source's indices are cached: a subdirectory named from its files' sizes and modification times.
+
+    megatron keys its cache by the prefix's path and the settings, not by the files: a dataset replaced at the
+    same prefix would reuse the old indices (other samples than a fresh build, or an IndexError)."""
+    stats = [Path(f"{prefix}{suffix}").stat() for suffix in (".bin", ".idx")]
+    identity = repr([(stat.st_size, stat.st_mtime_ns) for stat in stats]).encode()
+    return str(Path(cache_dir) / f"{Path(prefix).name}-{hashlib.sha256(identity).hexdigest()[:16]}")
 
 
 def _check_compiled_helpers() -> None:
@@ -123,7 +199,7 @@ def _gpt_dataset_config(prefix: str, *, seq_length: int, tokenizer, seed: int, c
         eod_mask_loss=False,
         create_attention_mask=False,
         tokenizer=tokenizer,
-        path_to_cache=_IN_MEMORY if cache_dir is None else str(cache_dir),
+        path_to_cache=_IN_MEMORY if cache_dir is None else _index_cache_dir(prefix, cache_dir),
         mmap_bin_files=True,
     )
 

@@ -52,13 +52,31 @@ def read_documents(path: str | Path, *, json_key: str = "text", source_key: str 
     if path.is_dir() or path.suffix in (ARROW_SUFFIX, PARQUET_SUFFIX):
         yield from _read_table(path, json_key, source_key)
         return
-    if path.suffix not in JSONL_SUFFIXES:
-        yield Document(text=path.read_text(encoding="utf-8"), source=path.stem)
-        return
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if line.strip():
-                yield _parse_record(line, f"{path} line {line_number}", json_key, source_key, path.stem)
+    try:
+        if path.suffix not in JSONL_SUFFIXES:
+            yield Document(text=path.read_text(encoding="utf-8"), source=path.stem)
+            return
+        with path.open(encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield _parse_record(line, f"{path} line {line_number}", json_key, source_key, path.stem)
+    except UnicodeDecodeError:
+        raise InputError(f"{_first_undecodable(path)} is not UTF-8 text: re-encode the file as UTF-8 "
+                         "(e.g. iconv -f <its encoding> -t UTF-8) or fix that line") from None
+
+
+def _first_undecodable(path: Path) -> str:
+    """Where `path` first fails to decode as UTF-8: 'FILE line N' (lines as the JSONL reader counts them) and
+    the byte offset in the file. Read again on error only, so valid files are read once."""
+    offset = 0
+    with path.open("rb") as raw_lines:
+        for line_number, raw_line in enumerate(raw_lines, start=1):
+            try:
+                raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"{path} line {line_number} (byte {offset + error.start})"
+            offset += len(raw_line)
+    return f"{path}"  # only reached if the file changed while being read
 
 
 def _parse_record(line: str, where: str, json_key: str, source_key: str, default_source: str) -> Document:

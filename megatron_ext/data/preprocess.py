@@ -86,6 +86,7 @@ def preprocess(
     prepend_bos: bool = False,
     upsample: Mapping[str, UpsampleRule | Mapping[str, int]] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PreprocessResult:
     """Tokenize every document of `inputs` (see `read_documents`) into `{output_prefix}.bin/.idx`.
 
@@ -93,10 +94,12 @@ def preprocess(
     output order is the input order whatever `workers` is (1: tokenize in this process; more: a spawn
     pool). `upsample` maps a source to an `UpsampleRule` (or `{"min_tokens": .., "factor": ..}`).
     Every input is checked (files, JSON, keys, rule names) before anything is tokenized; the outputs
-    appear only once complete. Scripts calling it with workers > 1 need `if __name__ == "__main__":` (spawn).
+    appear only once complete. An existing `{output_prefix}.bin`/`.idx` is replaced only with `overwrite=True`. Scripts calling it with workers > 1 need `if __name__ == "__main__":` (spawn).
     """
     paths = check_input_files(inputs, setting="inputs (--input)")
     bin_path, idx_path = _output_paths(output_prefix)
+    if not overwrite:
+        _check_not_written(bin_path, idx_path, output_prefix)
     rules = _checked_rules(upsample)
     if not isinstance(workers, int) or workers < 1:
         raise InputError(f"workers ({workers!r}) must be an integer >= 1: set --workers to 1 or more")
@@ -211,6 +214,15 @@ def _output_paths(output_prefix: str | Path) -> tuple[Path, Path]:
             "choose a writable location or fix its permissions"
         )
     return Path(f"{output_prefix}.bin"), Path(f"{output_prefix}.idx")
+
+
+def _check_not_written(bin_path: Path, idx_path: Path, output_prefix: str | Path) -> None:
+    existing = [str(path) for path in (bin_path, idx_path) if path.exists()]
+    if existing:
+        raise InputError(
+            f"output_prefix (--output-prefix) '{output_prefix}' already has {' and '.join(existing)}: pass "
+            "--overwrite (overwrite=True) to replace the dataset, or choose another output prefix"
+        )
 
 
 def _checked_rules(upsample: Mapping[str, UpsampleRule | Mapping[str, int]] | None) -> dict[str, UpsampleRule]:

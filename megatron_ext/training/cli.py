@@ -14,6 +14,8 @@ def add_train_args(subparsers):
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set optimizer.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", help="auto | none | a checkpoint directory (overrides checkpoint.resume)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load checkpoints without checking their files against the manifest (checkpoint.verify)")
     parser.add_argument("--nproc-per-node", type=int, default=1,
                         help="start this many local processes with torch.distributed.run (CPU: gloo ranks)")
     parser.set_defaults(func=run_train)
@@ -28,6 +30,7 @@ def run_train(args) -> int:
     if args.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node ({args.nproc_per_node}) must be >= 1")
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    overrides += ["checkpoint.verify=false"] if args.no_verify else []
     given = read_raw(args.config, overrides, example="examples/configs/*.yaml")
     config = from_dict(TrainConfig, given, prefix="")
     # every setting is checked before any process starts: the checkpoint it starts from first (it supplies the
@@ -47,7 +50,15 @@ def run_train(args) -> int:
 
 
 def relaunch(argv: list[str], nproc: int) -> int:
-    """Re-run this very command under torch.distributed.run with nproc local ranks."""
+    """Re-run this very command under torch.distributed.run with nproc local ranks; return its exit code.
+
+    torchrun runs in its own session, so a signal sent to this process's group (Ctrl-C, SLURM) reaches this
+    process only. SIGTERM / SIGUSR1 / SIGINT are passed on to the ranks, which save and exit 0, and then
+    torchrun exits 0; we wait for it, so nothing is left behind. (Signalled itself, torchrun would kill the
+    ranks after 30 s and fail; SIGUSR1 would kill it outright.) A second signal goes to torchrun, which stops
+    the ranks.
+    """
+    import signal
     import subprocess
 
     argv = list(argv)
@@ -57,5 +68,33 @@ def relaunch(argv: list[str], nproc: int) -> int:
     argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_ext.cli", *argv]
-    return subprocess.call(command)
+    forwarded = []
+    torchrun = subprocess.Popen(command, start_new_session=True)
 
+    def forward(signum, frame):
+        if forwarded or not _signal_ranks(torchrun.pid, signum):
+            torchrun.send_signal(signal.SIGTERM)
+        forwarded.append(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        return torchrun.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_ranks(torchrun_pid: int, signum: int) -> bool:
+    """Send `signum` to the ranks torchrun started; False if it has none (yet)."""
+    import psutil
+
+    try:
+        ranks = psutil.Process(torchrun_pid).children()
+    except psutil.NoSuchProcess:
+        return False
+    for rank in ranks:
+        try:
+            rank.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+    return bool(ranks)

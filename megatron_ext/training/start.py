@@ -66,7 +66,7 @@ def settle_start(config: TrainConfig, given: dict) -> Start:
     `given` is the YAML mapping with the overrides applied: what the user set explicitly. Raises a
     CheckpointError naming the setting and both values on a contradiction; `config` is changed in place.
     """
-    found = find_checkpoint(config.checkpoint.dir, config.checkpoint.resume)
+    found = find_checkpoint(config.checkpoint.dir, config.checkpoint.resume, verify=config.checkpoint.verify)
     if found is not None:
         saved = read_checkpoint(found, setting="checkpoint.resume")
         adopt_model(config, given, saved, "checkpoint.resume")

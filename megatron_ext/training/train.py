@@ -6,6 +6,7 @@ The top of the house: nothing else in megatron_ext imports this module (the `tra
 
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.checkpoint.lock import CheckpointDirLocked, lock_checkpoint_dir, release_checkpoint_dir
 from megatron_ext.checkpoint.state import CheckpointState
 from megatron_ext.config import TrainConfig
 from megatron_ext.distributed import setup_distributed
+from megatron_ext.errors import UserError
 from megatron_ext.models.builder import build_gpt
 from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size, peak_tflops
 from megatron_ext.training.metrics import TrainLogger
@@ -42,6 +45,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     if start is None:
         start = settle_start(config, given=config.to_dict())
     device = setup_distributed(config.parallel)
+    hold_checkpoint_dir(config.checkpoint.dir)
     from megatron.core import parallel_state as ps
 
     tokenizer, data_prefixes = prepare_data(config)
@@ -61,13 +65,15 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=model,
                                 optimizer=optimizer if config.checkpoint.load_optimizer else None,
-                                scheduler=scheduler)
+                                scheduler=scheduler, verify=config.checkpoint.verify)
         start_iteration = state["iteration"]
+        apply_lr_settings(optimizer, scheduler, config)
         log.info(f"megatron_ext: resumed from {resume_from} at iteration {start_iteration}"
                  + (" = training.train_iters: nothing left to train" if start_iteration >= config.training.train_iters
                     else ""))
     elif start.pretrained is not None:
-        load_checkpoint(start.pretrained.path, model=model, setting="checkpoint.pretrained")  # weights only
+        load_checkpoint(start.pretrained.path, model=model, setting="checkpoint.pretrained",  # weights only
+                        verify=config.checkpoint.verify)
         log.info(f"megatron_ext: starting from the weights of {start.pretrained.path}")
     else:
         log.info("megatron_ext: starting from random weights")
@@ -85,15 +91,20 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     stop = StopSignal(config.training.exit_signal_handler)
     result = TrainResult(last_checkpoint=str(resume_from) if resume_from else None)
 
+    writer = single_process_writer()
+    nonfinite = NonFiniteGuard(config.training.nonfinite, config.training.nonfinite_patience)
+
     def save(iteration):
+        nonfinite.check_weights(model, iteration)
         state = checkpoint_state(config, model, tokenizer, iteration)
         path = save_checkpoint(config.checkpoint.dir, iteration, model=model, optimizer=optimizer,
-                               scheduler=scheduler, state=state.to_json(), keep_last=config.checkpoint.keep_last)
+                               scheduler=scheduler, state=state.to_json(), keep_last=config.checkpoint.keep_last,
+                               sharded_strategy=writer)
         result.last_checkpoint = str(path)
 
     for iteration in range(start_iteration + 1, config.training.train_iters + 1):
         start = time.perf_counter()
-        loss, grad_norm = train_step(model, optimizer, scheduler, batches.next_iteration(), config)
+        loss, grad_norm, finite = train_step(model, optimizer, scheduler, batches.next_iteration(), config)
         seconds = time.perf_counter() - start
         result.losses[iteration] = loss
         result.iterations_run += 1
@@ -102,6 +113,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
         logger.log(iteration, metrics)
         if rank == world - 1 and config.logging.metrics_file:
             append_metrics(config.logging.metrics_file, iteration, metrics)
+        nonfinite.after_step(iteration, finite, loss, grad_norm, result.last_checkpoint)  # raises when it stops
         last = iteration == config.training.train_iters
         exit_interval = config.training.exit_interval
         if stop.requested() or (exit_interval and result.iterations_run % exit_interval == 0 and not last):
@@ -112,8 +124,32 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
         if iteration % config.checkpoint.save_interval == 0 or last:
             save(iteration)
     logger.close()
+    if torch.distributed.get_rank() == 0:
+        release_checkpoint_dir(config.checkpoint.dir)
     ps.destroy_model_parallel()
     return result
+
+
+def apply_lr_settings(optimizer, scheduler, config: TrainConfig) -> None:
+    """After a resume, the config's LR range: megatron's scheduler reads each param group's own max_lr/min_lr,
+    which the optimizer state brought back from the checkpoint; the lr of the next step follows at once."""
+    for group in optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = config.optimizer.lr, config.optimizer.min_lr
+    scheduler.step(increment=0)
+
+
+def hold_checkpoint_dir(root) -> None:
+    """Rank 0 takes checkpoint.dir's lock for the whole run (a second job is refused); every rank learns the outcome."""
+    refusal = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            lock_checkpoint_dir(root)
+        except CheckpointDirLocked as error:
+            refusal = [str(error)]
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise CheckpointDirLocked(refusal[0])
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -262,7 +298,8 @@ def batch_on_this_rank(batch: dict, model: list, device):
 
 
 def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
-    """Forward/backward over the iteration's micro-batches, then one optimizer step."""
+    """Forward/backward over the iteration's micro-batches, then one optimizer step if the loss and grad norm
+    are finite. Returns (loss, grad norm, whether the step was taken)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -278,15 +315,42 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
         num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    _, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
     total = torch.zeros(2, device=device)
     if ps.is_pipeline_last_stage():
         total = torch.stack([l["lm loss"] for l in losses]).sum(0).to(device)
         torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     # every rank learns the loss (the last stage's), so results and logs agree everywhere
     torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
-    return (total[0] / total[1]).item(), (float(grad_norm) if grad_norm is not None else None)
+    loss = (total[0] / total[1]).item()
+    grad_norm, finite = step_if_finite(optimizer, loss, device)
+    if finite:
+        scheduler.step(increment=1)
+    return loss, grad_norm, finite
+
+
+def step_if_finite(optimizer, loss: float, device) -> tuple[float, bool]:
+    """megatron's optimizer.step() (prepare grads, norm, clip, update), except that no rank updates unless the
+    loss and the grad norm are finite on every rank: megatron skips a non-finite step only for fp16's loss
+    scaler, and clipping by a NaN norm leaves NaN gradients in place. Returns (grad norm, stepped)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    found_inf = optimizer.prepare_grads()  # fp16's loss scaler; False otherwise
+    grad_norm = float(optimizer.get_grad_norm())
+    flag = torch.tensor([0.0 if found_inf or not math.isfinite(loss) or not math.isfinite(grad_norm) else 1.0],
+                        device=device)
+    # a rank whose PP stage saw a NaN that MAX hid (gloo's MAX of NaN and 0 may be 0) still votes no
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    if flag.item() < 1:
+        return grad_norm, False
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):  # as ChainedOptimizer.step clips
+        parameters = part.get_parameters()
+        if getattr(part, "is_stub_optimizer", False) or not parameters or part.config.clip_grad <= 0:
+            continue
+        clip_grad_by_total_norm_fp32(
+            parameters, max_norm=part.config.clip_grad, total_norm=grad_norm,
+            use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    optimizer.step_with_ready_grads()
+    return grad_norm, True
 
 
 # --- bookkeeping ---------------------------------------------------------------------------
@@ -331,15 +395,25 @@ class Throughput:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit): finish the step, save, exit."""
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT: finish the step, save, exit 0.
+
+    The handler only raises a flag, so the same signal sent to the whole process group (srun, Ctrl-C,
+    torchrun forwarding it) or to a single rank ends the run alike: `requested` all-reduces the flag and
+    every rank saves once at the same iteration. The checkpoint writer runs in this process
+    (`single_process_writer`), so no helper process of the save can die from the signal.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, enabled: bool):
         self.received = False
         if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in self.SIGNALS:
                 signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if not self.received:
+            log.warning(f"megatron_ext: got {signal.Signals(signum).name}: saving after this iteration, then stopping")
         self.received = True
 
     def requested(self) -> bool:
@@ -348,3 +422,71 @@ class StopSignal:
             flag = flag.cuda()
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class NonFiniteTraining(UserError):
+    """The loss, the gradients or the weights stopped being finite; nothing of that state was saved."""
+
+
+class NonFiniteGuard:
+    """training.nonfinite: `stop` at the first non-finite iteration, or `skip` up to `patience` in a row.
+
+    A non-finite iteration never updates the weights (`step_if_finite`), and a checkpoint is written only
+    from finite weights, so keep_last never removes the last good checkpoint for a bad one.
+    """
+
+    def __init__(self, policy: str, patience: int):
+        self.policy, self.patience = policy, patience
+        self.in_a_row = 0
+
+    def after_step(self, iteration: int, finite: bool, loss: float, grad_norm: float, last_checkpoint) -> None:
+        if finite:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.policy == "skip" and self.in_a_row <= self.patience:
+            log.warning(f"megatron_ext: iteration {iteration}: loss {loss}, grad norm {grad_norm} not finite: "
+                        f"update skipped ({self.in_a_row} of training.nonfinite_patience={self.patience} in a row)")
+            return
+        in_a_row = f" ({self.in_a_row} in a row)" if self.policy == "skip" else ""
+        raise NonFiniteTraining(
+            f"iteration {iteration}: loss {loss}, grad norm {grad_norm} not finite{in_a_row}; no update and no "
+            f"checkpoint made of it, the last checkpoint is {last_checkpoint or 'none'}: lower optimizer.lr (or raise "
+            "optimizer.warmup_iters), or set training.nonfinite=skip with training.nonfinite_patience=N to skip such steps")
+
+    @staticmethod
+    def check_weights(model: list, iteration: int) -> None:
+        """Collective: refuse to save weights that are not finite on some rank (an update from a finite but huge
+        step can overflow them)."""
+        finite = all(bool(torch.isfinite(p).all()) for chunk in model for p in chunk.parameters())
+        flag = torch.tensor([1.0 if finite else 0.0], device=next(model[0].parameters()).device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if flag.item() < 1:
+            raise NonFiniteTraining(f"iteration {iteration}: the weights are not finite, so no checkpoint was saved: "
+                                    "lower optimizer.lr (or raise optimizer.warmup_iters)")
+
+
+def single_process_writer():
+    """megatron's torch_dist checkpoint format, written by this process alone with torch's FileSystemWriter.
+
+    megatron's default writer forks helpers and reports through a multiprocessing Manager; a SIGTERM sent to
+    the process group kills them and the save dies with BrokenPipeError. Same files, same loader."""
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict)
+
+    class Writer(dcp.FileSystemWriter):
+        def storage_meta(self):
+            return None  # as megatron's writer: .metadata then holds checkpoint metadata classes only
+
+    class SingleProcessSaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            writer = Writer(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+            planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                       flatten_state_dict=False)
+            dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer, planner=planner)
+
+    return SingleProcessSaveStrategy("torch_dist", 1)
