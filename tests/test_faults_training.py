@@ -168,3 +168,16 @@ def test_a_second_job_on_a_checkpoint_dir_in_use_is_refused(work):
     assert f"is in use by process {owner.pid}" in run.stderr.strip().splitlines()[-1]
     assert not list((work / "locked").glob("iter_*"))
     assert not (work / "locked.jsonl").exists()  # refused at start-up: not one iteration ran
+
+
+def test_skip_tolerates_patience_non_finite_iterations_in_a_row_and_a_finite_one_resets_the_count():
+    from megatron_ext.training.train import NonFiniteGuard, NonFiniteTraining
+
+    nan = float("nan")
+    guard = NonFiniteGuard("skip", patience=2)
+    for iteration, finite in enumerate([False, False, True, False, False], start=1):
+        guard.after_step(iteration, finite, 1.0 if finite else nan, 1.0, "iter_0000001")
+    with pytest.raises(NonFiniteTraining, match=r"^iteration 6: loss nan, grad norm 1\.0 not finite \(3 in a row\)"):
+        guard.after_step(6, False, nan, 1.0, "iter_0000003")
+    with pytest.raises(NonFiniteTraining, match=r"^iteration 1: .* the last checkpoint is none"):
+        NonFiniteGuard("stop", patience=5).after_step(1, False, nan, nan, None)
