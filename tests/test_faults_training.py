@@ -181,3 +181,56 @@ def test_skip_tolerates_patience_non_finite_iterations_in_a_row_and_a_finite_one
         guard.after_step(6, False, nan, 1.0, "iter_0000003")
     with pytest.raises(NonFiniteTraining, match=r"^iteration 1: .* the last checkpoint is none"):
         NonFiniteGuard("stop", patience=5).after_step(1, False, nan, nan, None)
+
+
+def srun_tasks(config: Path, *args: str, tasks: int = 2) -> list[subprocess.Popen]:
+    """`tasks` ranks started as srun starts them: one process per task through megatron_ext.launch.slurm, with
+    SLURM's variables, all in one process group (srun delivers a signal to every task)."""
+    from conftest import _free_port
+
+    slurm = dict(ENV, SLURM_STEP_NUM_TASKS=str(tasks), SLURM_STEP_TASKS_PER_NODE=str(tasks), SLURM_NODEID="0",
+                 SLURM_STEP_NODELIST="localhost", SLURM_JOB_ID="4242", MASTER_PORT=str(_free_port()))
+    command = [sys.executable, "-m", "megatron_ext.launch.slurm", "--", *train_command(config, *args)]
+    started: list[subprocess.Popen] = []
+    for rank in range(tasks):
+        group = {"process_group": 0 if rank == 0 else started[0].pid}
+        started.append(subprocess.Popen(command, env=dict(slurm, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **group))
+    return started
+
+
+def finish(tasks: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    return [(task.returncode, output) for task, output in ((t, t.communicate(timeout=300)[0]) for t in tasks)]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync-save", "async-save"])
+def test_usr1_to_every_srun_task_saves_once_and_the_resume_matches_the_uninterrupted_run(work, async_save):
+    """Two ranks under srun, SLURM's pre-timeout USR1 to the whole step: every rank saves the same iteration
+    once, exits 0, and the resumed run (a requeued job) repeats the uninterrupted two-rank run."""
+    name = "srun_async" if async_save else "srun"
+    config = yaml.safe_load(write_config(work, name, train_iters=LONG_RUN).read_text())
+    config["checkpoint"]["async_save"] = async_save
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    metrics = work / f"{name}.jsonl"
+    tasks = srun_tasks(work / f"{name}.yaml")
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert all(t.poll() is None for t in tasks) and time.monotonic() < deadline, finish(tasks)
+        time.sleep(0.05)
+    os.killpg(tasks[0].pid, signal.SIGUSR1)
+    stopped = finish(tasks)
+    assert [rc for rc, _ in stopped] == [0, 0], stopped[0][1][-3000:] + stopped[1][1][-3000:]
+    stopped_at = int(latest(work / name).removeprefix("iter_"))
+    assert 2 <= stopped_at < LONG_RUN
+    assert sorted(p.name for p in (work / name).iterdir()) == [f"iter_{stopped_at:07d}", "latest"]
+
+    end = stopped_at + 2
+    resumed = finish(srun_tasks(work / f"{name}.yaml", "--set", "training.exit_interval=2"))
+    assert [rc for rc, _ in resumed] == [0, 0], resumed[0][1][-3000:]
+    reference = write_config(work, f"{name}_reference", train_iters=LONG_RUN, exit_interval=end)
+    uninterrupted = finish(srun_tasks(reference))
+    assert [rc for rc, _ in uninterrupted] == [0, 0], uninterrupted[0][1][-3000:]
+    interrupted, expected = losses(work, name), losses(work, f"{name}_reference")
+    assert sorted(interrupted) == list(range(1, end + 1))
+    assert [interrupted[i] for i in range(1, end + 1)] == pytest.approx([expected[i] for i in range(1, end + 1)],
+                                                                        abs=1e-6)

@@ -24,6 +24,10 @@ saved). A crash at any point leaves the previous checkpoint and `latest` intact.
 files against the manifest (each rank a share) and vets `.metadata` with an allow-list unpickler
 (checkpoint/safe_metadata.py) before megatron reads anything.
 
+The tensors are written by this process (checkpoint/writer.py: no helper process a signal could kill),
+either during the call or, with `background=`, on a thread while training goes on; then the steps above
+from the checksums on run as the save's finalize step, so a background save completes the same way.
+
 Resharding on load (dist_checkpointing maps the saved global tensors onto the new layout):
 - model weights: TP, PP and DP may all change.
 - optimizer state: the plain megatron optimizers (FP32Optimizer, Float16OptimizerWithFloat16Params)
@@ -43,9 +47,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint import CheckpointException
 
 from megatron_ext.checkpoint.layout import (
     COMMON_KEY,
@@ -75,6 +82,10 @@ from megatron_ext.checkpoint.integrity import (
 from megatron_ext.checkpoint.lock import lock_checkpoint_dir, release_checkpoint_dir
 from megatron_ext.checkpoint.safe_metadata import check_dcp_metadata
 from megatron_ext.compat import prepare_megatron
+from megatron_ext.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron_ext.checkpoint.writer import BackgroundSaves
 
 log = logging.getLogger("megatron_ext")
 
@@ -256,7 +267,8 @@ def _save_rng(checkpoint: Path, states: dict) -> None:
 
 def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Module], optimizer=None,
                     scheduler=None, state: dict, keep_last: int | None = None,
-                    optimizer_sharding: str = "fully_reshardable", sharded_strategy=None) -> Path:
+                    optimizer_sharding: str = "fully_reshardable", sharded_strategy=None,
+                    background: BackgroundSaves | None = None) -> Path:
     """Save model chunks, optimizer, scheduler, RNG and `state` as root/iter_XXXXXXX; return it.
 
     Collective: every rank calls it. `state` (config, HARPE bases, data position, ...) must be
@@ -266,31 +278,86 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
     The call leaves every RNG as it found it.
 
     Weights only: optimizer=None and scheduler=None save the model tensors alone (a converted
-    model; load it with optimizer=None). `sharded_strategy` replaces megatron's default torch_dist
-    writer (same format), e.g. the converter's, which pulls each tensor from a source as it writes.
+    model; load it with optimizer=None). `sharded_strategy` replaces the in-process torch_dist
+    writer (checkpoint/writer.py; same format), e.g. the converter's, which pulls each tensor from a
+    source as it writes.
+
+    `background` (checkpoint/writer.py's BackgroundSaves): the tensors are copied, the call returns, and
+    the files are written while training goes on; the checkpoint is complete (and `latest` moves) when
+    `background.poll()` or `background.wait()` finishes it. The returned path exists only from then on.
     """
+    from megatron_ext.checkpoint.writer import InProcessSaveStrategy
+
     root = Path(root)
     _check_save_arguments(iteration, keep_last, optimizer_sharding)
     validate_checkpoint_dir(root)
     _require_distributed("save_checkpoint")
     prepare_megatron()
+    if background is not None:
+        background.wait()  # one save at a time: the previous one completes (and keep_last runs) first
     started = time.perf_counter()
     rng_states = _capture_rng()
     common = _common_part(iteration, optimizer, scheduler, state, optimizer_sharding)
+    if sharded_strategy is None:
+        sharded_strategy = InProcessSaveStrategy(snapshot=background is not None)
 
     name, token = checkpoint_name(iteration), _shared_token()
-    staging = root / f"{name}{TMP_INFIX}{token}"
+    staging, final = root / f"{name}{TMP_INFIX}{token}", root / name
     took_lock = _on_rank0(lambda: _claim_root(root, staging))
+
+    def finish(megatron_steps=()):
+        """After every rank's write: megatron's finalize steps (a background save's), then ours."""
+        try:
+            try:
+                for step in megatron_steps:
+                    step()
+                _complete(root, staging, final, token, keep_last)
+            except (OSError, CheckpointException) as error:
+                raise write_failed(final, error) from error
+        finally:
+            if took_lock:
+                release_checkpoint_dir(root)
+        if _is_rank0():
+            log.info(f"megatron_ext: saved {final} in {time.perf_counter() - started:.1f} s"
+                     + (" (written in the background)" if background is not None else ""))
+
     try:
-        final = _write_and_finish(root, staging, name, token, model, optimizer, common, rng_states,
-                                  sharded_strategy, keep_last)
-    finally:
+        request = _write_files(staging, model, optimizer, common, rng_states, sharded_strategy,
+                               asynchronous=background is not None)
+    except BaseException as error:
         if took_lock:
             release_checkpoint_dir(root)
-    _restore_rng(rng_states)
-    if _is_rank0():
-        log.info(f"megatron_ext: saved {final} in {time.perf_counter() - started:.1f} s")
+        if isinstance(error, (OSError, CheckpointException)):
+            raise write_failed(final, error) from error
+        raise
+    finally:
+        _restore_rng(rng_states)
+    if background is None:
+        finish()
+    else:
+        background.schedule(request._replace(finalize_fns=[partial(finish, request.finalize_fns)]), final)
     return final
+
+
+class CheckpointWriteFailed(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a lost file system); the previous one and `latest` are intact."""
+
+
+def write_failed(final: Path, error: BaseException) -> CheckpointWriteFailed:
+    """The error for a save that failed while writing `final` (the cause is named; every rank raises it)."""
+    failures = getattr(error, "failures", None)  # torch DCP's CheckpointException: {rank: (exception, trace)}
+    if failures:
+        rank, (cause, *_) = next(iter(failures.items()))
+        reason = f"rank {rank}: {str(cause).removeprefix('Worker failure: ')}"
+    else:
+        reason = str(error)
+    if "unexpected pos" in reason:  # torch's zip writer, when a write stopped short
+        reason += " (a write stopped short: the disk or a quota is full, or a file-size limit was hit)"
+    previous = latest_target(final.parent)
+    return CheckpointWriteFailed(
+        f"{final.name} could not be written in checkpoint.dir ({str(final.parent)!r}): {reason}. Nothing else "
+        f"changed: latest names {previous.name if previous else 'no checkpoint'}. Free space (or fix the file "
+        f"system) and resume with --resume auto")
 
 
 def _claim_root(root: Path, staging: Path) -> bool:
@@ -303,27 +370,30 @@ def _claim_root(root: Path, staging: Path) -> bool:
     return took
 
 
-def _write_and_finish(root, staging, name, token, model, optimizer, common, rng_states, sharded_strategy,
-                      keep_last) -> Path:
-    _barrier()
-    _write_tensors(staging, model, optimizer, common, sharded_strategy)
+def _write_files(staging, model, optimizer, common, rng_states, sharded_strategy, asynchronous: bool):
+    """Every rank's tensors (or, when `asynchronous`, the request that writes them), RNG file and, on rank 0,
+    megatron_ext.json into the staging directory."""
+    _barrier()  # the staging directory exists
+    request = _write_tensors(staging, model, optimizer, common, sharded_strategy, asynchronous)
     _save_rng(staging, rng_states)
     if _is_rank0():
         summary = {**common, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (staging / JSON_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return request
+
+
+def _complete(root: Path, staging: Path, final: Path, token: str, keep_last: int | None) -> None:
+    """Once every rank's files are written: checksums, manifest, marker, rename, `latest`, keep_last."""
     _barrier()  # every rank's files are in
     checksummed = time.perf_counter()
     files = _checksum_collectively(staging)
     if _is_rank0():
         log.debug(f"megatron_ext: manifest of {len(files)} files, CRC-32 in {time.perf_counter() - checksummed:.2f} s")
-    final = root / name
-    if _is_rank0():
         _finish(staging, final, files, token)
         _remove_stale_staging(root)
         if keep_last is not None:
             _keep_newest(root, keep_last, final, token)
     _barrier()  # nobody returns before the checkpoint is in place
-    return final
 
 
 def _check_save_arguments(iteration, keep_last, optimizer_sharding) -> None:
@@ -353,15 +423,15 @@ def _common_part(iteration, optimizer, scheduler, state, optimizer_sharding) -> 
     }
 
 
-def _write_tensors(staging: Path, model, optimizer, common: dict, sharded_strategy=None) -> None:
+def _write_tensors(staging: Path, model, optimizer, common: dict, sharded_strategy, asynchronous: bool = False):
     from megatron.core import dist_checkpointing
     metadata = common["sharding_metadata"]
     with_optimizer = common["optimizer"] is not None and common["optimizer"]["has_state"]
     sharded = _sharded_state_dict(model, optimizer if with_optimizer else None, metadata,
                                   is_loading=False)
     sharded[COMMON_KEY] = common
-    dist_checkpointing.save(sharded, str(staging), sharded_strategy=sharded_strategy,
-                            content_metadata=dict(metadata))
+    return dist_checkpointing.save(sharded, str(staging), sharded_strategy=sharded_strategy,
+                                   content_metadata=dict(metadata), async_sharded_save=asynchronous)
 
 
 def _finish(staging: Path, final: Path, files: dict, token: str) -> None:

@@ -116,6 +116,7 @@ class CheckpointConfig:
     from_scratch: bool = False  # a model of >= 1B parameters starts from random weights only when this says so
     load_optimizer: bool = True
     verify: bool = True  # check every file against the checkpoint's manifest (size, CRC-32) before loading
+    async_save: bool = False  # write checkpoints on a background thread while training goes on (host copy of the state)
 
 
 @dataclass

@@ -58,7 +58,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     model = build_model(config, vocab_size, device)
     optimizer, scheduler = build_optimizer(config, model)
 
-    from megatron_ext.checkpoint.store import load_checkpoint, save_checkpoint
+    from megatron_ext.checkpoint.store import load_checkpoint
 
     start_iteration = 0
     resume_from = start.resume.path if start.resume else None
@@ -91,16 +91,8 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     stop = StopSignal(config.training.exit_signal_handler)
     result = TrainResult(last_checkpoint=str(resume_from) if resume_from else None)
 
-    writer = single_process_writer()
     nonfinite = NonFiniteGuard(config.training.nonfinite, config.training.nonfinite_patience)
-
-    def save(iteration):
-        nonfinite.check_weights(model, iteration)
-        state = checkpoint_state(config, model, tokenizer, iteration)
-        path = save_checkpoint(config.checkpoint.dir, iteration, model=model, optimizer=optimizer,
-                               scheduler=scheduler, state=state.to_json(), keep_last=config.checkpoint.keep_last,
-                               sharded_strategy=writer)
-        result.last_checkpoint = str(path)
+    saves = Checkpointing(config, model, optimizer, scheduler, tokenizer, result, nonfinite)
 
     for iteration in range(start_iteration + 1, config.training.train_iters + 1):
         start = time.perf_counter()
@@ -109,20 +101,22 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
         result.losses[iteration] = loss
         result.iterations_run += 1
         metrics = dict(loss=loss, lr=scheduler.get_lr(optimizer.param_groups[0]), grad_norm=grad_norm,
-                       **throughput.of(seconds))
+                       **throughput.of(seconds), checkpoint_s=saves.take_seconds())
         logger.log(iteration, metrics)
         if rank == world - 1 and config.logging.metrics_file:
             append_metrics(config.logging.metrics_file, iteration, metrics)
+        saves.settle(wait=not finite)  # a save in flight holds finite weights: it completes first
         nonfinite.after_step(iteration, finite, loss, grad_norm, result.last_checkpoint)  # raises when it stops
         last = iteration == config.training.train_iters
         exit_interval = config.training.exit_interval
         if stop.requested() or (exit_interval and result.iterations_run % exit_interval == 0 and not last):
-            save(iteration)
+            saves.save(iteration)
             result.stopped_by_signal = stop.received
             log.info(f"megatron_ext: stopping after iteration {iteration} (checkpoint saved); resume with --resume auto")
             break
         if iteration % config.checkpoint.save_interval == 0 or last:
-            save(iteration)
+            saves.save(iteration)
+    saves.settle(wait=True)
     logger.close()
     if torch.distributed.get_rank() == 0:
         release_checkpoint_dir(config.checkpoint.dir)
@@ -369,9 +363,11 @@ def checkpoint_state(config: TrainConfig, model, tokenizer, iteration) -> Checkp
 
 
 def append_metrics(path, iteration, metrics):
+    """One JSON line: the iteration, its wall-clock time (Unix seconds; time between rows includes checkpoint
+    saves and evaluation, which step_s does not) and the metrics."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(dict(iteration=iteration, **metrics)) + "\n")
+        f.write(json.dumps(dict(iteration=iteration, time=round(time.time(), 3), **metrics)) + "\n")
 
 
 class Throughput:
@@ -394,13 +390,55 @@ class Throughput:
                     mfu=(tflops / self.peak) if self.peak else None, step_s=seconds)
 
 
+class Checkpointing:
+    """The run's saves: synchronous, or in the background with checkpoint.async_save (one in flight; `settle`
+    finishes it once written, or waits for it). `take_seconds` is the time the loop spent on them since the
+    last call (metrics' checkpoint_s: a save shows in the row after its iteration's)."""
+
+    def __init__(self, config: TrainConfig, model, optimizer, scheduler, tokenizer, result: TrainResult,
+                 nonfinite: "NonFiniteGuard"):
+        from megatron_ext.checkpoint.writer import BackgroundSaves
+
+        self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
+        self.tokenizer, self.result, self.nonfinite = tokenizer, result, nonfinite
+        self.background = BackgroundSaves() if config.checkpoint.async_save else None
+        self.seconds = 0.0
+
+    def save(self, iteration: int) -> None:
+        from megatron_ext.checkpoint.store import save_checkpoint
+
+        started = time.perf_counter()
+        self.nonfinite.check_weights(self.model, iteration)
+        state = checkpoint_state(self.config, self.model, self.tokenizer, iteration)
+        path = save_checkpoint(self.config.checkpoint.dir, iteration, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, state=state.to_json(),
+                               keep_last=self.config.checkpoint.keep_last, background=self.background)
+        if self.background is None:
+            self.result.last_checkpoint = str(path)
+        self.seconds += time.perf_counter() - started
+
+    def settle(self, wait: bool) -> None:
+        """Finish a background save that is written everywhere (with `wait`: the one in flight)."""
+        if self.background is None:
+            return
+        started = time.perf_counter()
+        self.background.wait() if wait else self.background.poll()
+        if self.background.last is not None:
+            self.result.last_checkpoint = str(self.background.last)
+        self.seconds += time.perf_counter() - started
+
+    def take_seconds(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class StopSignal:
     """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT: finish the step, save, exit 0.
 
     The handler only raises a flag, so the same signal sent to the whole process group (srun, Ctrl-C,
     torchrun forwarding it) or to a single rank ends the run alike: `requested` all-reduces the flag and
-    every rank saves once at the same iteration. The checkpoint writer runs in this process
-    (`single_process_writer`), so no helper process of the save can die from the signal.
+    every rank saves once at the same iteration. The checkpoint writer runs in this process (a thread for a
+    background save, checkpoint/writer.py), so no helper process of the save can die from the signal.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -464,29 +502,3 @@ class NonFiniteGuard:
         if flag.item() < 1:
             raise NonFiniteTraining(f"iteration {iteration}: the weights are not finite, so no checkpoint was saved: "
                                     "lower optimizer.lr (or raise optimizer.warmup_iters)")
-
-
-def single_process_writer():
-    """megatron's torch_dist checkpoint format, written by this process alone with torch's FileSystemWriter.
-
-    megatron's default writer forks helpers and reports through a multiprocessing Manager; a SIGTERM sent to
-    the process group kills them and the save dies with BrokenPipeError. Same files, same loader."""
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict)
-
-    class Writer(dcp.FileSystemWriter):
-        def storage_meta(self):
-            return None  # as megatron's writer: .metadata then holds checkpoint metadata classes only
-
-    class SingleProcessSaveStrategy(TorchDistSaveShardedStrategy):
-        def save(self, sharded_state_dict, checkpoint_dir):
-            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
-                sharded_state_dict, self.keep_only_main_replica)
-            writer = Writer(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
-            planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                       flatten_state_dict=False)
-            dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False), storage_writer=writer, planner=planner)
-
-    return SingleProcessSaveStrategy("torch_dist", 1)
