@@ -232,6 +232,61 @@ def test_crafted_metadata_runs_nothing_in_mcore_to_hf_and_inspect(tmp_path, caps
     assert not marker.exists()
 
 
+def with_crafted_object_blob(path, marker):
+    """Point one of the checkpoint's object blobs (a layer's _extra_state) at a pickle that runs code, appended
+    to its .distcp file; .metadata stays plain metadata."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    index, info = next((i, v) for i, v in metadata.storage_data.items()
+                       if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    blob = io.BytesIO()
+    torch.save(_RunsCode(marker), blob)
+    shard = path / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as handle:
+        handle.write(blob.getvalue())
+    metadata.storage_data[index] = type(info)(relative_path=info.relative_path, offset=offset,
+                                              length=len(blob.getvalue()))
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    return index.fqn, blob.getvalue()
+
+
+def test_a_crafted_object_blob_runs_nothing_in_load_checkpoint_and_mcore_to_hf(tmp_path):
+    import io
+
+    import torch
+
+    from megatron_ext.convert.to_hf import mcore_to_hf
+
+    marker = tmp_path / "pwned"
+    state = CheckpointState.of_run(_tiny_config(), iteration=1, padded_vocab_size=64, tokenizer_model=None,
+                                   tokenizer_vocab_size=None, parallel={})
+    path = store.save_checkpoint(tmp_path / "ckpt", 1, model=[build_model(seed=0)], state=state.to_json())
+    fqn, blob = with_crafted_object_blob(path, marker)
+    (path / MANIFEST_FILE).unlink()  # as an old checkpoint: loads unverified, so only the vetting stands guard
+    for load in (lambda: store.load_checkpoint(path, model=[build_model(seed=0)]),
+                 lambda: mcore_to_hf(path, tmp_path / "hf")):
+        with pytest.raises(UnsafeCheckpointMetadata, match=f"object '{fqn}' at byte .* is not plain data"):
+            load()
+        assert not marker.exists()
+    torch.load(io.BytesIO(blob), weights_only=False)  # what torch's load planner would have done with it
+    assert marker.exists()
+
+
+def test_metadata_pointing_outside_the_checkpoint_is_refused(tmp_path):
+    path = save(tmp_path / "ckpt", 1)
+    metadata = pickle.loads((path / ".metadata").read_bytes())
+    index, info = next(iter(metadata.storage_data.items()))
+    metadata.storage_data[index] = type(info)(relative_path="../../secret", offset=0, length=8)
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeCheckpointMetadata, match="outside the checkpoint directory"):
+        store.load_checkpoint(path, model=[build_model(seed=0)], verify=False)
+
+
 def test_real_metadata_reads_through_the_allow_list(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
 
