@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test bench gpu-check
 
 $(BIN)/.installed: setup.py requirements-cpu.txt constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,8 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/rope_overhead.py
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The one-shot GPU check (benchmarks/gpu_check.py): run it where torch sees the GPU (e.g. the NGC PyTorch
+# container, with megatron-core installed), not in the CPU .venv. Without CUDA it says so and exits 0.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
