@@ -111,6 +111,7 @@ def setup_distributed(parallel):
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        share_cpus_among_local_ranks(torch)
     log.info(f"megatron_ext: device {device}, backend {backend}, fused kernels: {fused_kernels_line()}")
     if not torch.distributed.is_initialized():
         if "RANK" not in os.environ:  # a plain single-process run
@@ -128,6 +129,31 @@ def setup_distributed(parallel):
                                  pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
                                  context_parallel_size=parallel.context_parallel_size)
     return device
+
+
+def cpu_threads_per_rank(environ=os.environ, cpus: int | None = None) -> int | None:
+    """Intra-op threads for one CPU rank: the CPUs this process may use divided among the ranks of this node
+    (LOCAL_WORLD_SIZE, or SLURM's tasks on this node); None when OMP_NUM_THREADS says it (the user's choice,
+    or torchrun's default of 1 for several ranks)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    local = environ.get("LOCAL_WORLD_SIZE")
+    if local is None and "SLURM_STEP_NUM_TASKS" in environ:
+        mapping = distributed_env_from_slurm(environ)
+        local = mapping.get("LOCAL_WORLD_SIZE")
+    cpus = cpus or len(os.sched_getaffinity(0))
+    return max(1, cpus // max(1, int(local or 1)))
+
+
+def share_cpus_among_local_ranks(torch) -> None:
+    """Without OMP_NUM_THREADS, each rank would use every core: two ranks on one machine then oversubscribe it
+    (several times slower under load). Give each rank its share, and say so once."""
+    threads = cpu_threads_per_rank()
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if os.environ.get("RANK", "0") == "0":
+            log.info(f"megatron_ext: {threads} CPU threads per rank (the CPUs of this node shared by its ranks; "
+                     "OMP_NUM_THREADS overrides)")
 
 
 def free_port() -> int:

@@ -206,3 +206,15 @@ def test_apptainer_runtime_wraps_each_task(tmp_path):
     env["CONTAINER_RUNTIME"] = "docker"
     result = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=20)
     assert result.returncode == 2 and "CONTAINER_RUNTIME must be pyxis or apptainer" in result.stderr
+
+
+def test_cpu_ranks_share_the_cores_of_their_node_unless_omp_num_threads_says_otherwise():
+    from megatron_ext.distributed import cpu_threads_per_rank
+
+    assert cpu_threads_per_rank({"LOCAL_WORLD_SIZE": "2"}, cpus=16) == 8
+    assert cpu_threads_per_rank({"LOCAL_WORLD_SIZE": "4"}, cpus=2) == 1
+    assert cpu_threads_per_rank({}, cpus=6) == 6  # one process
+    srun = dict(SLURM_STEP_NUM_TASKS="4", SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NODEID="0",
+                SLURM_STEP_TASKS_PER_NODE="2(x2)", SLURM_STEP_NODELIST="n[1-2]")
+    assert cpu_threads_per_rank(srun, cpus=16) == 8  # two tasks on this node
+    assert cpu_threads_per_rank({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}, cpus=16) is None
