@@ -1,6 +1,12 @@
 """megatron_ext: long-context continual pretraining (HARPE, PoSE) on megatron-core."""
 from setuptools import find_packages, setup
 
+# `megatron-ext eval lm-eval`: EleutherAI's lm-evaluation-harness, the version the tests run; its `hf` extra
+# (transformers, accelerate) serves Hugging Face directories and lm-eval's own `--model hf`.
+EVAL = [
+    "lm-eval[hf]==0.4.13",
+]
+
 setup(
     name="megatron_ext",
     version="0.1.0",
@@ -34,7 +40,9 @@ setup(
             "datasets",  # writes the Hugging Face datasets the preprocessing tests read
             "matplotlib",
             "triton",  # the fused rotary kernel's tests run in Triton's CPU interpreter
+            *EVAL,  # the lm-eval tests also score exports with lm-eval's own `hf` model
         ],
+        "eval": EVAL,
         "gpu": [
             "transformer-engine[pytorch]",
         ],

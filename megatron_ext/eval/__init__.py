@@ -1,7 +1,8 @@
 """Long-context evaluation on megatron_ext checkpoints and Hugging Face causal LMs: sliding-window perplexity,
-passkey retrieval, needle-in-a-haystack grid, RULER-style tasks, attention entropy / JS divergence (the tasks of
-registry.TASKS; `register` adds one), and a suite that writes one Markdown report. Also the `megatron-ext eval`
-command (`add_eval_args`, `run_eval`).
+passkey retrieval, needle-in-a-haystack grid, RULER-style tasks, attention entropy / JS divergence, EleutherAI's
+lm-evaluation-harness tasks (the tasks of registry.TASKS; `register` adds one), and a suite that writes one Markdown
+report. Also the `megatron-ext eval` command (`add_eval_args`, `run_eval`) and `EvalModelLM`, lm-eval's `LM` over
+an EvalModel, for `lm_eval.simple_evaluate(model=EvalModelLM(load_eval_model(...)), ...)`.
 
 Importing this package imports neither torch nor megatron: names load from their modules on first use.
 """
@@ -13,6 +14,7 @@ from megatron_ext.lazy import lazy_getattr
 
 _LOADED_ON_FIRST_USE = {
     "EvalModel": "megatron_ext.eval.models",
+    "EvalModelLM": "megatron_ext.eval.harness.lm",
     "HFCausalLM": "megatron_ext.eval.models",
     "MegatronExtModel": "megatron_ext.eval.models",
     "load_eval_model": "megatron_ext.eval.models",
@@ -36,6 +38,9 @@ _LOADED_ON_FIRST_USE |= {task.settings.__name__: task.settings.__module__ for ta
 if TYPE_CHECKING:
     from megatron_ext.eval.attention import attention_entropy, evaluate_attention, js_divergence
     from megatron_ext.eval.cli import add_eval_args, run_eval
+    from megatron_ext.eval.harness.lm import EvalModelLM
+    from megatron_ext.eval.harness.settings import LmEvalSettings
+    from megatron_ext.eval.harness.task import evaluate_lm_eval
     from megatron_ext.eval.models import EvalModel, HFCausalLM, MegatronExtModel, load_eval_model
     from megatron_ext.eval.needle import evaluate_needle
     from megatron_ext.eval.passkey import evaluate_passkey

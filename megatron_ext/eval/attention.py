@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.eval.distributed import split_over_data_parallel
 from megatron_ext.eval.passkey import draw_keys_and_depths
 from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
@@ -115,27 +116,45 @@ def _max_head(values) -> str:
 
 
 def evaluate_attention(model, settings: AttentionSettings, reference=None) -> AttentionResult:
-    """Entropy and needle mass per layer and head on passkey answer tokens; JS divergence to `reference`."""
+    """Entropy and needle mass per layer and head on passkey answer tokens; JS divergence to `reference`.
+    Data-parallel ranks split the prompts; the means add them in prompt order, as one rank does."""
     settings.validate()
     if reference is not None:
         _check_same_tokenizer(model, reference)
     filler = filler_tokens(model.tokenizer, settings.filler)
+    trials = [(length, key, depth) for length in settings.lengths
+              for key, depth in draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max)]
+
+    def statistics(trial):
+        length, key, depth = trial
+        prompt = passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler)
+        return _prompt_statistics(prompt, model, reference)
+
+    with progress(len(trials), "attention") as bar:
+        per_prompt = split_over_data_parallel(model, trials, statistics, bar=bar)
     result = AttentionResult(model=model.name, reference=reference.name if reference else None,
                              lengths=list(settings.lengths))
-    with progress(len(settings.lengths) * settings.trials, "attention") as bar:
-        for length in settings.lengths:
-            sums = {}  # layer -> {statistic: [heads] summed over prompts}
-            for key, depth in draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max):
-                prompt = passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler)
-                _accumulate(sums, prompt, model, reference)
-                bar.update()
-            for layer, stats in sums.items():
-                mean = {name: (values / settings.trials).tolist() for name, values in stats.items()}
-                result.layers.append(LayerAttention(length=length, layer=layer, **mean))
+    for index, length in enumerate(settings.lengths):  # the prompts of a length are consecutive
+        of_length = per_prompt[index * settings.trials:(index + 1) * settings.trials]
+        for layer, mean in _mean_per_layer(of_length).items():
+            result.layers.append(LayerAttention(length=length, layer=layer, **mean))
     return result
 
 
-def _accumulate(sums: dict, prompt, model, reference) -> None:
+def _mean_per_layer(per_prompt: list[dict]) -> dict:
+    """{layer: {statistic: [heads]}} averaged over the prompts, added in prompt order."""
+    sums = {}
+    for layers in per_prompt:
+        for layer, stats in layers.items():
+            total = sums.setdefault(layer, {})
+            for name, value in stats.items():
+                total[name] = total.get(name, 0) + value
+    return {layer: {name: (value / len(per_prompt)).tolist() for name, value in stats.items()}
+            for layer, stats in sums.items()}
+
+
+def _prompt_statistics(prompt, model, reference) -> dict:
+    """{layer: {statistic: [heads]}} of one prompt, each the mean over its answer positions (float64)."""
     tokens = torch.tensor([prompt.tokens], dtype=torch.long)
     rows = torch.arange(prompt.answer_start - 1, len(prompt.tokens) - 1)
     needle_start, needle_end = prompt.needle_spans[0]
@@ -144,13 +163,13 @@ def _accumulate(sums: dict, prompt, model, reference) -> None:
     if len(reference_probs) != len(probs):
         raise EvalSettingsError(f"the reference model has {len(reference_probs)} layers, the model {len(probs)}: "
                                 "compare models of one architecture")
+    layers = {}
     for layer, (p, q) in enumerate(zip(probs, reference_probs)):
         stats = dict(entropy=attention_entropy(p), needle_mass=p[..., needle_start:needle_end].sum(-1))
         if q is not None:
             stats |= dict(reference_entropy=attention_entropy(q), js_divergence=js_divergence(p, q))
-        for name, value in stats.items():  # value [1, h, r] -> mean over positions [h]
-            total = sums.setdefault(layer, {})
-            total[name] = total.get(name, 0) + value.mean(dim=(0, 2)).double()
+        layers[layer] = {name: value.mean(dim=(0, 2)).double() for name, value in stats.items()}  # [1, h, r] -> [h]
+    return layers
 
 
 def _check_same_tokenizer(model, reference) -> None:

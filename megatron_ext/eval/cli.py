@@ -1,8 +1,9 @@
 """`megatron-ext eval <task>` and `megatron-ext eval suite`: a thin layer over the tasks of the registry.
 
-One subcommand per registered task (megatron_ext/eval/registry.py), its flags generated from the task's settings
-dataclass, so a default lives in one place. Building the parser imports no torch or megatron; a bad setting
-raises a UserError, which `megatron-ext` prints as one line.
+One subcommand per registered task (megatron_ext/eval/registry.py; `EvalTask.command`, e.g. `lm-eval` for the task
+`lm_eval`, whose name works too), its flags generated from the task's settings dataclass, so a default lives in
+one place. Building the parser imports no torch or megatron; a bad setting raises a UserError, which
+`megatron-ext` prints as one line, before any model loads (the settings' values, then the task's `prepare`).
 """
 
 import argparse
@@ -17,16 +18,18 @@ from megatron_ext.eval.registry import TASKS
 
 def add_eval_args(subparsers) -> argparse.ArgumentParser:
     """Add `eval` with one sub-command per registered task and `suite`; each sets `func=run_eval`."""
-    parser = subparsers.add_parser("eval", help=f"long-context evaluation ({', '.join([*TASKS, 'suite'])})",
+    commands = [task.command for task in TASKS.values()]
+    parser = subparsers.add_parser("eval", help=f"long-context evaluation ({', '.join([*commands, 'suite'])})",
                                    description=__doc__.splitlines()[0])
     tasks = parser.add_subparsers(dest="eval_task", required=True, metavar="TASK")
     for task in TASKS.values():
-        task_parser = tasks.add_parser(task.name, help=task.help, description=task.help)
+        aliases = [task.name] if task.name != task.command else []
+        task_parser = tasks.add_parser(task.command, aliases=aliases, help=task.help, description=task.help)
         _add_model_args(task_parser, with_reference=task.uses_reference)
         _add_settings_args(task_parser, task.settings)
         task_parser.add_argument("--output-dir", default="runs/eval",
                                  help="where the JSON (and PNG/CSV) results go (default: runs/eval)")
-        task_parser.set_defaults(func=run_eval)
+        task_parser.set_defaults(func=run_eval, eval_task=task.name)  # the registered name, whichever was typed
     suite = tasks.add_parser("suite", help="run a chosen set of tasks on several models, write one Markdown report",
                              description="Run the tasks a YAML config lists and write one Markdown report.")
     suite.add_argument("--config", required=True, help="YAML file, e.g. examples/configs/eval_tiny_harpe.yaml")
@@ -44,6 +47,9 @@ def _add_model_args(parser, with_reference: bool) -> None:
     group.add_argument("--tokenizer", help="megatron checkpoints: the tokenizer .model, if it moved since training")
     group.add_argument("--tensor-parallel-size", type=int, default=1, help="megatron checkpoints, under torchrun")
     group.add_argument("--pipeline-parallel-size", type=int, default=1, help="megatron checkpoints, under torchrun")
+    group.add_argument("--context-parallel-size", type=int, default=1,
+                       help="megatron checkpoints, under torchrun/srun: each prompt's tokens split zig-zag over CP "
+                            "ranks; ranks beyond TP x PP x CP split the prompts (data parallel)")
     group.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     if with_reference:
         group.add_argument("--reference", help="a second model (same tokenizer) to compare with, e.g. the model "
@@ -93,6 +99,7 @@ def run_eval(args) -> int:
     task = TASKS[args.eval_task]
     settings = settings_from_args(args, task.settings)
     settings.validate()
+    task.prepare(settings)
     model, reference = _load_models(args)
     result = task.evaluate(model, settings, reference=reference)
     if is_reporting_rank():
@@ -107,7 +114,8 @@ def _load_models(args):
     from megatron_ext.eval.models import load_eval_model
 
     common = dict(precision=args.precision, tensor_parallel_size=args.tensor_parallel_size,
-                  pipeline_parallel_size=args.pipeline_parallel_size, tokenizer_model=args.tokenizer)
+                  pipeline_parallel_size=args.pipeline_parallel_size,
+                  context_parallel_size=args.context_parallel_size, tokenizer_model=args.tokenizer)
     model = load_eval_model(args.model, name=args.name, **common)
     reference = None
     if getattr(args, "reference", None):

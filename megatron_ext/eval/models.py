@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from megatron_ext.errors import InputError, MissingFile
+from megatron_ext.eval.distributed import ALONE, DataParallel, gather_sequence, tokens_on_this_cp_rank
 from megatron_ext.eval.tokenizers import EvalTokenizer, hf_directory_tokenizer, load_eval_tokenizer
 
 
@@ -22,32 +23,41 @@ class EvalModel(Protocol):
     context_window: int | None  # the length it was trained for (PoSE: the target length), for tables
     source: str | None  # where it was loaded from (a checkpoint's iter_ directory, a model directory)
     vocab_size: int  # V, the columns of `logits`: the real vocabulary, without the rows megatron pads it with
+    # optional: the data-parallel replicas that split the trials (megatron_ext.eval.distributed.DataParallel);
+    # a model without it computes every trial on every rank
+    data_parallel: DataParallel
 
     def logits(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [b, s] -> logits [b, s, V], or [b, len(rows), V] at the positions `rows` only.
-        position_ids default to 0 .. s-1 (also for PoSE-trained models)."""
+        """tokens [b, s] -> logits [b, s, V], or [b, len(rows), V] at the positions `rows` only, in token order
+        (under context parallelism too). position_ids default to 0 .. s-1 (also for PoSE-trained models)."""
 
     def attention_probs(self, tokens: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, the causal attention distribution of the query positions `rows`: [b, heads, r, s] (CPU, fp32)."""
 
 
 def load_eval_model(path, *, name: str | None = None, precision: str | None = None, tensor_parallel_size: int = 1,
-                    pipeline_parallel_size: int = 1, tokenizer_model=None, setting: str = "--model") -> EvalModel:
+                    pipeline_parallel_size: int = 1, context_parallel_size: int = 1, tokenizer_model=None,
+                    setting: str = "--model") -> EvalModel:
     """A Hugging Face model directory (config.json) or a megatron_ext checkpoint (a run directory, a
     checkpoint root or one iter_ directory); errors name `setting`, where the path came from.
 
-    precision: "bf16" | "fp32" | None (bf16 on GPU, fp32 on CPU). TP/PP and tokenizer_model apply to
-    megatron checkpoints only (a Hugging Face directory carries its tokenizer).
+    precision: "bf16" | "fp32" | None (bf16 on GPU, fp32 on CPU). TP/PP/CP and tokenizer_model apply to
+    megatron checkpoints only (a Hugging Face directory carries its tokenizer); the ranks left over
+    (world / (TP x PP x CP)) are data-parallel replicas that split the trials.
     """
+    sizes = dict(tensor=tensor_parallel_size, pipeline=pipeline_parallel_size, context=context_parallel_size)
+    if min(sizes.values()) < 1:
+        raise InputError(f"parallel sizes {sizes} must all be >= 1: set --tensor/--pipeline/--context-parallel-size "
+                         "(suite: tensor_parallel_size, pipeline_parallel_size, context_parallel_size)")
     path = Path(path)
     if not path.exists():
         raise MissingFile(f"{setting} {path} does not exist: pass a megatron_ext checkpoint or a Hugging Face "
                           "model directory")
     if (path / "config.json").is_file():
-        if tensor_parallel_size * pipeline_parallel_size > 1:
+        if tensor_parallel_size * pipeline_parallel_size * context_parallel_size > 1:
             raise InputError(f"{setting} {path} is a Hugging Face directory: it runs on one device; "
-                             "set tensor/pipeline parallel sizes to 1")
+                             "set tensor/pipeline/context parallel sizes to 1")
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
         return HFCausalLM(path, dtype=dtype, name=name)
     if not any(where.is_dir() and (where.name.startswith("iter_") or any(where.glob("iter_*")))
@@ -56,7 +66,8 @@ def load_eval_model(path, *, name: str | None = None, precision: str | None = No
                           "them, or a run directory with checkpoints/) nor a Hugging Face model directory "
                           "(config.json): pass one of those")
     return MegatronExtModel.from_checkpoint(path, tensor_parallel_size=tensor_parallel_size, precision=precision,
-                                            pipeline_parallel_size=pipeline_parallel_size, name=name,
+                                            pipeline_parallel_size=pipeline_parallel_size,
+                                            context_parallel_size=context_parallel_size, name=name,
                                             tokenizer_model=tokenizer_model, setting=setting)
 
 
@@ -81,8 +92,9 @@ def causal_row_softmax(query_rows: torch.Tensor, key: torch.Tensor, rows: torch.
 class MegatronExtModel:
     """A LongContextGPTModel (this rank's pipeline stage) with its tokenizer, behind EvalModel.
 
-    `from_checkpoint` loads any saved TP/PP layout into this process's layout. Built around a model in
-    memory, it evaluates during training too. Every rank computes the same numbers; rank 0 writes them.
+    `from_checkpoint` loads any saved TP/PP layout into this process's TP/PP/CP layout. Built around a model in
+    memory, it evaluates during training too. Data-parallel replicas split the trials (`data_parallel`), the
+    ranks of one replica compute them together; every rank ends with the same numbers, rank 0 writes them.
     The model's output layer has megatron's padded vocabulary (a multiple of 128 x TP rows); `vocab_size`
     is the real one (default: the tokenizer's), and logits keep only those columns, so a softmax or argmax
     never sees a padding row, and scores equal those of the Hugging Face export (which drops the padding).
@@ -100,12 +112,12 @@ class MegatronExtModel:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                        precision: str | None = None, tokenizer_model=None, name: str | None = None,
-                        setting: str = "--model"):
-        """Load a run directory, checkpoint root (its newest checkpoint) or iter_ directory at the given TP/PP.
+                        context_parallel_size: int = 1, precision: str | None = None, tokenizer_model=None,
+                        name: str | None = None, setting: str = "--model"):
+        """Load a run directory, checkpoint root (its newest checkpoint) or iter_ directory at the given TP/PP/CP.
 
-        Without a process group this starts a one-process one (gloo on CPU, NCCL on GPU); under torchrun,
-        pass the TP/PP to evaluate with. Precision: the checkpoint's rule (bf16 on GPU, fp32 on CPU) unless given.
+        Without a process group this starts a one-process one (gloo on CPU, NCCL on GPU); under torchrun or srun,
+        pass the TP/PP/CP to evaluate with. Precision: the checkpoint's rule (bf16 on GPU, fp32 on CPU) unless given.
         """
         from megatron_ext.checkpoint.state import read_checkpoint
         from megatron_ext.config import ParallelConfig
@@ -113,7 +125,8 @@ class MegatronExtModel:
 
         saved = read_checkpoint(checkpoint, setting=setting)
         _join_parallel_state(ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
-                                            pipeline_model_parallel_size=pipeline_parallel_size),
+                                            pipeline_model_parallel_size=pipeline_parallel_size,
+                                            context_parallel_size=context_parallel_size),
                              seed=saved.state.config.training.seed)
         device = _current_device()
         model, _, state = load_model(saved.path, device, precision_override=precision, setting=setting)
@@ -129,6 +142,15 @@ class MegatronExtModel:
         return cls(model, tokenizer, context_window=state.context_window, source=str(path), vocab_size=vocab_size,
                    name=name or f"{path.parent.name}/{path.name}")
 
+    @property
+    def data_parallel(self) -> DataParallel:
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size() == 1:
+            return ALONE
+        return DataParallel(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+                            ps.get_data_parallel_group())
+
     @torch.no_grad()
     def logits(self, tokens, position_ids=None, rows=None):
         from megatron.core import parallel_state as ps
@@ -137,9 +159,14 @@ class MegatronExtModel:
         if position_ids is None:
             position_ids = torch.arange(tokens.size(1), device=self.device).expand_as(tokens)
         position_ids = position_ids.to(self.device)
+        cp_group = _context_parallel_group()
+        if cp_group is not None:  # each rank runs its zig-zag share; the last stage gathers the rows asked for
+            rows = torch.arange(tokens.size(1)) if rows is None else rows
+            tokens, position_ids = tokens_on_this_cp_rank(tokens, position_ids, cp_group)
         hook = None
         if rows is not None and self.model.post_process:  # project only the rows asked for onto the vocabulary
-            hook = self.model.output_layer.register_forward_pre_hook(partial(_keep_rows, rows.to(self.device)))
+            hook = self.model.output_layer.register_forward_pre_hook(
+                partial(_keep_rows, rows.to(self.device), cp_group))
         try:
             if ps.get_pipeline_model_parallel_world_size() == 1:
                 logits = self.model(tokens, position_ids, None)
@@ -152,7 +179,8 @@ class MegatronExtModel:
         return padded[..., :self.vocab_size]  # [b, r, V]: the padding rows are no tokens
 
     def _pipeline_forward(self, tokens, position_ids, num_rows):
-        """Run the stages with megatron's schedule; the last stage's logits reach every rank of the pipeline."""
+        """Run the stages with megatron's schedule; the last stage's logits reach every rank of the pipeline.
+        Under context parallelism `tokens` are this rank's share; the schedule takes the whole length."""
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -162,7 +190,8 @@ class MegatronExtModel:
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter([dict(tokens=tokens, position_ids=position_ids)]),
-            model=[self.model], num_microbatches=1, seq_length=tokens.size(1), micro_batch_size=tokens.size(0),
+            model=[self.model], num_microbatches=1, micro_batch_size=tokens.size(0),
+            seq_length=tokens.size(1) * ps.get_context_parallel_world_size(),
             forward_only=True, collect_non_loss_data=True,
         )
         shape = (tokens.size(0), num_rows, self.model.vocab_size // ps.get_tensor_model_parallel_world_size())
@@ -183,8 +212,8 @@ class MegatronExtModel:
         captured, handles = {}, []
         for index, layer in enumerate(self.model.decoder.layers):
             core = layer.self_attention.core_attention
-            handles.append(core.register_forward_pre_hook(partial(self._capture, index, rows, captured),
-                                                          with_kwargs=True))
+            handles.append(core.register_forward_pre_hook(
+                partial(self._capture, index, rows, tokens.size(1), captured), with_kwargs=True))
         try:
             self.logits(tokens, rows=rows[-1:])  # one projected row: the forward is what we need
         finally:
@@ -192,9 +221,13 @@ class MegatronExtModel:
                 handle.remove()
         return [captured[i] for i in range(len(captured))]
 
-    def _capture(self, index, rows, captured, module, args, kwargs):
-        """Pre-hook on core attention: q [s, b, h, d] and k [s, b, g, d] arrive rotated."""
+    def _capture(self, index, rows, length, captured, module, args, kwargs):
+        """Pre-hook on core attention: q [s, b, h, d] and k [s, b, g, d] arrive rotated (under context
+        parallelism: this rank's share, gathered here into the `length` tokens of the prompt)."""
         query, key = args[0], args[1]
+        cp_group = _context_parallel_group()
+        if cp_group is not None:
+            query, key = (gather_sequence(t, cp_group)[:length] for t in (query, key))
         scale = getattr(module, "softmax_scale", None) or self.model.config.softmax_scale or query.size(-1) ** -0.5
         probs = causal_row_softmax(query.index_select(0, rows).permute(1, 2, 0, 3), key.permute(1, 2, 0, 3),
                                    rows, scale)
@@ -215,9 +248,18 @@ def _gather_tensor_parallel(tensor, dim: int):
     return torch.cat(parts, dim=dim)
 
 
-def _keep_rows(rows, module, args):
-    """Pre-hook on the output layer: hidden states [s, b, h] -> [len(rows), b, h]."""
-    return (args[0].index_select(0, rows), *args[1:])
+def _keep_rows(rows, cp_group, module, args):
+    """Pre-hook on the output layer: hidden states [s, b, h] -> [len(rows), b, h], in token order; under context
+    parallelism each rank first gathers the whole sequence from the ranks' zig-zag shares."""
+    hidden = args[0] if cp_group is None else gather_sequence(args[0], cp_group)
+    return (hidden.index_select(0, rows), *args[1:])
+
+
+def _context_parallel_group():
+    """megatron's context-parallel group when CP > 1, else None."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
 
 
 def _join_parallel_state(parallel, seed: int) -> None:
@@ -227,14 +269,24 @@ def _join_parallel_state(parallel, seed: int) -> None:
     from megatron_ext.compat import prepare_megatron
     from megatron_ext.distributed import LayoutError, setup_distributed
 
-    wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+              parallel.context_parallel_size)
     if not ps.model_parallel_is_initialized():
-        setup_distributed(parallel)
+        try:
+            setup_distributed(parallel)
+        except LayoutError:  # say it with the evaluation's settings, not training's parallel section
+            blocks = wanted[0] * wanted[1] * wanted[2]
+            raise LayoutError(
+                f"{torch.distributed.get_world_size()} ranks do not split into model replicas of TP x PP x CP = "
+                f"{' x '.join(map(str, wanted))} = {blocks} ranks: launch a multiple of {blocks} ranks or change "
+                "--tensor/--pipeline/--context-parallel-size (suite: tensor_parallel_size, pipeline_parallel_size, "
+                "context_parallel_size)") from None
     else:
-        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size())
         if have != wanted:
-            raise LayoutError(f"megatron's parallel state has TP, PP = {have} but the model asks for {wanted}: "
-                              "load every model of a run with the same tensor/pipeline parallel sizes")
+            raise LayoutError(f"megatron's parallel state has TP, PP, CP = {have} but the model asks for {wanted}: "
+                              "load every model of a run with the same tensor/pipeline/context parallel sizes")
         prepare_megatron()
     if torch.cuda.is_available():  # GPU init draws from megatron's CUDA RNG tracker; the weights are then loaded
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -256,6 +308,8 @@ class HFCausalLM:
     transformers lacks (rope_type 'harpe': one base per KV group) rotate q and k per group. Its vocabulary
     is the config's `vocab_size` (exports from megatron_ext drop megatron's padding rows).
     """
+
+    data_parallel = ALONE  # one device: in a multi-rank run every rank computes every trial
 
     def __init__(self, local_dir, *, device: str | None = None, dtype: torch.dtype | None = None,
                  name: str | None = None):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_ext.eval.distributed import check_prompt_groups
 from megatron_ext.eval.prompts import filler_tokens, passkey_prompt
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
-from megatron_ext.eval.scoring import check_in_batches
 from megatron_ext.eval.settings import NeedleSettings
 
 CSV_COLUMNS = ["length", "depth", "accuracy", "token_accuracy", "trials"]
@@ -99,22 +99,28 @@ class NeedleResult(EvalResult):
 
 
 def evaluate_needle(model, settings: NeedleSettings) -> NeedleResult:
+    """The grid's cells; a cell's prompts depend only on (seed, length, depth), data-parallel ranks split them."""
     settings.validate()
     filler = filler_tokens(model.tokenizer, settings.filler)
+    cells = [(length, depth) for length in settings.lengths for depth in settings.depths]
+    prompts = [[passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler)
+                for key in needle_keys(settings, length, depth)] for length, depth in cells]
+    with progress(len(cells) * settings.trials, "needle") as bar:
+        checks = check_prompt_groups(model, prompts, batch_size=settings.batch_size, number_answer=True, bar=bar)
     result = NeedleResult(model=model.name, context_window=model.context_window, lengths=list(settings.lengths),
                           depths=list(settings.depths))
-    with progress(len(settings.lengths) * len(settings.depths) * settings.trials, "needle") as bar:
-        for length in settings.lengths:
-            for depth in settings.depths:
-                rng = random.Random(f"needle/{settings.seed}/{length}/{depth}")
-                keys = [rng.randint(1, settings.key_max) for _ in range(settings.trials)]
-                prompts = [passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler) for key in keys]
-                checks = check_in_batches(model, prompts, batch_size=settings.batch_size, number_answer=True, bar=bar)
-                result.cells.append(NeedleCell(
-                    length=length, depth=depth, trials=len(checks),
-                    accuracy=sum(c.correct for c in checks) / len(checks),
-                    token_accuracy=sum(c.token_accuracy for c in checks) / len(checks)))
+    for (length, depth), cell_checks in zip(cells, checks):
+        result.cells.append(NeedleCell(
+            length=length, depth=depth, trials=len(cell_checks),
+            accuracy=sum(c.correct for c in cell_checks) / len(cell_checks),
+            token_accuracy=sum(c.token_accuracy for c in cell_checks) / len(cell_checks)))
     return result
+
+
+def needle_keys(settings: NeedleSettings, length: int, depth: float) -> list[int]:
+    """The keys of one cell's prompts, keyed by (seed, length, depth)."""
+    rng = random.Random(f"needle/{settings.seed}/{length}/{depth}")
+    return [rng.randint(1, settings.key_max) for _ in range(settings.trials)]
 
 
 # --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------

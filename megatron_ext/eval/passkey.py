@@ -6,9 +6,9 @@ Exact match of greedy decoding, computed with one teacher-forced pass per prompt
 import random
 from dataclasses import dataclass, field
 
+from megatron_ext.eval.distributed import check_prompt_groups
 from megatron_ext.eval.prompts import filler_tokens, passkey_prompt
 from megatron_ext.eval.results import EvalResult, markdown_table, per_length_table, progress
-from megatron_ext.eval.scoring import check_in_batches
 from megatron_ext.eval.settings import PasskeySettings
 
 
@@ -50,23 +50,25 @@ def draw_keys_and_depths(seed: int, length: int, trials: int, key_max: int) -> l
 
 
 def evaluate_passkey(model, settings: PasskeySettings) -> PasskeyResult:
+    """Accuracy per length; the prompts of a length depend only on (seed, length), data-parallel ranks split them."""
     settings.validate()
     filler = filler_tokens(model.tokenizer, settings.filler)
-    result = PasskeyResult(model=model.name, context_window=model.context_window)
+    draws = [(length, draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max))
+             for length in settings.lengths]
+    prompts = [[passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler) for key, depth in drawn]
+               for length, drawn in draws]
     with progress(len(settings.lengths) * settings.trials, "passkey") as bar:
-        for length in settings.lengths:
-            draws = draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max)
-            prompts = [passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler)
-                       for key, depth in draws]
-            checks = check_in_batches(model, prompts, batch_size=settings.batch_size, number_answer=True, bar=bar)
-            trials = [PasskeyTrial(length=length, depth=depth, key=key, correct=check.correct,
-                                   token_accuracy=check.token_accuracy,
-                                   prediction=model.tokenizer.decode(check.predicted[:-1]))
-                      for (key, depth), check in zip(draws, checks)]
-            result.trials += trials
-            result.rows.append(PasskeyRow(length=length, trials=len(trials),
-                                          accuracy=sum(t.correct for t in trials) / len(trials),
-                                          token_accuracy=sum(t.token_accuracy for t in trials) / len(trials)))
+        checks = check_prompt_groups(model, prompts, batch_size=settings.batch_size, number_answer=True, bar=bar)
+    result = PasskeyResult(model=model.name, context_window=model.context_window)
+    for (length, drawn), length_checks in zip(draws, checks):
+        trials = [PasskeyTrial(length=length, depth=depth, key=key, correct=check.correct,
+                               token_accuracy=check.token_accuracy,
+                               prediction=model.tokenizer.decode(check.predicted[:-1]))
+                  for (key, depth), check in zip(drawn, length_checks)]
+        result.trials += trials
+        result.rows.append(PasskeyRow(length=length, trials=len(trials),
+                                      accuracy=sum(t.correct for t in trials) / len(trials),
+                                      token_accuracy=sum(t.token_accuracy for t in trials) / len(trials)))
     return result
 
 

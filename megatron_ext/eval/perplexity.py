@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.eval.distributed import split_over_data_parallel
 from megatron_ext.eval.results import EvalResult, markdown_table, per_length_table, progress
 from megatron_ext.eval.settings import EvalSettingsError, PerplexitySettings
 
@@ -53,19 +54,16 @@ def evaluate_perplexity(model, settings: PerplexitySettings) -> PerplexityResult
     result = PerplexityResult(model=model.name, context_window=model.context_window, documents=len(documents))
     bos = model.tokenizer.bos_id is not None
     for length in settings.lengths:
-        nll, tokens, windows = 0.0, 0, 0
         span = length - 1 if bos else length  # document tokens per window
         docs = [d[:span] for d in documents] if settings.truncate else documents
-        plans = [sliding_windows(len(d), length, settings.stride, bos) for d in docs]
-        with progress(sum(map(len, plans)), f"perplexity {length}") as bar:
-            for document, plan in zip(docs, plans):
-                for begin, end, scored in plan:
-                    nll += window_nll(model, document[begin:end], scored)
-                    tokens += scored
-                    windows += 1
-                    bar.update()
+        windows = [(document, begin, end, scored) for document in docs
+                   for begin, end, scored in sliding_windows(len(document), length, settings.stride, bos)]
+        with progress(len(windows), f"perplexity {length}") as bar:  # data-parallel ranks split the windows
+            nlls = split_over_data_parallel(
+                model, windows, lambda window: window_nll(model, window[0][window[1]:window[2]], window[3]), bar=bar)
+        nll, tokens = sum(nlls), sum(scored for *_, scored in windows)  # summed in window order, as at DP=1
         result.rows.append(PerplexityRow(length=length, stride=min(settings.stride, span), nll=nll / tokens,
-                                         perplexity=math.exp(nll / tokens), tokens=tokens, windows=windows))
+                                         perplexity=math.exp(nll / tokens), tokens=tokens, windows=len(windows)))
     return result
 
 

@@ -3,12 +3,16 @@
 `megatron-ext eval <task>`, the suite's YAML sections and report, and the package's exports all iterate
 TASKS; `register` adds a task (a plug-in, a test). Standard library only, and implementations load on
 first use: the command-line parser is built from this at every `megatron-ext` start, without torch.
+
+A name is an identifier (a YAML key); the subcommand spells it with '-' for '_', the registered name
+working too: the task `lm_eval` (the suite's section) is `megatron-ext eval lm-eval`.
 """
 
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+from megatron_ext.eval.harness.settings import LmEvalSettings
 from megatron_ext.eval.settings import (
     AttentionSettings,
     NeedleSettings,
@@ -24,6 +28,8 @@ from megatron_ext.eval.settings import (
 # and, where it has any:
 #   output_files(result, directory) -> [paths]: the files written besides the JSON (default: none)
 #   summary_columns(result) -> {label: {length: value}}: its columns in the suite's summary (default: none)
+#   prepare(settings): checks beyond the settings' own values (an installed package, task data), run before
+#       any model loads (default: none)
 HOOKS = ("evaluate", "report_section")
 
 RESERVED_NAMES = ("suite",)  # `megatron-ext eval suite` is not a task
@@ -36,6 +42,12 @@ class EvalTask:
     settings: type  # a dataclass: defaults for every field (they become flags) and validate()
     module: str  # the implementation, imported on first use; defines HOOKS
     uses_reference: bool = False  # compares with a second model: `--reference`, the suite's attention_reference
+    in_default_suite: bool = True  # run by a suite whose config lists no `tasks` (False: needs settings or installs)
+
+    @property
+    def command(self) -> str:
+        """The subcommand: `megatron-ext eval <command>`."""
+        return self.name.replace("_", "-")
 
     def implementation(self) -> ModuleType:
         module = importlib.import_module(self.module)
@@ -50,6 +62,12 @@ class EvalTask:
         if self.uses_reference:
             return self.implementation().evaluate(model, settings, reference=reference)
         return self.implementation().evaluate(model, settings)
+
+    def prepare(self, settings) -> None:
+        """The task's checks that must pass before any model loads."""
+        check = getattr(self.implementation(), "prepare", None)
+        if check:
+            check(settings)
 
     def output_files(self, result, directory) -> list:
         write = getattr(self.implementation(), "output_files", None)
@@ -86,3 +104,5 @@ register(EvalTask("ruler", "RULER-style tasks: multi-key NIAH, multi-value NIAH,
                   "megatron_ext.eval.ruler"))
 register(EvalTask("attention", "attention entropy per layer/head, JS divergence to a reference", AttentionSettings,
                   "megatron_ext.eval.attention", uses_reference=True))
+register(EvalTask("lm_eval", "EleutherAI lm-evaluation-harness tasks (short-context regression), offline",
+                  LmEvalSettings, "megatron_ext.eval.harness.task", in_default_suite=False))

@@ -73,7 +73,8 @@ def progress(total: int, description: str, enabled: bool = True):
 
 
 def is_reporting_rank() -> bool:
-    """Rank 0 prints and writes files; every rank computes the same numbers."""
+    """Rank 0 prints and writes files; every rank ends with the same numbers (data-parallel ranks gather the
+    trials they split, megatron_ext/eval/distributed.py)."""
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0

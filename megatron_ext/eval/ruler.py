@@ -12,9 +12,9 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from megatron_ext.eval.distributed import check_prompt_groups
 from megatron_ext.eval.prompts import Prompt, build_prompt, filler_tokens
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
-from megatron_ext.eval.scoring import check_in_batches
 from megatron_ext.eval.settings import RulerSettings
 
 NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -107,19 +107,22 @@ class RulerResult(EvalResult):
 
 
 def evaluate_ruler(model, settings: RulerSettings) -> RulerResult:
+    """Score per task and length; a group's prompts depend only on (task, seed, length), data-parallel ranks
+    split them."""
     settings.validate()
     filler = filler_tokens(model.tokenizer, settings.filler)
+    groups = [(task, length) for task in settings.tasks for length in settings.lengths]
+    prompts = []
+    for task, length in groups:
+        rng = random.Random(f"ruler/{task}/{settings.seed}/{length}")
+        prompts.append([TASKS[task](model.tokenizer, length, rng, filler, settings) for _ in range(settings.trials)])
+    with progress(len(groups) * settings.trials, "ruler") as bar:
+        checks = check_prompt_groups(model, prompts, batch_size=settings.batch_size, bar=bar)
     result = RulerResult(model=model.name, context_window=model.context_window)
-    with progress(len(settings.tasks) * len(settings.lengths) * settings.trials, "ruler") as bar:
-        for task in settings.tasks:
-            for length in settings.lengths:
-                rng = random.Random(f"ruler/{task}/{settings.seed}/{length}")
-                prompts = [TASKS[task](model.tokenizer, length, rng, filler, settings) for _ in range(settings.trials)]
-                checks = check_in_batches(model, prompts, batch_size=settings.batch_size, bar=bar)
-                scores = [float(c.correct) if task == "mk_niah" else sum(c.items_correct) / len(c.items_correct)
-                          for c in checks]
-                result.rows.append(RulerRow(task=task, length=length, trials=len(scores),
-                                            score=sum(scores) / len(scores)))
+    for (task, length), group_checks in zip(groups, checks):
+        scores = [float(c.correct) if task == "mk_niah" else sum(c.items_correct) / len(c.items_correct)
+                  for c in group_checks]
+        result.rows.append(RulerRow(task=task, length=length, trials=len(scores), score=sum(scores) / len(scores)))
     return result
 
 

@@ -37,18 +37,6 @@ def check_answers(model, prompts: list[Prompt], *, number_answer: bool = False) 
             for i, prompt in enumerate(prompts)]
 
 
-def check_in_batches(model, prompts: list[Prompt], *, batch_size: int = 1, number_answer: bool = False,
-                     bar=None) -> list[AnswerCheck]:
-    """`check_answers` over prompts of one length, `batch_size` per forward pass."""
-    checks = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
-        checks += check_answers(model, batch, number_answer=number_answer)
-        if bar is not None:
-            bar.update(len(batch))
-    return checks
-
-
 def _check(tokenizer, prompt: Prompt, predicted: list[int], number_answer: bool) -> AnswerCheck:
     start = prompt.answer_start
     truth = prompt.tokens[start:]

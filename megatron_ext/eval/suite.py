@@ -3,6 +3,9 @@
 
 The YAML holds the suite's own keys (SuiteConfig) and one section per task, named after it in the registry
 (megatron_ext/eval/registry.py) and read into its settings dataclass; see examples/configs/eval_tiny_harpe.yaml.
+lm-evaluation-harness tasks run beside the in-tree ones as the task `lm_eval` (`tasks: [passkey, lm_eval]`,
+`lm_eval: {tasks: [hellaswag], limit: 100}`), so one report holds long-context retrieval and short-context
+regression.
 """
 
 import dataclasses
@@ -34,12 +37,14 @@ class ModelEntry:
 class SuiteConfig:
     models: list[dict] = field(default_factory=list)  # ModelEntry mappings, evaluated in order
     attention_reference: str | None = None  # the model that tasks with a reference compare the others with
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # default: every registered task
+    # default: every registered task a suite runs unasked (not lm_eval: it needs its task list and lm-eval)
+    tasks: list[str] = field(default_factory=lambda: [name for name, task in TASKS.items() if task.in_default_suite])
     title: str = "Long-context evaluation"
     output_dir: str = "runs/eval"
     report: str = "eval_report.md"  # inside output_dir; pictures and JSON go to output_dir/<report stem>/
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    context_parallel_size: int = 1  # each prompt split zig-zag over CP ranks; the ranks left over split the prompts
     precision: str | None = None  # bf16 | fp32 | null: bf16 on GPU, fp32 on CPU
     # task -> its settings dataclass, from the YAML section named after the task; defaults where none is given
     settings: dict[str, object] = field(default_factory=dict)
@@ -101,6 +106,8 @@ def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
     from megatron_ext.eval.models import load_eval_model
 
     started = time.perf_counter()
+    for task in config.tasks:  # lm-eval installed, its tasks and their data here: before minutes of model loading
+        TASKS[task].prepare(config.settings[task])
     output_dir = Path(config.output_dir)
     assets = output_dir / Path(config.report).stem
     models = {}
@@ -108,6 +115,7 @@ def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
         model = load_eval_model(entry.path, name=entry.label, precision=config.precision,
                                 tensor_parallel_size=config.tensor_parallel_size,
                                 pipeline_parallel_size=config.pipeline_parallel_size,
+                                context_parallel_size=config.context_parallel_size,
                                 tokenizer_model=entry.tokenizer_model, setting=f"models[{index}].path")
         models[model.name] = model
     reference = models.get(config.attention_reference)
