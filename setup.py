@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "tensorboard",
         "pyarrow",  # preprocess reads local Hugging Face datasets (save_to_disk, .arrow, .parquet)
+        "einops",  # megatron's hierarchical context-parallel groups (parallel.cp_comm_type: a2a+p2p)
     ],
     extras_require={
         "dev": [

@@ -125,9 +125,13 @@ def setup_distributed(parallel):
         raise LayoutError(
             f"world size {world} is not a multiple of TP x PP x CP = {model_parallel}: launch "
             f"a multiple of {model_parallel} processes or change the parallel section")
+    hierarchical = getattr(parallel, "hierarchical_context_parallel_sizes", None)
+    if getattr(parallel, "cp_comm_type", "p2p") != "a2a+p2p" or parallel.context_parallel_size == 1:
+        hierarchical = None  # only the a2a+p2p exchange reads megatron's hierarchical CP groups
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_model_parallel_size,
                                  pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-                                 context_parallel_size=parallel.context_parallel_size)
+                                 context_parallel_size=parallel.context_parallel_size,
+                                 hierarchical_context_parallel_sizes=hierarchical)
     return device
 
 

@@ -176,7 +176,7 @@ def test_time_limit_signal_saves_then_requeues(tmp_path):
     out, _ = job.communicate(timeout=20)
     lines = log.read_text().splitlines()
     assert job.returncode == 0, out
-    assert lines[0].startswith("srun --kill-on-bad-exit=1 --container-image=") and lines[0].endswith(
+    assert lines[0].startswith("srun --kill-on-bad-exit=1 --cpus-per-task=1 --container-image=") and lines[0].endswith(
         "megatron-ext train --config examples/configs/llama2_7b_harpe_128k.yaml --resume auto "
         "--set parallel.tensor_model_parallel_size=2 --set parallel.pipeline_model_parallel_size=1 "
         "--set parallel.context_parallel_size=8 --set parallel.sequence_parallel=true "
@@ -201,11 +201,11 @@ def test_apptainer_runtime_wraps_each_task(tmp_path):
     result = subprocess.run(["bash", str(script), "--task", "passkey"], env=env, cwd=tmp_path, timeout=20)
     assert result.returncode == 0
     assert log.read_text().splitlines() == [
-        f"srun --kill-on-bad-exit=1 apptainer exec --nv --bind {tmp_path}:{tmp_path} --pwd {tmp_path} "
+        f"srun --kill-on-bad-exit=1 --cpus-per-task=1 apptainer exec --nv --bind {tmp_path}:{tmp_path} --pwd {tmp_path} "
         "/img/megatron_ext.sif python -m megatron_ext.launch.slurm -- megatron-ext eval --task passkey"]
     env["CONTAINER_RUNTIME"] = "docker"
     result = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=20)
-    assert result.returncode == 2 and "CONTAINER_RUNTIME must be pyxis or apptainer" in result.stderr
+    assert result.returncode == 2 and "CONTAINER_RUNTIME must be pyxis, apptainer or none" in result.stderr
 
 
 def test_cpu_ranks_share_the_cores_of_their_node_unless_omp_num_threads_says_otherwise():

@@ -76,10 +76,26 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # reduce gradient buckets during the backward instead of after it
+    overlap_param_gather: bool = False  # distributed optimizer: all-gather updated weights during the next forward
+    ddp_bucket_size: int | None = None  # parameters per gradient bucket; None: megatron's max(40M, 1M x DP)
+    cp_comm_type: str = "p2p"  # context-parallel attention exchange: p2p | a2a | allgather | a2a+p2p
+    hierarchical_context_parallel_sizes: list[int] | None = None  # a2a+p2p: [a2a group, p2p ring], product = CP
 
 
 @dataclass
 class TrainingConfig:
+    """Batch, precision and run-length settings.
+
+    FP8 (`fp8`: hybrid | e4m3, Transformer Engine only): megatron-core wraps each transformer layer in TE's
+    fp8_autocast, which quantizes the inputs of TE's GEMM modules (linear_qkv, linear_proj, fc1, fc2) and
+    nothing else; their outputs come back in the activation dtype. The HARPE/PoSE rotation runs on the
+    bf16 q/k that linear_qkv returns, with cos/sin from fp32 angles (PositionIdSelfAttention.
+    get_query_key_value_tensors), outside every GEMM, and attention stays bf16 (megatron's
+    fp8_dot_product_attention / fp8_multi_head_attention stay off; with them linear_qkv would hand FP8 q/k
+    to the rotation). So FP8 changes the projections' precision, never the positions' or the bases'.
+    """
+
     train_iters: int = 100
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -90,6 +106,17 @@ class TrainingConfig:
     exit_interval: int | None = None  # save and stop after every this many iterations of a run
     nonfinite: str = "stop"  # a NaN/inf loss or grad norm: "stop" at once, or "skip" that step (no update)
     nonfinite_patience: int = 3  # with "skip": this many consecutive non-finite iterations, then stop
+    fp8: str | bool = "off"  # off | hybrid (e4m3 forward, e5m2 gradients) | e4m3: FP8 GEMMs (Transformer Engine);
+    # YAML reads a bare `off` as false, which means off too
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling, TE >= 2.2) | mxfp8 (Blackwell)
+    fp8_amax_history_len: int = 1  # delayed recipe: amax history window (megatron-core's default)
+    fp8_amax_compute_algo: str = "most_recent"  # delayed recipe: most_recent | max over the history
+    fp8_margin: int = 0  # delayed recipe: scale = 2^-margin x the largest value FP8 holds / amax
+
+    @property
+    def fp8_format(self) -> str | None:
+        """megatron's TransformerConfig.fp8: None when off, else hybrid or e4m3."""
+        return None if self.fp8 in ("off", False) else self.fp8
 
 
 @dataclass
@@ -127,6 +154,40 @@ class LoggingConfig:
     wandb_project: str | None = None
     progress_bar: bool = True
     gpu_peak_tflops: float | None = None  # for MFU; None: looked up from the device name
+    profile: dict | None = None  # {start_iter, end_iter, ranks}: a torch.profiler trace of those iterations; None: off
+    profile_dir: str = "runs/profile"  # where profile traces go (Chrome trace JSON, read by TensorBoard's plugin too)
+
+    def profile_window(self) -> "ProfileWindow | None":
+        """`profile` checked and typed (None when profiling is off)."""
+        if self.profile is None:
+            return None
+        unknown = sorted(set(self.profile) - {"start_iter", "end_iter", "ranks"})
+        check(not unknown, f"logging.profile: unknown key(s) {', '.join(map(str, unknown))}: give start_iter, "
+                           "end_iter and optionally ranks")
+        start, end = self.profile.get("start_iter"), self.profile.get("end_iter")
+        ranks = self.profile.get("ranks")
+        check(_is_int(start) and _is_int(end) and 1 <= start <= end,
+              f"logging.profile: start_iter ({start}) and end_iter ({end}) must be iterations with "
+              "1 <= start_iter <= end_iter, e.g. {start_iter: 5, end_iter: 7}")
+        check(ranks is None or (isinstance(ranks, list) and ranks and all(_is_int(r) and r >= 0 for r in ranks)),
+              f"logging.profile.ranks ({ranks}) must be a list of ranks, e.g. [0], or left out for every rank")
+        return ProfileWindow(start, end, tuple(ranks) if ranks is not None else None)
+
+
+@dataclass(frozen=True)
+class ProfileWindow:
+    """The iterations (inclusive) and ranks (None: all) that `logging.profile` traces."""
+
+    start_iter: int
+    end_iter: int
+    ranks: tuple[int, ...] | None = None
+
+    def covers(self, iteration: int, rank: int) -> bool:
+        return self.start_iter <= iteration <= self.end_iter and (self.ranks is None or rank in self.ranks)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -152,6 +213,10 @@ CHOICES = {
     "training.precision": ("auto", "bf16", "fp32"),
     "training.recompute": ("none", "selective", "full"),
     "training.nonfinite": ("stop", "skip"),
+    "parallel.cp_comm_type": ("p2p", "a2a", "allgather", "a2a+p2p"),
+    "training.fp8": ("off", False, "hybrid", "e4m3"),
+    "training.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
+    "training.fp8_amax_compute_algo": ("most_recent", "max"),
     "optimizer.lr_decay_style": ("cosine", "linear", "constant"),
 }
 
@@ -201,6 +266,10 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
            f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"training.micro_batch_size ({t.micro_batch_size})")
     _validate_numbers(c)
+    _validate_overlap(p)
+    _validate_context_parallel(c)
+    _validate_fp8(t)
+    c.logging.profile_window()
     check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optimizer.lr ({o.lr}) must be > 0 and optimizer.min_lr ({o.min_lr}) in [0, lr]")
     decay_iters = o.lr_decay_iters or t.train_iters
@@ -255,6 +324,57 @@ def _validate_numbers(c: TrainConfig) -> None:
                                    "number of iterations between checkpoints")
     check(t.nonfinite_patience >= 0, f"training.nonfinite_patience ({t.nonfinite_patience}) must be >= 0: the "
                                      "consecutive non-finite iterations training.nonfinite=skip tolerates")
+
+
+def _validate_overlap(p: ParallelConfig) -> None:
+    """megatron-LM's rules for overlapping DP communication (megatron/training/arguments.py)."""
+    check(not p.overlap_param_gather or p.use_distributed_optimizer,
+          "parallel.overlap_param_gather needs parallel.use_distributed_optimizer: true (only the distributed "
+          "optimizer all-gathers weights): set both, or overlap_param_gather=false")
+    check(not p.overlap_param_gather or p.overlap_grad_reduce,
+          "parallel.overlap_param_gather needs parallel.overlap_grad_reduce: true (megatron overlaps the weight "
+          "all-gather only together with the gradient reduce-scatter): set both")
+    check(p.ddp_bucket_size is None or p.ddp_bucket_size >= 1,
+          f"parallel.ddp_bucket_size ({p.ddp_bucket_size}) must be >= 1 parameters, or null for megatron's default")
+
+
+def _validate_context_parallel(c: TrainConfig) -> None:
+    """parallel.cp_comm_type against the heads and the CP size; at CP=1 there is nothing to exchange and the
+    type is ignored. Transformer Engine's a2a scatters the local query *and* KV heads over the (a2a) group."""
+    p, m = c.parallel, c.model
+    cp, tp, kind = p.context_parallel_size, p.tensor_model_parallel_size, p.cp_comm_type
+    sizes = p.hierarchical_context_parallel_sizes
+    if cp == 1:
+        return
+    heads, groups = m.num_attention_heads // tp, max(1, (m.num_query_groups or m.num_attention_heads) // tp)
+    if kind == "a2a":
+        check(heads % cp == 0 and groups % cp == 0,
+              f"parallel.cp_comm_type=a2a scatters attention heads over the {cp} CP ranks, but each TP rank holds "
+              f"{heads} query heads and {groups} KV heads: pick a CP size dividing both, lower TP, or use p2p")
+    if kind != "a2a+p2p":
+        check(sizes is None, f"parallel.hierarchical_context_parallel_sizes ({sizes}) is read only by "
+                             "parallel.cp_comm_type=a2a+p2p: remove it, or set that type")
+        return
+    check(sizes is not None and len(sizes) == 2 and all(_is_int(n) and n >= 1 for n in sizes)
+          and sizes[0] * sizes[1] == cp,
+          f"parallel.cp_comm_type=a2a+p2p needs parallel.hierarchical_context_parallel_sizes = [a2a group, p2p "
+          f"ring] multiplying to parallel.context_parallel_size ({cp}), got {sizes}: e.g. [{min(cp, 8)}, "
+          f"{cp // min(cp, 8)}]")
+    check(heads % sizes[0] == 0 and groups % sizes[0] == 0,
+          f"parallel.hierarchical_context_parallel_sizes[0] ({sizes[0]}) is the a2a group, which scatters the "
+          f"{heads} query and {groups} KV heads of a TP rank: pick an a2a size dividing both")
+
+
+def _validate_fp8(t: TrainingConfig) -> None:
+    """The recipe settings; whether this machine has Transformer Engine is checked when the model is built."""
+    check(t.fp8_amax_history_len >= 1, f"training.fp8_amax_history_len ({t.fp8_amax_history_len}) must be >= 1")
+    check(t.fp8_margin >= 0, f"training.fp8_margin ({t.fp8_margin}) must be >= 0")
+    defaults = TrainingConfig()
+    delayed_only = [name for name in ("fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin")
+                    if getattr(t, name) != getattr(defaults, name)]
+    check(t.fp8_recipe == "delayed" or not delayed_only,
+          f"training.{delayed_only[0] if delayed_only else ''} applies to training.fp8_recipe=delayed only (the "
+          f"{t.fp8_recipe} recipe scales from the current tensor): remove it or use the delayed recipe")
 
 
 def _validate_tokenizer(data: DataConfig, check_files: bool, *, pretrained: str | None) -> None:

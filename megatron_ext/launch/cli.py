@@ -7,13 +7,15 @@ import shlex
 from pathlib import Path
 
 from megatron_ext.launch.errors import LaunchError
-from megatron_ext.launch.presets import GPUS, METHODS, MODELS
+from megatron_ext.launch.sbatch import CONTAINER_RUNTIMES
+from megatron_ext.launch.presets import FP8_GEMM_SPEEDUP, GPUS, METHODS, MODELS
 
 JOBS = ("train", "eval", "convert")
 JOB_NOTES = {  # header lines of the scripts whose arguments come at submission
-    "eval": "Example: sbatch {script} passkey --model /checkpoints/run/iter_0001500 (megatron-ext eval --help)\n"
-            "One task: a Hugging Face model, or a megatron checkpoint at TP = PP = 1. At TP x PP = N ranks:\n"
-            "  sbatch --ntasks-per-node=N {script} TASK --model CKPT --tensor-parallel-size ...",
+    "eval": "Example: sbatch {script} suite --config examples/configs/eval_llama2_7b_128k_suite.yaml (passkey\n"
+            "and RULER of Llama-2-7B HARPE at 128k on TP2 x CP4; the config says why). Ranks = TP x PP x CP x DP:\n"
+            "TP x PP x CP ranks run each prompt, the DP replicas split the prompts (megatron-ext eval --help).\n"
+            "A Hugging Face model runs on one device: sbatch --ntasks-per-node=1 {script} passkey --model DIR",
     "convert": "Example: sbatch {script} hf-to-mcore --hf /models/Llama-2-7b-hf --out /checkpoints/llama2_7b\n"
                "(megatron-ext convert --help); one task.",
 }
@@ -45,6 +47,8 @@ def add_plan_args(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cp", type=int, help="pin context parallelism")
     parser.add_argument("--micro-batch-size", type=int, help="pin the micro-batch size")
     parser.add_argument("--recompute", help="pin activation recompute: none, selective or full")
+    parser.add_argument("--cp-comm-type", choices=("p2p", "a2a", "allgather", "a2a+p2p"),
+                        help="pin the context-parallel exchange (default: each one is ranked)")
     parser.add_argument("--top", type=int, default=10, help="rows of the ranked table")
     parser.add_argument("--show-rejected", type=int, default=0, metavar="N",
                         help="also list the N rejected layouts closest to fitting, each with why "
@@ -65,6 +69,12 @@ def _add_hardware_args(parser) -> None:
                         help="replicate the optimizer states on every DP rank")
     parser.add_argument("--no-flash-attention", dest="flash_attention", action="store_false",
                         help="count the s x s attention scores (unfused attention)")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="gradient reduction and weight all-gather after compute, not overlapped with it")
+    parser.add_argument("--fp8", choices=("off", "hybrid", "e4m3"), default="off",
+                        help="FP8 GEMMs (Transformer Engine) in the transformer layers")
+    parser.add_argument("--fp8-gemm-speedup", type=float, default=FP8_GEMM_SPEEDUP,
+                        help="with --fp8: how much faster those GEMMs run than in bf16 (an assumption)")
 
 
 def plan_request(args, *, workload=None, gpus=None):
@@ -81,7 +91,8 @@ def plan_request(args, *, workload=None, gpus=None):
     gpu = dataclasses.replace(GPUS[args.gpu], gpus_per_node=args.gpus_per_node)
     return PlanRequest(workload or plan_workload(args), gpu, gpus, mfu=args.mfu,
                        reserve_gib=args.reserve_gib, distributed_optimizer=args.distributed_optimizer,
-                       flash_attention=args.flash_attention)
+                       flash_attention=args.flash_attention, overlap=args.overlap, fp8=args.fp8,
+                       fp8_gemm_speedup=args.fp8_gemm_speedup)
 
 
 def plan_workload(args):
@@ -109,7 +120,7 @@ def run_plan(args) -> int:
     if args.recompute not in (None, *RECOMPUTE):
         raise LaunchError(f"--recompute {args.recompute!r}: pick one of {', '.join(RECOMPUTE)}")
 
-    fixed = {key: getattr(args, key) for key in ("tp", "pp", "cp", "micro_batch_size", "recompute")
+    fixed = {key: getattr(args, key) for key in ("tp", "pp", "cp", "micro_batch_size", "recompute", "cp_comm_type")
              if getattr(args, key) is not None}
     result = plan(plan_request(args), fixed)
     if args.format == "json":
@@ -137,7 +148,11 @@ def add_launch_args(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tasks-per-node", type=int,
                         help="default: one per GPU for train; 1 for eval and convert (sbatch --ntasks-per-node=N "
                              "overrides it, e.g. for a megatron checkpoint evaluated at TP N)")
-    parser.add_argument("--cpus-per-task", type=int, default=12)
+    parser.add_argument("--cpus-per-task", type=int,
+                        help="default: each node's CPUs shared by its tasks, worked out in the job")
+    parser.add_argument("--mem", default="0", help="SLURM --mem per node (default 0: all of its memory)")
+    parser.add_argument("--container-runtime", choices=CONTAINER_RUNTIMES, default="pyxis",
+                        help="the script's default CONTAINER_RUNTIME; none runs in the job's own environment")
     parser.add_argument("--time", default="04:00:00", help="SLURM time limit per run (the job requeues)")
     parser.add_argument("--partition")
     parser.add_argument("--account")
@@ -159,11 +174,15 @@ def run_launch(args) -> int:
 
     if args.nodes < 1:
         raise LaunchError(f"--nodes {args.nodes}: give at least 1")
+    if args.gpus_per_node < 0 or (args.gpus_per_node == 0 and not args.tasks_per_node):
+        raise LaunchError(f"--gpus-per-node {args.gpus_per_node}: give the GPUs of a node, or 0 for a CPU job "
+                          "with --tasks-per-node N")
     job = SbatchJob(
         job=args.job, title=f"megatron-ext {args.job}", job_name=f"megatron-ext-{args.job}",
         command=["megatron-ext", args.job], nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         tasks_per_node=args.tasks_per_node or (args.gpus_per_node if args.job == "train" else 1),
-        cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, container_runtime=args.container_runtime,
+        time=args.time, partition=args.partition, account=args.account,
         container_image=args.container_image or DEFAULT_IMAGE,
         container_mounts=args.container_mounts or DEFAULT_MOUNTS,
         generated_by=shlex.join(["megatron-ext", *args.argv]),  # argv: set by megatron_ext.cli.main
@@ -194,20 +213,27 @@ def _plan_training_job(args, job) -> None:
 
     config = read_train_config(args.config, args.overrides)
     name = Path(args.config).stem
-    request = plan_request(args, workload=workload_from_config(config, name), gpus=args.nodes * args.gpus_per_node)
-    chosen, layout_overrides = _training_layout(args, config, request)
-    step = chosen.time.total
-    job.title = f"{name}: train on {args.nodes} node(s) x {args.gpus_per_node} GPUs"
     job.job_name = name
+    if args.gpus_per_node == 0:  # a CPU job: the config's layout as it is; the planner models GPUs only
+        layout_overrides, step = [], 0.0
+        job.title = f"{name}: train on {args.nodes} node(s) x {job.tasks_per_node} CPU tasks"
+        layout_notes = ["Layout: the config's (a CPU job: the planner models GPUs only)"]
+    else:
+        request = plan_request(args, workload=workload_from_config(config, name), gpus=args.nodes * args.gpus_per_node)
+        chosen, layout_overrides = _training_layout(args, config, request)
+        step = chosen.time.total
+        job.title = f"{name}: train on {args.nodes} node(s) x {args.gpus_per_node} GPUs"
+        layout_notes = [
+            f"Layout ({'from the config' if args.keep_layout else 'chosen by megatron-ext plan'}): {chosen.layout}",
+            f"estimated {chosen.memory.total / GIB:.1f} GiB per GPU and {step:.1f} s per step on {args.gpu} "
+            f"({100 * request.mfu:g}% of peak assumed); {config.training.train_iters} iterations ~ "
+            f"{config.training.train_iters * step / 3600:.1f} h"]
     job.command = ["megatron-ext", "train", "--config", args.config, "--resume", "auto",
                    *[word for item in [*args.overrides, *layout_overrides] for word in ("--set", item)]]
     job.signal_seconds = signal_lead_seconds(step, args.checkpoint_seconds)
     job.notes = [
         "",
-        f"Layout ({'from the config' if args.keep_layout else 'chosen by megatron-ext plan'}): {chosen.layout}",
-        f"estimated {chosen.memory.total / GIB:.1f} GiB per GPU and {step:.1f} s per step on {args.gpu} "
-        f"({100 * request.mfu:g}% of peak assumed); {config.training.train_iters} iterations ~ "
-        f"{config.training.train_iters * step / 3600:.1f} h",
+        *layout_notes,
         f"Checkpoints: {config.checkpoint.dir} (checkpoint.dir); logs: logs/{name}-<job id>.out",
         f"Starts from: {_starting_weights(config)}; later runs resume from the newest checkpoint",
     ]

@@ -12,7 +12,7 @@ from megatron_ext.launch.workload import RECOMPUTE, Layout, Workload
 from megatron_ext.rope.apply import CHUNK_ELEMENTS
 from megatron_ext.sizes import matmul_parameters, padded_vocab_size
 
-BF16, FP32 = 2, 4
+FP8, BF16, FP32 = 1, 2, 4
 GIB = 1024 ** 3
 
 # Mixed-precision Adam with megatron's fp32 main grads (our trainer sets grad_reduce_in_fp32):
@@ -25,12 +25,13 @@ CORE_ATTENTION = ("attention scores (softmax output)", "attention dropout mask",
 
 
 def layer_activation_terms(work: Workload, tokens: int, micro_batch: int, tp: int, *,
-                           flash_attention: bool = True) -> dict[str, float]:
+                           flash_attention: bool = True, fp8: bool = False) -> dict[str, float]:
     """Activations one transformer layer keeps for its backward, one micro-batch, no recompute.
 
     Korthikanti et al. 2022, Sec. 4.1, one tensor per line, for a Llama-style layer (RMSNorm, GQA,
     SwiGLU or GELU MLP, optional dropout). For GPT (f = 4h, g = a, dropout on, no flash attention)
-    the lines add up to the paper's s*b*h*(34 + 5*a*s/h).
+    the lines add up to the paper's s*b*h*(34 + 5*a*s/h). With FP8, Transformer Engine keeps the inputs
+    of its four GEMMs (QKV, projection, FC1, FC2) quantized for the weight gradient: 1 byte each.
     """
     m = work.model
     h, a, f, d, g = m.hidden_size, m.num_attention_heads, m.ffn_size, work.head_dim, work.kv_groups
@@ -38,17 +39,18 @@ def layer_activation_terms(work: Workload, tokens: int, micro_batch: int, tp: in
     inside = 1.0 / tp  # split over TP ranks
     outside = 1.0 / tp if tp > 1 else 1.0  # split over TP ranks by sequence parallelism
     attention_dropout, hidden_dropout = m.attention_dropout > 0, m.hidden_dropout > 0
+    gemm_input = FP8 if fp8 else BF16
     terms = {
         "attention norm input": BF16 * sb * h * outside,
-        "QKV projection input": BF16 * sb * h * outside,
+        "QKV projection input": gemm_input * sb * h * outside,
         "queries": BF16 * sb * a * d * inside,
         "keys and values": 2 * BF16 * sb * g * d * inside,
-        "attention output (projection input)": BF16 * sb * a * d * inside,
+        "attention output (projection input)": gemm_input * sb * a * d * inside,
         "attention residual dropout mask": sb * h * outside * hidden_dropout,
         "MLP norm input": BF16 * sb * h * outside,
-        "FC1 input": BF16 * sb * h * outside,
+        "FC1 input": gemm_input * sb * h * outside,
         "activation input": BF16 * sb * f * (2 if m.swiglu else 1) * inside,
-        "FC2 input": BF16 * sb * f * inside,
+        "FC2 input": gemm_input * sb * f * inside,
         "MLP residual dropout mask": sb * h * outside * hidden_dropout,
     }
     if flash_attention:  # Dao et al. 2022: O(s) memory, only the log-sum-exp per query row and head
@@ -62,7 +64,7 @@ def layer_activation_terms(work: Workload, tokens: int, micro_batch: int, tp: in
 
 
 def layer_activations(work: Workload, tokens: int, micro_batch: int, tp: int, recompute: str, *,
-                      flash_attention: bool = True) -> float:
+                      flash_attention: bool = True, fp8: bool = False) -> float:
     """Bytes one layer keeps between its forward and its backward, for one micro-batch.
 
     none: every tensor above; selective: all but the core attention (Korthikanti Sec. 5);
@@ -71,7 +73,7 @@ def layer_activations(work: Workload, tokens: int, micro_batch: int, tp: int, re
     if recompute == "full":
         h = work.model.hidden_size
         return BF16 * tokens * micro_batch * h / tp
-    terms = layer_activation_terms(work, tokens, micro_batch, tp, flash_attention=flash_attention)
+    terms = layer_activation_terms(work, tokens, micro_batch, tp, flash_attention=flash_attention, fp8=fp8)
     if recompute == "selective":
         return sum(v for k, v in terms.items() if k not in CORE_ATTENTION)
     return sum(terms.values())
@@ -122,13 +124,36 @@ def output_activations(work: Workload, tokens: int, micro_batch: int, tp: int) -
     return (2 * BF16 * sb * m.hidden_size + FP32 * sb * padded_vocab_size(m.vocab_size, tp)) / tp
 
 
-def cp_ring_buffers(work: Workload, tokens: int, micro_batch: int, tp: int, cp: int) -> float:
-    """Context parallelism (ring attention): K and V of one CP chunk, double-buffered, for K/V and
-    their gradients in the backward: 4 x (2 * s * b * g_local * d) bf16."""
-    if cp == 1:
+def cp_exchange_tensors(work: Workload, tokens: int, micro_batch: int, tp: int) -> tuple[float, float]:
+    """(kv, qkvo): bf16 bytes of this rank's K and V, and of its q, k, v and attention output, [s, b, heads/t, d]."""
+    sb, d = tokens * micro_batch, work.head_dim
+    heads, groups = work.model.num_attention_heads // tp, work.kv_groups // tp
+    return 2 * BF16 * sb * groups * d, BF16 * sb * (2 * heads + 2 * groups) * d
+
+
+def cp_exchange_buffers(work: Workload, tokens: int, micro_batch: int, tp: int, layout: Layout) -> float:
+    """What context parallelism's exchange holds besides the activations, by parallel.cp_comm_type
+    (Transformer Engine's implementations, transformer_engine/pytorch/attention/dot_product_attention/
+    context_parallel.py):
+    p2p (ring): K and V of one chunk, double-buffered, and in the backward their gradients: 4 x kv.
+    allgather: the backward gathers the whole sequence's K and V again and holds their full gradients
+        before the reduce-scatter (the forward keeps only the local K/V): 2 x CP x kv.
+    a2a (Ulysses): q, k, v and the output re-laid from [s, all local heads] to [CP x s, heads / CP]:
+        one more copy of them, qkvo (the backward re-lays the gradients after these are freed).
+    a2a+p2p: the a2a copy, then a ring over chunks of a2a_size x s tokens and heads / a2a_size: 4 x kv + qkvo.
+    """
+    if layout.cp == 1:
         return 0.0
-    kv = 2 * BF16 * tokens * micro_batch * (work.kv_groups // tp) * work.head_dim
-    return 4.0 * kv
+    kv, qkvo = cp_exchange_tensors(work, tokens, micro_batch, tp)
+    return {"p2p": 4.0 * kv, "allgather": 2.0 * layout.cp * kv, "a2a": qkvo,
+            "a2a+p2p": 4.0 * kv + qkvo}[layout.cp_comm_type]
+
+
+def fp8_weight_bytes(work: Workload, layout: Layout) -> float:
+    """Transformer Engine's FP8 copies of the transformer layers' GEMM weights, cached across micro-batches:
+    the weight and its transpose (for the input gradient), 1 byte each; megatron keeps its bf16 weights."""
+    split, _ = layer_parameters(work)
+    return 2 * FP8 * (work.model.num_layers // layout.pp) * split / layout.tp
 
 
 @dataclass
@@ -147,14 +172,15 @@ class StageMemory:
 
 
 def stage_memory(work: Workload, layout: Layout, stage: int, *, distributed_optimizer: bool = True,
-                 flash_attention: bool = True) -> StageMemory:
+                 flash_attention: bool = True, fp8: str = "off") -> StageMemory:
     """Per-GPU memory of pipeline stage `stage` under 1F1B (stage i holds min(pp - i, m) micro-batches)."""
     tokens = work.seq_length // layout.cp
     b, tp = layout.micro_batch_size, layout.tp
     params = stage_parameters(work, layout, stage)
     shards = layout.dp * layout.cp  # megatron shards the optimizer over the DP x CP group
     optimizer = OPTIMIZER_BYTES * params
-    per_layer = {r: layer_activations(work, tokens, b, tp, r, flash_attention=flash_attention) for r in RECOMPUTE}
+    per_layer = {r: layer_activations(work, tokens, b, tp, r, flash_attention=flash_attention, fp8=fp8 != "off")
+                 for r in RECOMPUTE}
     layers = work.model.num_layers // layout.pp
     in_flight = min(layout.pp - stage, layout.micro_batches(work.global_batch_size))
     # The layer being recomputed in the backward holds what recompute dropped, once.
@@ -168,8 +194,10 @@ def stage_memory(work: Workload, layout: Layout, stage: int, *, distributed_opti
         "recomputed layer (backward)": recomputed,
         "output layer and loss": output_activations(work, tokens, b, tp) if stage == layout.pp - 1 else 0.0,
         "RoPE tables (transient)": rope_bytes(work, tokens, b, tp),
-        "context-parallel K/V buffers": cp_ring_buffers(work, tokens, b, tp, layout.cp),
+        "context-parallel K/V buffers": cp_exchange_buffers(work, tokens, b, tp, layout),
     }
+    if fp8 != "off":
+        terms["FP8 weight copies (Transformer Engine)"] = fp8_weight_bytes(work, layout)
     return StageMemory(stage, params, terms, optimizer, per_layer)
 
 

@@ -4,12 +4,13 @@ run or do not fit in memory (each with its reason), and rank the rest by estimat
 Imports no megatron. Memory: megatron_ext.launch.memory; time: megatron_ext.launch.timing.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megatron_ext.launch.memory import GIB, StageMemory, peak_memory
-from megatron_ext.launch.presets import GPU
+from megatron_ext.launch.presets import FP8_GEMM_SPEEDUP, GPU
 from megatron_ext.launch.timing import StepTime, step_time
-from megatron_ext.launch.workload import RECOMPUTE, Layout, Workload
+from megatron_ext.launch.workload import CP_COMM_TYPES, RECOMPUTE, Layout, Workload
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,10 @@ class PlanRequest:
     mfu:          the fraction of peak bf16 FLOP/s that the executed math runs at.
     reserve_gib:  memory per GPU outside the estimate: CUDA context, NCCL buffers, cuBLAS/TE
                   workspaces, allocator fragmentation.
+    overlap:      overlap the gradient reduction (and the distributed optimizer's weight all-gather)
+                  with compute; it costs no memory, so the planner turns it on unless told not to.
+    fp8:          off | hybrid | e4m3: the transformer layers' GEMMs in FP8 (Transformer Engine), which
+                  changes the numerics, so only when asked; they run fp8_gemm_speedup x faster (assumed).
     """
 
     workload: Workload
@@ -28,6 +33,9 @@ class PlanRequest:
     reserve_gib: float = 8.0
     distributed_optimizer: bool = True
     flash_attention: bool = True
+    overlap: bool = True
+    fp8: str = "off"
+    fp8_gemm_speedup: float = FP8_GEMM_SPEEDUP
 
     @property
     def usable_bytes(self) -> float:
@@ -63,7 +71,8 @@ def divisors(n: int) -> list[int]:
 
 def enumerate_layouts(request: PlanRequest, fixed: dict | None = None) -> list[Layout]:
     """Every TP x PP x CP x DP = gpus, micro-batch a power of two up to the global batch, every recompute
-    mode; `fixed` pins any of tp, pp, cp, micro_batch_size, recompute."""
+    mode, the CP exchange of `fixed` (default p2p, see cp_variants); `fixed` pins any of tp, pp, cp,
+    micro_batch_size, recompute, cp_comm_type (which leaves out the layouts without CP: they exchange nothing)."""
     fixed = fixed or {}
     n, batch = request.gpus, request.workload.global_batch_size
 
@@ -80,8 +89,31 @@ def enumerate_layouts(request: PlanRequest, fixed: dict | None = None) -> list[L
                 dp = max(1, n // (tp * pp * cp))
                 for mbs in options("micro_batch_size", [1 << k for k in range(batch.bit_length())]):
                     for recompute in options("recompute", RECOMPUTE):
-                        layouts.append(Layout(tp, pp, cp, dp, mbs, recompute))
+                        layout = Layout(tp, pp, cp, dp, mbs, recompute, overlap=request.overlap)
+                        if "cp_comm_type" not in fixed:
+                            layouts.append(layout)
+                        elif cp > 1:
+                            layouts += cp_variants(layout, [fixed["cp_comm_type"]])
     return layouts
+
+
+# The exchange types ranked by default. a2a+p2p (megatron's hierarchical CP groups, which
+# megatron_ext.distributed.setup_distributed creates from parallel.hierarchical_context_parallel_sizes) is
+# evaluated when pinned (--cp-comm-type a2a+p2p): ranked, it would top the 128k recipes by under 1% of step
+# time, within this model's error, with an exchange that has not yet run on a GPU here.
+RANKED_CP_TYPES = ("p2p", "a2a", "allgather")
+
+
+def cp_variants(layout: Layout, kinds=RANKED_CP_TYPES) -> list[Layout]:
+    """The layout with each CP exchange type of `kinds` (a2a+p2p once per a2a group size 1 < a < CP);
+    without CP, the layout itself."""
+    if layout.cp == 1:
+        return [layout]
+    variants = []
+    for kind in kinds:
+        sizes = [a for a in divisors(layout.cp) if 1 < a < layout.cp] if kind == "a2a+p2p" else [1]
+        variants += [dataclasses.replace(layout, cp_comm_type=kind, a2a_size=a) for a in sizes]
+    return variants
 
 
 def structural_problems(request: PlanRequest, layout: Layout) -> list[str]:
@@ -99,11 +131,20 @@ def structural_problems(request: PlanRequest, layout: Layout) -> list[str]:
         (m.num_layers % layout.pp == 0, f"PP {layout.pp} must divide the {m.num_layers} layers"),
         (layout.cp == 1 or work.seq_length % (2 * layout.cp) == 0,
          f"the sequence length {work.seq_length} must divide by 2 x CP = {2 * layout.cp} (zig-zag split)"),
+        a2a_check(work, layout),
         (work.global_batch_size % (layout.micro_batch_size * layout.dp) == 0,
          f"the global batch {work.global_batch_size} must be a multiple of micro-batch x DP = "
          f"{layout.micro_batch_size * layout.dp}"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def a2a_check(work: Workload, layout: Layout) -> tuple[bool, str]:
+    """Transformer Engine's all-to-all scatters each TP rank's query and KV heads over its a2a group."""
+    group = {"a2a": layout.cp, "a2a+p2p": layout.a2a_size}.get(layout.cp_comm_type, 1) if layout.cp > 1 else 1
+    heads, kv = work.model.num_attention_heads // layout.tp, work.kv_groups // layout.tp
+    return (heads % group == 0 and kv % group == 0,
+            f"{layout.cp_comm_type} scatters the {heads} query and {kv} KV heads of a TP rank over {group} ranks")
 
 
 def memory_problem(request: PlanRequest, memory: StageMemory) -> str | None:
@@ -124,9 +165,10 @@ def evaluate(request: PlanRequest, layout: Layout) -> Candidate:
         return Candidate(layout, problems)
     work = request.workload
     memory = peak_memory(work, layout, distributed_optimizer=request.distributed_optimizer,
-                         flash_attention=request.flash_attention)
+                         flash_attention=request.flash_attention, fp8=request.fp8)
     time = step_time(work, layout, request.gpu, mfu=request.mfu, params_per_gpu=memory.parameters,
-                     distributed_optimizer=request.distributed_optimizer)
+                     distributed_optimizer=request.distributed_optimizer, fp8=request.fp8,
+                     fp8_gemm_speedup=request.fp8_gemm_speedup)
     problem = memory_problem(request, memory)
     return Candidate(layout, [problem] if problem else [], memory, time)
 
@@ -138,23 +180,35 @@ def rank_key(candidate: Candidate) -> tuple:
     layout itself, so the order never depends on the order of enumeration."""
     layout = candidate.layout
     return (round(candidate.time.total, 6), layout.tp * layout.pp * layout.cp, round(candidate.memory.total),
-            layout.tp, layout.pp, layout.cp, layout.micro_batch_size, RECOMPUTE.index(layout.recompute))
+            *_shape(layout))
 
 
 def closeness_key(candidate: Candidate) -> tuple:
     """Closest to running first: layouts that only miss memory, least memory first (the same order as
     how far over the usable memory they are), then layouts megatron cannot run, fewest problems first;
     ties by the layout itself, so the order never depends on the order of enumeration."""
-    layout = candidate.layout
-    shape = (layout.tp, layout.pp, layout.cp, layout.dp, layout.micro_batch_size, RECOMPUTE.index(layout.recompute))
+    shape = _shape(candidate.layout)
     if candidate.memory is not None:
         return (0, round(candidate.memory.total), *shape)
     return (1, len(candidate.problems), *shape)
 
 
+def _shape(layout: Layout) -> tuple:
+    return (layout.tp, layout.pp, layout.cp, layout.dp, layout.micro_batch_size, RECOMPUTE.index(layout.recompute),
+            CP_COMM_TYPES.index(layout.cp_comm_type), layout.a2a_size, layout.overlap)
+
+
 def plan(request: PlanRequest, fixed: dict | None = None, layouts: list[Layout] | None = None) -> Plan:
-    """Evaluate `layouts` (default: enumerate_layouts), rank those that fit and order those that do not."""
-    candidates = [evaluate(request, layout) for layout in (layouts or enumerate_layouts(request, fixed))]
+    """Evaluate `layouts` (default: enumerate_layouts), rank those that fit and order those that do not.
+
+    Unless the CP type is pinned, every layout with CP > 1 that megatron can run at all is evaluated with
+    each exchange type too (a type cannot rescue a layout of impossible sizes, so those are listed once)."""
+    candidates = []
+    for layout in layouts or enumerate_layouts(request, fixed):
+        candidate = evaluate(request, layout)
+        candidates.append(candidate)
+        if layouts is None and "cp_comm_type" not in (fixed or {}) and candidate.memory is not None:
+            candidates += [evaluate(request, v) for v in cp_variants(layout) if v != layout]
     ranked = sorted((c for c in candidates if c.fits), key=rank_key)
     rejected = sorted((c for c in candidates if not c.fits), key=closeness_key)
     return Plan(request, ranked, rejected)

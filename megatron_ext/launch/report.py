@@ -8,15 +8,16 @@ import yaml
 
 from megatron_ext.launch.memory import GIB
 from megatron_ext.launch.planner import Candidate, Plan
+from megatron_ext.launch.workload import yaml_word
 
-COLUMNS = ("#", "TP", "PP", "CP", "DP", "mbs", "recompute", "GiB/GPU", "step s", "tokens/s/GPU", "MFU %",
-           "GPU-h/1B tokens")
+COLUMNS = ("#", "TP", "PP", "CP", "CP comm", "DP", "mbs", "recompute", "GiB/GPU", "step s", "tokens/s/GPU",
+           "MFU %", "GPU-h/1B tokens")
 
 
 def row(plan: Plan, index: int, candidate: Candidate) -> list[str]:
     request, layout, time = plan.request, candidate.layout, candidate.time
     tokens = request.workload.tokens_per_step
-    return [str(index), str(layout.tp), str(layout.pp), str(layout.cp), str(layout.dp),
+    return [str(index), str(layout.tp), str(layout.pp), str(layout.cp), layout.cp_exchange, str(layout.dp),
             str(layout.micro_batch_size), layout.recompute, f"{candidate.memory.total / GIB:.1f}",
             f"{time.total:.2f}", f"{tokens / time.total / request.gpus:,.0f}",
             f"{100 * time.mfu(request.gpus, request.gpu.peak_tflops):.1f}",
@@ -41,7 +42,10 @@ def header(plan: Plan) -> str:
         f"{gpu.memory_gib:.1f} GiB each of which {r.usable_bytes / GIB:.1f} usable ({r.reserve_gib:g} reserved), "
         f"{gpu.peak_tflops:g} TFLOP/s bf16 at an assumed {100 * r.mfu:g}% utilization",
         f"options: distributed optimizer {'on' if r.distributed_optimizer else 'off'}, "
-        f"flash attention {'on' if r.flash_attention else 'off'}, sequence parallelism whenever TP > 1",
+        f"flash attention {'on' if r.flash_attention else 'off'}, sequence parallelism whenever TP > 1, "
+        f"DP communication overlap {'on' if r.overlap else 'off'}, "
+        + (f"FP8 {r.fp8} (transformer-layer GEMMs assumed {r.fp8_gemm_speedup:g}x faster)" if r.fp8 != "off"
+           else "FP8 off"),
         f"layouts: {len(plan.ranked) + len(plan.rejected)} enumerated, {len(plan.ranked)} fit, "
         f"{len(plan.rejected)} rejected",
     ])
@@ -68,22 +72,38 @@ def breakdown(plan: Plan, candidate: Candidate) -> str:
         lines.append(f"  {name:<40} {value / GIB:8.2f}{note}")
     lines.append(f"  {'total':<40} {memory.total / GIB:8.2f}   of {request.usable_bytes / GIB:.1f} usable")
     parts = [("compute", time.compute), ("pipeline bubble", time.pipeline_bubble),
-             ("TP comm", time.tensor_parallel), ("CP comm not hidden", time.context_parallel),
-             ("DP comm", time.data_parallel), ("PP comm", time.pipeline_parallel)]
+             ("TP comm", time.tensor_parallel), (f"CP comm ({layout.cp_exchange}) not hidden", time.context_parallel),
+             ("DP comm not hidden", time.data_parallel), ("PP comm", time.pipeline_parallel)]
     lines.append(f"step time {time.total:.2f} s = " + " + ".join(f"{name} {value:.2f}" for name, value in parts))
+    if layout.overlap:
+        lines.append(f"  (overlap hides {time.data_parallel_hidden:.2f} s of DP comm; "
+                     f"{time.data_parallel + time.data_parallel_hidden:.2f} s without it)")
     return "\n".join(lines)
+
+
+def assumed_settings(candidate: Candidate, distributed_optimizer: bool) -> dict[str, object]:
+    """The layout's overrides and the settings the estimate assumed besides it: the CP exchange (also the
+    default p2p) and DP communication overlap, so a config runs what was estimated."""
+    layout = candidate.layout
+    options = {"parallel.cp_comm_type": layout.cp_comm_type} if layout.cp > 1 else {}
+    options.update({"parallel.overlap_grad_reduce": layout.overlap,
+                    "parallel.overlap_param_gather": layout.overlap and distributed_optimizer})
+    settings = layout.overrides(distributed_optimizer)
+    parallel = {k: v for k, v in settings.items() if k.startswith("parallel.")}
+    return {**parallel, **options, **{k: v for k, v in settings.items() if k not in parallel}}
 
 
 def overrides_yaml(candidate: Candidate, distributed_optimizer: bool) -> str:
     nested: dict = {}
-    for key, value in candidate.layout.overrides(distributed_optimizer).items():
+    for key, value in assumed_settings(candidate, distributed_optimizer).items():
         section, name = key.split(".")
         nested.setdefault(section, {})[name] = value
     return yaml.safe_dump(nested, sort_keys=False).rstrip()
 
 
 def overrides_flags(candidate: Candidate, distributed_optimizer: bool) -> str:
-    return " ".join(f"--set {item}" for item in candidate.layout.override_args(distributed_optimizer))
+    return " ".join(f"--set {key}={yaml_word(value)}"
+                    for key, value in assumed_settings(candidate, distributed_optimizer).items())
 
 
 CLOSEST_WHEN_NOTHING_FITS = 5  # rejected layouts listed when none fits and --show-rejected is not given
@@ -94,7 +114,12 @@ def rejected_lines(plan: Plan, count: int) -> list[str]:
     shown = plan.rejected[:count]
     title = (f"no layout fits; the closest {len(shown)} of {len(plan.rejected)} rejected:" if plan.best is None
              else f"rejected (the closest {len(shown)} of {len(plan.rejected)}):")
-    return [title, *(f"  {c.layout}: {'; '.join(c.problems)}" for c in shown)]
+    return [title, *(f"  {c.layout}: {'; '.join(c.problems)}{_cp_note(c.layout)}" for c in shown)]
+
+
+def _cp_note(layout) -> str:
+    """The CP exchange of a rejected layout when it is not the default ring (the sizes read alike)."""
+    return f" [CP {layout.cp_exchange}]" if layout.cp > 1 and layout.cp_comm_type != "p2p" else ""
 
 
 def text_report(plan: Plan, top: int = 10, show_rejected: int = 0) -> str:

@@ -22,12 +22,12 @@ TEMPLATE = """\
 # Read from the environment at submission, default in brackets:
 #   CONTAINER_IMAGE    pyxis: a .sqsh file or registry#image:tag; Apptainer: a .sif [{{container_image}}]
 #   CONTAINER_MOUNTS   host:container,... besides this directory [{{container_mounts}}]
-#   CONTAINER_RUNTIME  pyxis (srun --container-image) or apptainer (apptainer exec --nv) [pyxis]
+#   CONTAINER_RUNTIME  pyxis (srun --container-image), apptainer (apptainer exec --nv) or none (the
+#                      job's own environment: megatron-ext and python on PATH) [{{container_runtime}}]
 #SBATCH --job-name={{job_name}}
 #SBATCH --nodes={{nodes}}
 #SBATCH --ntasks-per-node={{tasks_per_node}}
-#SBATCH --gpus-per-node={{gpus_per_node}}
-#SBATCH --cpus-per-task={{cpus_per_task}}
+{{resource_directives}}#SBATCH --mem={{mem}}
 #SBATCH --exclusive
 #SBATCH --time={{time}}
 #SBATCH --output=logs/%x-%j.out
@@ -46,20 +46,25 @@ export MASTER_ADDR MASTER_PORT
 export CUDA_DEVICE_MAX_CONNECTIONS=1      # megatron: TP/SP communication kernels run in issue order
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed collective ends the job instead of hanging it
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-{{cpus_per_task}}}
+# CPUs per task: what --cpus-per-task asked for, else this node's CPUs shared by its tasks (srun does not
+# inherit sbatch's --cpus-per-task since SLURM 22.05, so it is passed on below).
+CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-$(( ${SLURM_CPUS_ON_NODE:-$(nproc)} / ${SLURM_NTASKS_PER_NODE:-1} ))}
+export OMP_NUM_THREADS=$CPUS_PER_TASK
 export PYTHONUNBUFFERED=1
+export PYTHONSAFEPATH=1  # python -m runs the installed megatron_ext, not a checkout in the submit directory
 # Fabric settings (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ...) are site-specific: see your cluster's guide.
 
-launcher=(srun --kill-on-bad-exit=1)
+launcher=(srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS_PER_TASK")
 mounts="$PWD:$PWD${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
-case ${CONTAINER_RUNTIME:-pyxis} in
+case ${CONTAINER_RUNTIME:-{{container_runtime}}} in
   pyxis)
     launcher+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$PWD"
                --no-container-mount-home) ;;
   apptainer)
     launcher+=(apptainer exec --nv --bind "$mounts" --pwd "$PWD" "$CONTAINER_IMAGE") ;;
+  none) ;;
   *)
-    echo "CONTAINER_RUNTIME must be pyxis or apptainer, not $CONTAINER_RUNTIME" >&2
+    echo "CONTAINER_RUNTIME must be pyxis, apptainer or none, not $CONTAINER_RUNTIME" >&2
     exit 2 ;;
 esac
 
@@ -106,6 +111,7 @@ exit "$status"
 """
 
 DEFAULT_IMAGE = "$PWD/megatron_ext.sqsh"
+CONTAINER_RUNTIMES = ("pyxis", "apptainer", "none")
 DEFAULT_MOUNTS = "/checkpoints:/checkpoints,/data:/data,/models:/models"
 
 
@@ -120,7 +126,9 @@ class SbatchJob:
     nodes: int = 1
     gpus_per_node: int = 8
     tasks_per_node: int = 8
-    cpus_per_task: int = 12
+    cpus_per_task: int | None = None  # None: the node's CPUs shared by its tasks, worked out in the job
+    mem: str = "0"  # --mem: 0 is all of each node's memory
+    container_runtime: str = "pyxis"  # the default of CONTAINER_RUNTIME: pyxis | apptainer | none
     time: str = "04:00:00"
     partition: str | None = None
     account: str | None = None
@@ -133,6 +141,11 @@ class SbatchJob:
 
 
 def render(job: SbatchJob) -> str:
+    if job.container_runtime not in CONTAINER_RUNTIMES:
+        raise ValueError(f"container_runtime {job.container_runtime!r}: one of {', '.join(CONTAINER_RUNTIMES)}")
+    resources = [f"#SBATCH --gpus-per-node={job.gpus_per_node}"] if job.gpus_per_node else []  # 0: a CPU job
+    if job.cpus_per_task is not None:
+        resources.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
     directives = []
     if job.partition:
         directives.append(f"#SBATCH --partition={job.partition}")
@@ -144,7 +157,8 @@ def render(job: SbatchJob) -> str:
         "title": job.title, "generated_by": job.generated_by, "script": job.script, "job": job.job,
         "notes": "".join(f"# {line}\n" if line else "#\n" for line in job.notes),
         "job_name": job.job_name, "nodes": job.nodes, "tasks_per_node": job.tasks_per_node,
-        "gpus_per_node": job.gpus_per_node, "cpus_per_task": job.cpus_per_task, "time": job.time,
+        "resource_directives": "".join(line + "\n" for line in resources), "mem": job.mem,
+        "container_runtime": job.container_runtime, "time": job.time,
         "directives": "".join(line + "\n" for line in directives), "container_image": job.container_image,
         "container_mounts": job.container_mounts,
         "command": "\n".join("  " + line for line in _command_lines(job.command)),

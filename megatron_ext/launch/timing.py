@@ -7,8 +7,8 @@ FLOPs per token are the trainer's own formula (megatron_ext.sizes, PaLM App. B):
 
 from dataclasses import dataclass
 
-from megatron_ext.launch.memory import BF16, FP32
-from megatron_ext.launch.presets import GPU
+from megatron_ext.launch.memory import BF16, FP32, cp_exchange_tensors
+from megatron_ext.launch.presets import FP8_GEMM_SPEEDUP, GPU
 from megatron_ext.launch.workload import Layout, Workload
 from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size
 
@@ -24,6 +24,10 @@ TP_COLLECTIVES = {"none": 10, "selective": 10, "full": 14}
 # otherwise an all-reduce of fp32 grads (= reduce-scatter + all-gather of fp32).
 GRAD_REDUCE_BYTES = {True: FP32 + BF16, False: 2 * FP32}
 
+# megatron's default gradient bucket with overlap_grad_reduce: max(40M, 1M x DP) parameters
+# (distributed/distributed_data_parallel.py); the last bucket of the backward has nothing left to hide behind.
+BUCKET_PARAMETERS, BUCKET_PARAMETERS_PER_RANK = 40_000_000, 1_000_000
+
 
 @dataclass
 class StepTime:
@@ -32,10 +36,11 @@ class StepTime:
     compute: float
     pipeline_bubble: float
     tensor_parallel: float  # exposed: megatron runs these collectives between its GEMMs
-    context_parallel: float  # only what the ring's K/V exchange does not hide behind attention
-    data_parallel: float  # exposed: our trainer reduces gradients after the backward
+    context_parallel: float  # exposed: the ring's (p2p) part that attention does not hide, all of a2a/all-gather
+    data_parallel: float  # exposed: all of it, or with overlap what the last micro-batch's compute does not hide
     pipeline_parallel: float
     model_flops: float  # per step, all GPUs
+    data_parallel_hidden: float = 0.0  # the DP communication that overlap hides (not in total)
 
     @property
     def total(self) -> float:
@@ -65,14 +70,29 @@ def recompute_flops_per_token(work: Workload, recompute: str) -> float:
     return attention_forward if recompute == "selective" else 0.0
 
 
+def fp8_flops_per_token(work: Workload, recompute: str) -> float:
+    """FLOPs per token that run as FP8 GEMMs: the transformer layers' linear layers, forward and backward
+    (6 per weight), and their forward again under full recompute (2 per weight). Attention (QK^T, AV) and
+    the output layer stay bf16 (megatron keeps fp8_dot_product_attention off and the output layer outside
+    its fp8_autocast)."""
+    m = work.model
+    layers = matmul_parameters(m.num_layers, m.hidden_size, m.ffn_size, m.num_attention_heads, work.kv_groups, 0,
+                               m.swiglu)
+    return (6.0 + (2.0 if recompute == "full" else 0.0)) * layers
+
+
 def step_time(work: Workload, layout: Layout, gpu: GPU, *, mfu: float, params_per_gpu: int,
-              distributed_optimizer: bool = True) -> StepTime:
+              distributed_optimizer: bool = True, fp8: str = "off",
+              fp8_gemm_speedup: float = FP8_GEMM_SPEEDUP) -> StepTime:
     m = work.model
     gpus = layout.gpus
     rate = gpu.peak_tflops * 1e12 * mfu  # FLOP/s one GPU sustains
     model = work.tokens_per_step * model_flops_per_token(work, layout.tp)
     extra = work.tokens_per_step * recompute_flops_per_token(work, layout.recompute)
-    compute = (model + extra) / (gpus * rate)
+    fp8_saved = 0.0
+    if fp8 != "off":  # the FP8 GEMMs take 1/speedup of their bf16 time
+        fp8_saved = work.tokens_per_step * fp8_flops_per_token(work, layout.recompute) * (1 - 1 / fp8_gemm_speedup)
+    compute = (model + extra - fp8_saved) / (gpus * rate)
     micro_batches = layout.micro_batches(work.global_batch_size)
     bubble = compute * (layout.pp - 1) / micro_batches  # 1F1B (Narayanan et al. 2021, Sec. 2.2)
 
@@ -89,21 +109,65 @@ def step_time(work: Workload, layout: Layout, gpu: GPU, *, mfu: float, params_pe
     tp_bytes = steps * TP_COLLECTIVES[layout.recompute] * activation * (layout.tp - 1) / layout.tp
     tensor_parallel = tp_bytes / bandwidth(layout.tp)
 
-    # Ring attention: in each of cp - 1 steps a rank passes K and V on (forward), K, V and their
-    # gradients (backward); recompute repeats the forward's exchange. It overlaps the attention math.
-    kv = 2 * BF16 * tokens * layout.micro_batch_size * (work.kv_groups // layout.tp) * work.head_dim
-    passes = 3 + (layout.recompute != "none")
-    cp_bytes = steps * passes * (layout.cp - 1) * kv
     attention = 12.0 * m.num_layers * m.hidden_size * work.seq_length * work.tokens_per_step / (gpus * rate)
-    context_parallel = max(0.0, cp_bytes / bandwidth(layout.tp * layout.cp) - attention)
+    context_parallel = cp_exposed_seconds(work, layout, steps, attention, bandwidth)
 
     group = layout.dp * layout.cp  # gradients are reduced over DP x CP
-    dp_bytes = GRAD_REDUCE_BYTES[distributed_optimizer] * params_per_gpu * (group - 1) / group
-    data_parallel = dp_bytes / bandwidth(layout.tp * group)
+    data_parallel, hidden = dp_exposed_seconds(layout, params_per_gpu, distributed_optimizer, compute / micro_batches,
+                                               bandwidth(layout.tp * group))
 
     # 1F1B sends each micro-batch's activations forward and their gradients back, blocking; neighbouring
     # stages are tp*cp*dp ranks apart. Sequence parallelism sends the scattered [s/t, b, h] tensor.
     stride = layout.tp * layout.cp * layout.dp
     pp_bytes = 2 * micro_batches * activation / layout.tp if layout.pp > 1 else 0.0
     pipeline_parallel = pp_bytes / bandwidth(stride + 1)
-    return StepTime(compute, bubble, tensor_parallel, context_parallel, data_parallel, pipeline_parallel, model)
+    return StepTime(compute, bubble, tensor_parallel, context_parallel, data_parallel, pipeline_parallel, model,
+                    hidden)
+
+
+def cp_exposed_seconds(work: Workload, layout: Layout, steps: int, attention: float, bandwidth) -> float:
+    """Context parallelism's exchange, per layer pass, by type (bytes per GPU, bus bandwidth convention
+    bytes x (n-1)/n for collectives). passes = forward + the backward's two (inputs and their gradients)
+    + the forward again under recompute.
+    p2p: in each of CP-1 ring steps K and V go on (K, V, dK, dV in the backward): passes x (CP-1) x kv,
+        overlapped with the attention math; only what exceeds it is exposed.
+    allgather: the same bytes as all-gather + reduce-scatter, not overlapped (megatron-core's
+        TransformerConfig.cp_comm_type doc: "The all-gather is not async").
+    a2a: q, k, v before and the output after attention, all-to-all over CP ranks (their gradients in the
+        backward): passes' (2 + recompute) x qkvo x (CP-1)/CP, exposed (attention waits for it).
+    a2a+p2p: the a2a over a2a_size ranks (exposed) and the ring over CP / a2a_size groups (hidden as p2p)."""
+    if layout.cp == 1:
+        return 0.0
+    kv, qkvo = cp_exchange_tensors(work, work.seq_length // layout.cp, layout.micro_batch_size, layout.tp)
+    recompute = layout.recompute != "none"
+    ring_passes, a2a_passes = 3 + recompute, 2 + recompute
+    span = layout.tp * layout.cp
+    if layout.cp_comm_type == "allgather":
+        return steps * ring_passes * (layout.cp - 1) * kv / bandwidth(span)
+    a2a_size = {"p2p": 1, "a2a": layout.cp, "a2a+p2p": layout.a2a_size}[layout.cp_comm_type]
+    ring_size = layout.cp // a2a_size
+    a2a = steps * a2a_passes * qkvo * (a2a_size - 1) / a2a_size / bandwidth(layout.tp * a2a_size)
+    ring = steps * ring_passes * (ring_size - 1) * kv / bandwidth(span)
+    return a2a + max(0.0, ring - attention)
+
+
+def dp_exposed_seconds(layout: Layout, params_per_gpu: int, distributed_optimizer: bool, micro_batch_compute: float,
+                       bw: float) -> tuple[float, float]:
+    """(exposed, hidden) seconds of the gradient reduction over DP x CP ranks (and the distributed optimizer's
+    weight all-gather). Without overlap all of it waits for the backward's end. With overlap_grad_reduce the
+    reduction runs bucket by bucket during the backward of the last micro-batch (the earlier ones accumulate
+    under no_sync), about 2/3 of a micro-batch's compute, except the last bucket; with overlap_param_gather
+    the all-gather runs during the next forward's first micro-batch (1/3), except the first bucket."""
+    group = layout.dp * layout.cp
+    share = (group - 1) / group
+    if not distributed_optimizer:
+        reduce, gather = GRAD_REDUCE_BYTES[False] * params_per_gpu * share / bw, 0.0
+    else:
+        reduce, gather = FP32 * params_per_gpu * share / bw, BF16 * params_per_gpu * share / bw
+    if not layout.overlap:
+        return reduce + gather, 0.0
+    bucket = min(1.0, max(BUCKET_PARAMETERS, BUCKET_PARAMETERS_PER_RANK * group) / max(1, params_per_gpu))
+    exposed = max(bucket * reduce, reduce - 2 * micro_batch_compute / 3)
+    if gather:
+        exposed += max(bucket * gather, gather - micro_batch_compute / 3)
+    return exposed, reduce + gather - exposed

@@ -11,6 +11,7 @@ from megatron_ext.launch.presets import METHODS
 from megatron_ext.config import CHOICES, ConfigError, ModelConfig, TrainConfig, load_config
 
 RECOMPUTE = CHOICES["training.recompute"]  # none, selective, full
+CP_COMM_TYPES = CHOICES["parallel.cp_comm_type"]  # p2p, a2a, allgather, a2a+p2p
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,13 @@ def workload_from_config(config: TrainConfig, name: str) -> Workload:
 
 @dataclass(frozen=True)
 class Layout:
-    """A parallel layout: TP x PP x CP x DP GPUs; sequence parallelism whenever TP > 1."""
+    """A parallel layout: TP x PP x CP x DP GPUs; sequence parallelism whenever TP > 1.
+
+    cp_comm_type: how attention exchanges the sequence across CP ranks (meaningful for CP > 1); a2a_size
+    is a2a+p2p's all-to-all group (the ring spans CP / a2a_size of them). overlap: the gradient
+    reduction (and with the distributed optimizer the weight all-gather) overlaps compute, as the
+    planner assumes unless told otherwise (PlanRequest.overlap).
+    """
 
     tp: int
     pp: int
@@ -96,6 +103,9 @@ class Layout:
     dp: int
     micro_batch_size: int
     recompute: str
+    cp_comm_type: str = "p2p"
+    a2a_size: int = 1
+    overlap: bool = True
 
     @property
     def sequence_parallel(self) -> bool:
@@ -105,27 +115,50 @@ class Layout:
     def gpus(self) -> int:
         return self.tp * self.pp * self.cp * self.dp
 
+    @property
+    def cp_exchange(self) -> str:
+        """The CP type as the table shows it: '-' without CP, a2a+p2p with its a2a x ring sizes."""
+        if self.cp == 1:
+            return "-"
+        if self.cp_comm_type == "a2a+p2p":
+            return f"a2a+p2p {self.a2a_size}x{self.cp // self.a2a_size}"
+        return self.cp_comm_type
+
     def micro_batches(self, global_batch_size: int) -> int:
         """Micro-batches per step on every DP rank (gradient accumulation steps)."""
         return global_batch_size // (self.micro_batch_size * self.dp)
 
     def overrides(self, distributed_optimizer: bool) -> dict[str, object]:
-        """The training config's keys that select this layout."""
-        return {
+        """The training config's keys that select this layout: the sizes, and the CP exchange when it is not
+        the default ring (p2p: a config that names another type keeps it). The options the planner assumes
+        besides the layout (overlap) are the report's `assumed_settings`."""
+        keys = {
             "parallel.tensor_model_parallel_size": self.tp,
             "parallel.pipeline_model_parallel_size": self.pp,
             "parallel.context_parallel_size": self.cp,
             "parallel.sequence_parallel": self.sequence_parallel,
             "parallel.use_distributed_optimizer": distributed_optimizer,
-            "training.micro_batch_size": self.micro_batch_size,
-            "training.recompute": self.recompute,
         }
+        if self.cp > 1 and self.cp_comm_type != "p2p":
+            keys["parallel.cp_comm_type"] = self.cp_comm_type
+        if self.cp > 1 and self.cp_comm_type == "a2a+p2p":
+            keys["parallel.hierarchical_context_parallel_sizes"] = [self.a2a_size, self.cp // self.a2a_size]
+        return {**keys, "training.micro_batch_size": self.micro_batch_size, "training.recompute": self.recompute}
 
     def override_args(self, distributed_optimizer: bool) -> list[str]:
-        """The overrides as `key=value` for `megatron-ext train --set` (booleans as YAML writes them)."""
-        return [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-                for key, value in self.overrides(distributed_optimizer).items()]
+        """The overrides as `key=value` for `megatron-ext train --set` (YAML values without spaces)."""
+        return [f"{key}={yaml_word(value)}" for key, value in self.overrides(distributed_optimizer).items()]
 
     def __str__(self) -> str:
+        """The sizes (the CP type is the table's `CP comm` column and the overrides' cp_comm_type)."""
         return (f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}, micro-batch {self.micro_batch_size}, "
                 f"recompute {self.recompute}")
+
+
+def yaml_word(value) -> str:
+    """A value as YAML reads it back, in one shell word: true/false, [2,4]."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)

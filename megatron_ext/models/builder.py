@@ -17,6 +17,75 @@ def precision(config: TrainConfig, device) -> torch.dtype:
     return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
+# parallel.cp_comm_type -> TransformerConfig.cp_comm_type: megatron-LM's command line says "allgather",
+# megatron-core and Transformer Engine say "all_gather".
+CP_COMM_TYPES = {"p2p": "p2p", "a2a": "a2a", "allgather": "all_gather", "a2a+p2p": "a2a+p2p"}
+
+
+def context_parallel_fields(config: TrainConfig, *, transformer_engine: bool) -> dict:
+    """TransformerConfig's cp_comm_type (None at CP=1: there is nothing to exchange).
+
+    megatron passes it to each layer's core attention: Transformer Engine's DotProductAttention runs the
+    ring (p2p), Ulysses all-to-all (a2a), K/V all-gather or the hierarchical a2a+p2p, the last over megatron's
+    hierarchical CP groups. All of them take the zig-zag (DualChunkSwap) token layout, so
+    `batch_on_this_rank` slices tokens and position ids alike for every type. The SDPA attention of the
+    local spec (CPU, GPU without TE) always all-gathers K/V, whatever the type."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.config import ConfigError
+
+    p = config.parallel
+    if p.context_parallel_size == 1:
+        return dict(cp_comm_type=None)
+    if (transformer_engine and p.cp_comm_type == "a2a+p2p"
+            and ps.get_hierarchical_context_parallel_groups(check_initialized=False) is None):
+        raise ConfigError("parallel.cp_comm_type=a2a+p2p: megatron's hierarchical context-parallel groups were not "
+                          "created (initialize_model_parallel(hierarchical_context_parallel_sizes=...)): use p2p "
+                          "or a2a until the process setup creates them")
+    return dict(cp_comm_type=CP_COMM_TYPES[p.cp_comm_type])
+
+
+def fp8_fields(config: TrainConfig, device) -> dict:
+    """TransformerConfig's fp8 fields where FP8 runs; {} with training.fp8=off, and on a machine without
+    Transformer Engine on CUDA, where training refuses FP8 first (check_fp8_machine) and evaluation and
+    conversion run the bf16 weights."""
+    t = config.training
+    if t.fp8_format is None or not fp8_runs_here(device):
+        return {}
+    return dict(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe, fp8_amax_history_len=t.fp8_amax_history_len,
+                fp8_amax_compute_algo=t.fp8_amax_compute_algo, fp8_margin=t.fp8_margin)
+
+
+def fp8_runs_here(device) -> bool:
+    """FP8 GEMMs need Transformer Engine's modules on a CUDA device: megatron's fp8_autocast wraps TE modules."""
+    from megatron_ext.models.specs import transformer_engine_available
+
+    return device.type == "cuda" and transformer_engine_available()
+
+
+def check_fp8_machine(config: TrainConfig, device) -> None:
+    """Training's refusal of an FP8 setting this machine cannot run: no TE on CUDA, mxfp8 without a Blackwell
+    GPU, tensorwise with TE < 2.2."""
+    from megatron_ext.config import ConfigError
+
+    t = config.training
+    if t.fp8_format is None:
+        return
+    if not fp8_runs_here(device):
+        where = "this machine has no CUDA device" if device.type != "cuda" else "Transformer Engine does not import"
+        raise ConfigError(f"training.fp8={t.fp8} runs FP8 GEMMs in Transformer Engine, but {where}: "
+                          "set training.fp8=off, or run on a GPU with transformer_engine installed")
+    if t.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability(device)[0] < 10:
+        raise ConfigError(f"training.fp8_recipe=mxfp8 needs a Blackwell GPU (compute capability 10+), not "
+                          f"{torch.cuda.get_device_name(device)}: use fp8_recipe=delayed or tensorwise")
+    if t.fp8_recipe == "tensorwise":
+        from megatron.core.utils import is_te_min_version
+
+        if not is_te_min_version("2.2.0.dev0"):
+            raise ConfigError("training.fp8_recipe=tensorwise (current scaling) needs Transformer Engine >= 2.2 "
+                              "(megatron-core 0.16's own extra asks for >= 2.9): upgrade it, or use fp8_recipe=delayed")
+
+
 def transformer_config(config: TrainConfig, device):
     """TrainConfig -> megatron's TransformerConfig (+ our rope section)."""
     from megatron_ext.models import LongContextTransformerConfig
@@ -41,6 +110,7 @@ def transformer_config(config: TrainConfig, device):
         bias_activation_fusion=fused, bias_dropout_fusion=fused, masked_softmax_fusion=False,
         gradient_accumulation_fusion=fused, apply_rope_fusion=False, persist_layer_norm=False,
         calculate_per_token_loss=True, rope=config.rope, **recompute[t.recompute],
+        **context_parallel_fields(config, transformer_engine=fused), **fp8_fields(config, device),
     )
 
 
@@ -71,11 +141,14 @@ def load_model(checkpoint, device, *, precision_override: str | None = None, set
     config = saved.state.config
     if precision_override:
         config.training.precision = precision_override
+    config.training.fp8 = "off"  # evaluation runs the bf16 weights; FP8 is a training-time GEMM format
     # build for the layout we run now (megatron derives layers per stage from these), not the saved one
     config.parallel.tensor_model_parallel_size = ps.get_tensor_model_parallel_world_size()
     config.parallel.pipeline_model_parallel_size = ps.get_pipeline_model_parallel_world_size()
     config.parallel.context_parallel_size = ps.get_context_parallel_world_size()
     config.parallel.sequence_parallel = False  # inference reads whole sequences; the weights do not depend on it
+    # the training run's CP exchange (its a2a groups) need not fit this layout: the ring fits any
+    config.parallel.cp_comm_type, config.parallel.hierarchical_context_parallel_sizes = "p2p", None
     model = build_gpt(config, saved.state.padded_vocab_size, device)  # the saved embedding's row count
     load_checkpoint(saved.path, model=[model], restore_rng=False, setting=setting)
     return model.eval(), config, saved.state

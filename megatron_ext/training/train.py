@@ -20,9 +20,9 @@ from megatron_ext.checkpoint.state import CheckpointState
 from megatron_ext.config import TrainConfig
 from megatron_ext.distributed import setup_distributed
 from megatron_ext.errors import UserError
-from megatron_ext.models.builder import build_gpt
+from megatron_ext.models.builder import build_gpt, check_fp8_machine
 from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size, peak_tflops
-from megatron_ext.training.metrics import TrainLogger
+from megatron_ext.training.metrics import ProfileRecorder, RankStepTimes, TimedCalls, TrainLogger, phase
 from megatron_ext.training.start import Start, settle_start
 
 log = logging.getLogger("megatron_ext")
@@ -45,6 +45,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     if start is None:
         start = settle_start(config, given=config.to_dict())
     device = setup_distributed(config.parallel)
+    check_fp8_machine(config, device)  # before any data is read
     hold_checkpoint_dir(config.checkpoint.dir)
     from megatron.core import parallel_state as ps
 
@@ -56,6 +57,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
         model_parallel_cuda_manual_seed(config.training.seed)
     model = build_model(config, vocab_size, device)
+    refuse_padded_optimizer_buckets(config, model)
     optimizer, scheduler = build_optimizer(config, model)
 
     from megatron_ext.checkpoint.store import load_checkpoint
@@ -93,29 +95,46 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
 
     nonfinite = NonFiniteGuard(config.training.nonfinite, config.training.nonfinite_patience)
     saves = Checkpointing(config, model, optimizer, scheduler, tokenizer, result, nonfinite)
+    param_gather = OverlappedParamGather(model, config.parallel.overlap_param_gather)
+    profiler = ProfileRecorder(config.logging.profile_window(), config.logging.profile_dir, rank)
+    rank_step_times = RankStepTimes(device)
+    gradient_reduction = TimedCalls(model[0].config.finalize_model_grads_func)
+    model[0].config.finalize_model_grads_func = gradient_reduction
+
+    def save(iteration):
+        param_gather.sync()  # the weights the last step made, on every rank, before they are written
+        with phase("checkpoint save"):
+            saves.save(iteration)
 
     for iteration in range(start_iteration + 1, config.training.train_iters + 1):
-        start = time.perf_counter()
-        loss, grad_norm, finite = train_step(model, optimizer, scheduler, batches.next_iteration(), config)
-        seconds = time.perf_counter() - start
-        result.losses[iteration] = loss
-        result.iterations_run += 1
-        metrics = dict(loss=loss, lr=scheduler.get_lr(optimizer.param_groups[0]), grad_norm=grad_norm,
-                       **throughput.of(seconds), checkpoint_s=saves.take_seconds())
-        logger.log(iteration, metrics)
-        if rank == world - 1 and config.logging.metrics_file:
-            append_metrics(config.logging.metrics_file, iteration, metrics)
-        saves.settle(wait=not finite)  # a save in flight holds finite weights: it completes first
-        nonfinite.after_step(iteration, finite, loss, grad_norm, result.last_checkpoint)  # raises when it stops
-        last = iteration == config.training.train_iters
-        exit_interval = config.training.exit_interval
-        if stop.requested() or (exit_interval and result.iterations_run % exit_interval == 0 and not last):
-            saves.save(iteration)
-            result.stopped_by_signal = stop.received
-            log.info(f"megatron_ext: stopping after iteration {iteration} (checkpoint saved); resume with --resume auto")
-            break
-        if iteration % config.checkpoint.save_interval == 0 or last:
-            saves.save(iteration)
+        with profiler.iteration(iteration):
+            started = time.perf_counter()
+            loss, grad_norm, finite = train_step(model, optimizer, scheduler, batches.next_iteration(), config)
+            seconds = time.perf_counter() - started
+            param_gather.after_step(finite)
+            rank_step_times.add(seconds - gradient_reduction.take())
+            result.losses[iteration] = loss
+            result.iterations_run += 1
+            metrics = dict(loss=loss, lr=scheduler.get_lr(optimizer.param_groups[0]), grad_norm=grad_norm,
+                           **throughput.of(seconds), checkpoint_s=saves.take_seconds())
+            if iteration % config.logging.log_interval == 0:  # on every rank: it is a collective
+                metrics.update(rank_step_times.gather())
+            logger.log(iteration, metrics)
+            if rank == world - 1 and config.logging.metrics_file:
+                append_metrics(config.logging.metrics_file, iteration, metrics)
+            saves.settle(wait=not finite)  # a save in flight holds finite weights: it completes first
+            nonfinite.after_step(iteration, finite, loss, grad_norm, result.last_checkpoint)  # raises when it stops
+            last = iteration == config.training.train_iters
+            exit_interval = config.training.exit_interval
+            if stop.requested() or (exit_interval and result.iterations_run % exit_interval == 0 and not last):
+                save(iteration)
+                result.stopped_by_signal = stop.received
+                log.info(f"megatron_ext: stopping after iteration {iteration} (checkpoint saved); resume with "
+                         "--resume auto")
+                break
+            if iteration % config.checkpoint.save_interval == 0 or last:
+                save(iteration)
+    profiler.close()
     saves.settle(wait=True)
     logger.close()
     if torch.distributed.get_rank() == 0:
@@ -195,7 +214,7 @@ def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_ite
 
 def build_model(config: TrainConfig, vocab_size: int, device) -> list:
     """This pipeline stage's LongContextGPTModel, in Float16Module for bf16, in megatron's DDP."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
@@ -206,30 +225,75 @@ def build_model(config: TrainConfig, vocab_size: int, device) -> list:
     layout_independent_init(model, config.training.seed)
     if tc.bf16:
         model = Float16Module(tc, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=config.parallel.use_distributed_optimizer,
-        overlap_grad_reduce=False,
-    )
-    model = DistributedDataParallel(tc, ddp_config, model)
+    model = DistributedDataParallel(tc, ddp_config(config), model)
     tc.finalize_model_grads_func = finalize_model_grads
     tc.no_sync_func = model.no_sync
+    if config.parallel.overlap_grad_reduce:
+        # as megatron-LM (align_grad_reduce): the pipeline schedule starts every stage's last reduction at the
+        # end of its backward. No param_sync_func: only the interleaved schedule calls it (megatron-LM turns
+        # align_param_gather off without virtual stages); the DDP forward pre-hooks gather the weights.
+        tc.grad_sync_func = model.start_grad_sync
     return [model]
+
+
+def refuse_padded_optimizer_buckets(config: TrainConfig, model: list) -> None:
+    """megatron-core 0.16.1 writes the distributed optimizer's state misaligned into a checkpoint when a gradient
+    bucket other than the last ends in padding (sharded_param_state_fully_reshardable indexes the padding-free
+    gathered state with padded offsets; fixed upstream in Megatron-LM #5077): the resumed run silently differs.
+    Buckets are padded to a multiple of lcm(DP x CP, 128) elements, so this happens only with
+    overlap_grad_reduce's several buckets and a parameter that does not end on such a boundary (Llama-sized
+    layers at power-of-two DP x CP never do; tiny test models do)."""
+    if not config.parallel.use_distributed_optimizer:
+        return
+    for chunk in model:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            padded = [b for b in buffer.buckets[:-1] if b.grad_data.numel() != b.numel_unpadded]
+            if padded:
+                from megatron_ext.config import ConfigError
+
+                raise ConfigError(
+                    f"parallel.ddp_bucket_size ({config.parallel.ddp_bucket_size or 'megatron default'}) splits the "
+                    f"gradients into {len(buffer.buckets)} buckets, {len(padded)} of them padded, which megatron-core "
+                    "0.16.1 saves misaligned in the distributed optimizer's checkpoint (Megatron-LM #5077): raise "
+                    "parallel.ddp_bucket_size or leave it unset, or set parallel.overlap_grad_reduce=false")
+
+
+def ddp_config(config: TrainConfig):
+    """megatron's DistributedDataParallelConfig: fp32 gradient reduction, and the overlap settings.
+
+    overlap_grad_reduce: each bucket of gradients is reduced (all-reduce, or reduce-scatter for the distributed
+    optimizer) asynchronously as soon as the backward has produced it; finalize_model_grads waits for them.
+    overlap_param_gather: the distributed optimizer's step leaves the weight all-gather to forward pre-hooks,
+    which gather bucket by bucket during the next forward."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    p = config.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+        align_param_gather=False, bucket_size=p.ddp_bucket_size,
+    )
+
+
+def optimizer_config(config: TrainConfig, tc):
+    """megatron's OptimizerConfig (Adam) for a model whose TransformerConfig is `tc`."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    o, p = config.optimizer, config.parallel
+    return OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                           adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                           clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
+                           use_distributed_optimizer=p.use_distributed_optimizer,
+                           overlap_param_gather=p.overlap_param_gather)
 
 
 def build_optimizer(config: TrainConfig, model: list):
     """megatron's Adam (distributed when asked) and its warmup + decay LR schedule."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o, t = config.optimizer, config.training
-    tc = model[0].config
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                        clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
-                        use_distributed_optimizer=config.parallel.use_distributed_optimizer),
-        model,
-    )
+    optimizer = get_megatron_optimizer(optimizer_config(config, model[0].config), model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
         lr_decay_steps=o.lr_decay_iters or t.train_iters, lr_decay_style=o.lr_decay_style,
@@ -304,11 +368,12 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
-        num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    with phase("forward-backward"):
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
+            num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
+            forward_only=False,
+        )
     total = torch.zeros(2, device=device)
     if ps.is_pipeline_last_stage():
         total = torch.stack([l["lm loss"] for l in losses]).sum(0).to(device)
@@ -316,7 +381,8 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
     # every rank learns the loss (the last stage's), so results and logs agree everywhere
     torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
     loss = (total[0] / total[1]).item()
-    grad_norm, finite = step_if_finite(optimizer, loss, device)
+    with phase("optimizer step"):
+        grad_norm, finite = step_if_finite(optimizer, loss, device)
     if finite:
         scheduler.step(increment=1)
     return loss, grad_norm, finite
@@ -430,6 +496,31 @@ class Checkpointing:
     def take_seconds(self) -> float:
         seconds, self.seconds = self.seconds, 0.0
         return seconds
+
+
+class OverlappedParamGather:
+    """parallel.overlap_param_gather, as megatron-LM's training loop runs it: the distributed optimizer's step
+    leaves the all-gather of the updated weights to DDP's forward pre-hooks (bucket by bucket, during the next
+    forward). The hooks stay off until a step has succeeded, so an error in loaded or initial weights is not
+    spread by the first gather; before a checkpoint is written the gather runs at once, so the saved weights
+    are the updated ones on every rank (a rank only updates its own shard)."""
+
+    def __init__(self, model: list, enabled: bool):
+        self.model, self.enabled, self.hooked = model, enabled, False
+        if enabled:
+            for chunk in model:
+                chunk.disable_forward_pre_hook(param_sync=False)
+
+    def after_step(self, stepped: bool) -> None:
+        if self.enabled and stepped and not self.hooked:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
+            self.hooked = True
+
+    def sync(self) -> None:
+        if self.enabled:
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
 
 
 class StopSignal:
