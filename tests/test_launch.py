@@ -160,7 +160,8 @@ def _fake_cluster(tmp_path, trainer_exit):
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "77",
-                        "SLURM_JOB_NODELIST": "node1"}
+                        "SLURM_JOB_NODELIST": "node1", "SLURM_CPUS_ON_NODE": "16", "SLURM_NTASKS_PER_NODE": "8"}
+    env.pop("SLURM_CPUS_PER_TASK", None)
     return env, log
 
 
@@ -176,7 +177,7 @@ def test_time_limit_signal_saves_then_requeues(tmp_path):
     out, _ = job.communicate(timeout=20)
     lines = log.read_text().splitlines()
     assert job.returncode == 0, out
-    assert lines[0].startswith("srun --kill-on-bad-exit=1 --cpus-per-task=1 --container-image=") and lines[0].endswith(
+    assert lines[0].startswith("srun --kill-on-bad-exit=1 --cpus-per-task=2 --container-image=") and lines[0].endswith(
         "megatron-ext train --config examples/configs/llama2_7b_harpe_128k.yaml --resume auto "
         "--set parallel.tensor_model_parallel_size=2 --set parallel.pipeline_model_parallel_size=1 "
         "--set parallel.context_parallel_size=8 --set parallel.sequence_parallel=true "
@@ -201,7 +202,7 @@ def test_apptainer_runtime_wraps_each_task(tmp_path):
     result = subprocess.run(["bash", str(script), "--task", "passkey"], env=env, cwd=tmp_path, timeout=20)
     assert result.returncode == 0
     assert log.read_text().splitlines() == [
-        f"srun --kill-on-bad-exit=1 --cpus-per-task=1 apptainer exec --nv --bind {tmp_path}:{tmp_path} --pwd {tmp_path} "
+        f"srun --kill-on-bad-exit=1 --cpus-per-task=2 apptainer exec --nv --bind {tmp_path}:{tmp_path} --pwd {tmp_path} "
         "/img/megatron_ext.sif python -m megatron_ext.launch.slurm -- megatron-ext eval --task passkey"]
     env["CONTAINER_RUNTIME"] = "docker"
     result = subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=20)
