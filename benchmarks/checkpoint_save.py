@@ -1,7 +1,7 @@
 """Seconds of training stalled per checkpoint save, synchronous vs background (checkpoint.async_save), and
 the share of a save spent on the manifest's CRC-32, on the tiny model and a ~100M-parameter model (CPU).
 
-Run: python benchmarks/checkpoint_save.py [--iters 13] [--save-interval 3] [--models tiny,100m]
+Run: python benchmarks/checkpoint_save.py [--iters 13] [--save-interval 3] [--models tiny,100m] [--repeats 3]
 Each model trains through the real entry point three times: no checkpoint until the end, a synchronous save
 every --save-interval iterations, and the same saves in the background. Rows of metrics.jsonl carry their
 wall-clock time; the loop's time from the first row to the last, minus the no-save run's, divided by the
@@ -9,13 +9,15 @@ saves in between, is the stall per save (for a background save: the copy of the 
 and whatever the writing thread takes from the training steps); the rows' checkpoint_s, summed, is the time
 the loop was blocked in the save calls themselves (robust to a busy machine, blind to that contention). The
 CRC-32 share: the manifest's checksums of the last synchronous checkpoint, recomputed, over the synchronous
-blocked time. Prints a table and writes
+blocked time. Disk timings vary from run to run: each model's three runs are repeated (--repeats) and the
+table shows medians (every repeat's numbers are in the JSON). Prints a table and writes
 docs/results/checkpoint_save.json.
 """
 
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +83,7 @@ def main():
     parser.add_argument("--iters", type=int, default=13)
     parser.add_argument("--save-interval", type=int, default=3)
     parser.add_argument("--models", default="tiny,100m")
+    parser.add_argument("--repeats", type=int, default=3, help="each model's three runs this many times; medians")
     parser.add_argument("--cache-dir", default=str(ROOT / "runs" / "cache"))
     parser.add_argument("--output", default=str(ROOT / "docs" / "results" / "checkpoint_save.json"))
     args = parser.parse_args()
@@ -88,26 +91,31 @@ def main():
 
     results = []
     for model in args.models.split(","):
-        measured = {}
-        for mode in MODES:
-            with tempfile.TemporaryDirectory() as workdir:
-                measured[mode] = run(model, mode, args, Path(workdir))
-        base = measured["none"]["loop_s"]
-        saves = measured["sync"]["saves"]
-        blocked = {mode: measured[mode]["blocked_s"] / saves for mode in ("sync", "async")}
-        stall = {mode: (measured[mode]["loop_s"] - base) / saves for mode in ("sync", "async")}
-        results.append(dict(model=model, checkpoint_mb=measured["sync"]["checkpoint_bytes"] / 2**20,
-                            step_s=measured["none"]["step_s"], saves=saves,
-                            sync_blocked_s=blocked["sync"], async_blocked_s=blocked["async"],
-                            blocked_async_over_sync=blocked["async"] / blocked["sync"],
-                            sync_stall_s=stall["sync"], async_stall_s=stall["async"],
-                            stall_async_over_sync=stall["async"] / stall["sync"],
-                            checksum_s=measured["sync"]["checksum_s"],
-                            checksum_share=measured["sync"]["checksum_s"] / blocked["sync"],
-                            loop_s={mode: m["loop_s"] for mode, m in measured.items()}))
+        trials = []  # each repeat: the three runs back to back, so a slow spell of the disk hits all three
+        for _ in range(args.repeats):
+            measured = {}
+            for mode in MODES:
+                with tempfile.TemporaryDirectory() as workdir:
+                    measured[mode] = run(model, mode, args, Path(workdir))
+            trials.append(measured)
+        saves = trials[0]["sync"]["saves"]
+        per_save = {f"{mode}_{what}": [value(t, mode) / saves for t in trials]
+                    for mode in ("sync", "async")
+                    for what, value in (("blocked_s", lambda t, m: t[m]["blocked_s"]),
+                                        ("stall_s", lambda t, m: t[m]["loop_s"] - t["none"]["loop_s"]))}
+        median = {key: statistics.median(values) for key, values in per_save.items()}
+        checksum = statistics.median(t["sync"]["checksum_s"] for t in trials)
+        results.append(dict(model=model, checkpoint_mb=trials[0]["sync"]["checkpoint_bytes"] / 2**20,
+                            step_s=statistics.median(t["none"]["step_s"] for t in trials), saves=saves,
+                            repeats=args.repeats, **median,
+                            blocked_async_over_sync=median["async_blocked_s"] / median["sync_blocked_s"],
+                            stall_async_over_sync=median["async_stall_s"] / median["sync_stall_s"],
+                            checksum_s=checksum, checksum_share=checksum / median["sync_blocked_s"],
+                            per_repeat=per_save))
 
-    print("per save: 'blocked' = seconds the loop spent in the save calls (metrics' checkpoint_s); 'stall' = "
-          "extra loop seconds against the run without saves (also counts steps slowed by the writing thread)")
+    print("per save, median of the repeats: 'blocked' = seconds the loop spent in the save calls (metrics' "
+          "checkpoint_s); 'stall' = extra loop seconds against the run without saves (also counts steps slowed by "
+          "the writing thread)")
     header = (f"{'model':<6} {'ckpt MB':>8} {'step s':>7} {'saves':>5} {'sync blocked':>12} {'async blocked':>13} "
               f"{'ratio':>6} {'sync stall':>10} {'async stall':>11} {'ratio':>6} {'CRC-32 s':>8} {'CRC share':>9}")
     print(header)
@@ -120,7 +128,7 @@ def main():
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(dict(
         command="python benchmarks/checkpoint_save.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("iters", "save_interval", "models")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k in ("iters", "save_interval", "models", "repeats")),
         machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=torch.get_num_threads(),
                      torch=torch.__version__),
         results=results), indent=2) + "\n")

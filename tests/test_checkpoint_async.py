@@ -1,12 +1,14 @@
 """Background checkpoint saves (checkpoint.async_save) on one CPU rank: the files equal a synchronous save's
 even when training changes the weights while they are written, a failed write fails the wait and keeps the
 previous checkpoint, and nothing of the save runs outside this process."""
+import json
 import threading
 
 import pytest
 import torch
 
 from megatron_ext.checkpoint import writer
+from megatron_ext.checkpoint.integrity import verify_checkpoint
 from megatron_ext.checkpoint.store import find_checkpoint, load_checkpoint, save_checkpoint
 from megatron_ext.checkpoint.writer import BackgroundSaves
 
@@ -46,6 +48,15 @@ def test_a_background_save_writes_the_state_of_its_iteration_while_training_goes
     at_save = parameters(training[0])
 
     release = held_back_writes(monkeypatch)
+    written_by_the_thread = {}
+    describe = writer.describe_files
+
+    def recording(directory, names):
+        assert threading.current_thread() is not threading.main_thread()
+        entries = describe(directory, names)
+        written_by_the_thread.update(entries)
+        return entries
+    monkeypatch.setattr(writer, "describe_files", recording)
     background = BackgroundSaves()
     promised = save(tmp_path / "async", 2, training, background=background)
     after = [train_step(*training, index) for index in (2, 3)]  # the weights change while nothing is written
@@ -56,6 +67,11 @@ def test_a_background_save_writes_the_state_of_its_iteration_while_training_goes
     assert find_checkpoint(tmp_path / "async", "auto") == promised
     for shard in synchronous.glob("__*.distcp"):
         assert (promised / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    # the writer thread checksummed the shards: the manifest holds what an independent CRC-32 finds
+    manifest = json.loads((promised / "manifest.json").read_text())["files"]
+    assert {name: manifest[name] for name in written_by_the_thread} == written_by_the_thread
+    assert verify_checkpoint(promised) == [] and set(written_by_the_thread) == {
+        p.name for p in promised.glob("__*.distcp")}
 
     resumed = build_training(seed=1, distributed=distributed)
     load_checkpoint(promised, model=resumed[0], optimizer=resumed[1], scheduler=resumed[2])

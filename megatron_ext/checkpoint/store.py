@@ -125,10 +125,18 @@ def _on_rank0(action):
     return result
 
 
-def _checksum_collectively(staging: Path) -> dict[str, dict]:
-    """Size and CRC-32 of every file in the staging directory, each rank reading a share; on every rank."""
+def _checksum_collectively(staging: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Size and CRC-32 of every file in the staging directory, on every rank: `known` (this rank's tensor files,
+    checksummed by the writer) as they are, the rest each rank reading a share."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    files = describe_files(staging, checkpoint_files(staging)[rank::world])
+    known = dict(known or {})
+    every_known = [known]
+    if world > 1:
+        every_known = [None] * world
+        torch.distributed.all_gather_object(every_known, sorted(known))
+    described = {name for names in every_known for name in names}
+    rest = [name for name in checkpoint_files(staging) if name not in described]
+    files = {**known, **describe_files(staging, rest[rank::world])}
     if world == 1:
         return files
     every_rank = [None] * world
@@ -311,7 +319,7 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
             try:
                 for step in megatron_steps:
                     step()
-                _complete(root, staging, final, token, keep_last)
+                _complete(root, staging, final, token, keep_last, getattr(sharded_strategy, "written", None))
             except (OSError, CheckpointException) as error:
                 raise write_failed(final, error) from error
         finally:
@@ -382,11 +390,13 @@ def _write_files(staging, model, optimizer, common, rng_states, sharded_strategy
     return request
 
 
-def _complete(root: Path, staging: Path, final: Path, token: str, keep_last: int | None) -> None:
-    """Once every rank's files are written: checksums, manifest, marker, rename, `latest`, keep_last."""
+def _complete(root: Path, staging: Path, final: Path, token: str, keep_last: int | None,
+              written: dict[str, dict] | None = None) -> None:
+    """Once every rank's files are written: checksums (`written`: those the writer made), manifest, marker,
+    rename, `latest`, keep_last."""
     _barrier()  # every rank's files are in
     checksummed = time.perf_counter()
-    files = _checksum_collectively(staging)
+    files = _checksum_collectively(staging, written)
     if _is_rank0():
         log.debug(f"megatron_ext: manifest of {len(files)} files, CRC-32 in {time.perf_counter() - checksummed:.2f} s")
         _finish(staging, final, files, token)

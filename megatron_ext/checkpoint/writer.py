@@ -47,6 +47,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from megatron_ext.checkpoint.integrity import describe_files
+
 log = logging.getLogger("megatron_ext")
 
 WRITE_THREADS = 2  # files per rank, written in parallel: megatron's default writer has two processes
@@ -59,6 +61,7 @@ class InProcessFileSystemWriter(FileSystemWriterAsync):
     def __init__(self, path, *, snapshot: bool):
         super().__init__(path, single_file_per_rank=True, thread_count=WRITE_THREADS)
         self.snapshot = snapshot  # copy CPU tensors when staging (a background write must not see later steps)
+        self.checksums: dict[str, dict] = {}  # the manifest entries of the files written, filled by the writer
 
     def prepare_write_data(self, plan, planner) -> None:
         prefix = plan.storage_data.prefix
@@ -78,7 +81,7 @@ class InProcessFileSystemWriter(FileSystemWriterAsync):
             return None, None, []
         transforms = [self.transforms] if hasattr(self, "transforms") else []
         # megatron's shape: fn(rank, buckets, results), the buckets replaced by what the preload returns
-        return (lambda _rank, buckets, results: _write_buckets(transforms, buckets, results),
+        return (lambda _rank, buckets, results: _write_buckets(transforms, buckets, results, self.checksums),
                 lambda: _stage(self.write_buckets, self.snapshot),
                 [torch.distributed.get_rank(), self.write_buckets, self.results_queue])
 
@@ -99,10 +102,11 @@ def _stage(buckets: list, snapshot: bool) -> list:
     return staged
 
 
-def _write_buckets(transforms: list, buckets: list, results: queue.Queue) -> None:
+def _write_buckets(transforms: list, buckets: list, results: queue.Queue, checksums: dict) -> None:
     """Write the buckets, one thread each (file writes release the GIL, as megatron's processes write in
-    parallel); put {bucket index: write results}, or the first exception, in `results`. Never raises:
-    megatron's finalize step reads the queue on every rank and fails them all alike."""
+    parallel), and add each file's size and CRC-32 to `checksums` (so a background save's checksums are
+    off the training loop too); put {bucket index: write results}, or the first exception, in `results`.
+    Never raises: megatron's finalize step reads the queue on every rank and fails them all alike."""
     def write(index: int, bucket) -> list:
         bucket_results, done = queue.Queue(), queue.Queue()
         done.put(index)
@@ -110,6 +114,8 @@ def _write_buckets(transforms: list, buckets: list, results: queue.Queue) -> Non
         _, outcome = bucket_results.get_nowait()
         if isinstance(outcome, Exception):
             raise outcome
+        path = Path(bucket[0])
+        checksums.update(describe_files(path.parent, [path.name]))
         return outcome
 
     try:
@@ -127,11 +133,13 @@ class InProcessSaveStrategy(TorchDistSaveShardedStrategy):
     def __init__(self, *, snapshot: bool = False):
         super().__init__("torch_dist", 1, thread_count=WRITE_THREADS)
         self.snapshot = snapshot
+        self.written: dict[str, dict] = {}
 
     def async_save(self, sharded_state_dict, checkpoint_dir: Path) -> AsyncRequest:
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
                                                                             self.keep_only_main_replica)
         writer = InProcessFileSystemWriter(checkpoint_dir, snapshot=self.snapshot)
+        self.written = writer.checksums  # this rank's tensor files, once written (store.py's manifest reads it)
         planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
         planned, *_ = save_state_dict_async_plan(mcore_to_pyt_state_dict(sharded_state_dict, False), writer, None, 0,
                                                  planner=planner)
