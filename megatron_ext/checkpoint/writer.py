@@ -188,7 +188,7 @@ class _ThreadCallsQueue(AsyncCallsQueue):
 class BackgroundSaves:
     """At most one checkpoint being written in the background; collective, like the saves themselves.
 
-    `schedule` waits for the previous save to finish, then starts this one; `poll` finishes a save whose
+    `schedule` starts a save (after `wait` for the previous one); `poll` finishes a save whose
     write is done on every rank (call it once per iteration, on every rank); `wait` finishes the one in
     flight. `last` is the newest checkpoint a background save completed.
     """
@@ -202,9 +202,8 @@ class BackgroundSaves:
         return self._queue.get_num_unfinalized_calls() > 0
 
     def schedule(self, request: AsyncRequest, final: Path) -> None:
-        """Start writing `request`; once written everywhere, its finalize steps complete `final`."""
-        self.wait()
-
+        """Start writing `request` (the caller has waited for the previous save: store.save_checkpoint does, before
+        it captures the state); once written everywhere, its finalize steps complete `final`."""
         def finalize():
             for step in request.finalize_fns:
                 step()

@@ -17,7 +17,7 @@ import torch
 
 from megatron_ext.checkpoint.lock import CheckpointDirLocked, lock_checkpoint_dir, release_checkpoint_dir
 from megatron_ext.checkpoint.state import CheckpointState
-from megatron_ext.config import TrainConfig
+from megatron_ext.config import ConfigError, TrainConfig
 from megatron_ext.distributed import setup_distributed
 from megatron_ext.errors import UserError
 from megatron_ext.models.builder import build_gpt, check_fp8_machine
@@ -249,8 +249,6 @@ def refuse_padded_optimizer_buckets(config: TrainConfig, model: list) -> None:
         for buffer in chunk.buffers + chunk.expert_parallel_buffers:
             padded = [b for b in buffer.buckets[:-1] if b.grad_data.numel() != b.numel_unpadded]
             if padded:
-                from megatron_ext.config import ConfigError
-
                 raise ConfigError(
                     f"parallel.ddp_bucket_size ({config.parallel.ddp_bucket_size or 'megatron default'}) splits the "
                     f"gradients into {len(buffer.buckets)} buckets, {len(padded)} of them padded, which megatron-core "
