@@ -115,9 +115,9 @@ def test_report_shows_mean_and_spread_over_seeds(tmp_path):
     assert "| `pi` | 15 ± 7 | 502 ± 1 | 6,144 | 21.50 ± 0.71 | 43.00 ± 1.41 |" in table
     assert "| `original` | – | – | 0 | 30.00 | 60.00 |" in table  # identical seeds: a spread of 0 is shown
     pretrain = dict(first_loss=7.0, last_loss=2.0, seconds=100.0)
-    report = write_report(config, pretrain, results, tmp_path, command="megatron-ext repro ...", seconds=60.0)
+    report = write_report(config, pretrain, results, None, tmp_path, command="megatron-ext repro ...", seconds=60.0)
     text = report.read_text()
-    assert "mean ± standard deviation over seeds" in text and "Extension seeds: 1, 2" in text
+    assert "Extension seeds: 1, 2" in text and "## Perplexity track" in text
     assert (tmp_path / "ppl_vs_length.png").stat().st_size > 1000
 
 
@@ -226,7 +226,7 @@ def test_changed_settings_in_a_used_output_dir_fail_before_any_work(smoke_run):
                "--set", f"output_dir={out}", "--set", "extend.lr=1e-3"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "[repro" not in done.stdout  # nothing started
-    assert f"output_dir ({out}) holds a run made with other extend settings" in done.stderr
+    assert f"output_dir ({out}) holds a perplexity track made with other extend settings" in done.stderr
 
 
 def test_a_bad_generated_training_setting_is_named_before_any_work(tmp_path):
@@ -246,3 +246,87 @@ def test_a_finished_run_is_reused(smoke_run):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pretraining: reusing" in done.stdout and "pose: kept from an earlier run" in done.stdout
+
+
+# --- the retrieval track ----------------------------------------------------------------------
+
+
+def _retrieval(out):
+    return json.loads((out / "retrieval" / "results.json").read_text())
+
+
+def test_smoke_retrieval_track_reports_every_method_and_budget_with_intervals(smoke_run):
+    import re
+
+    out, _, stdout = smoke_run
+    config = load_repro_config(CONFIG, SMOKE_OVERRIDES)
+    track = config.retrieval
+    retrieval = _retrieval(out)
+    rows = {(r["method"], r["budget"]) for r in retrieval["results"]}
+    pose_family = {"pose", "pose_linear", "pose_yarn", "harpe_pose"}
+    expected = {("original", "none")} | {(m, b) for m in config.method_table() if m != "original"
+                                         for b in ("small", "large")} | {(m, "large_equal_tokens") for m in pose_family}
+    assert rows == expected
+    lengths = [str(n) for n in track.eval_lengths()]
+    for result in retrieval["results"]:
+        assert list(result["trials"]) == lengths
+        assert [len(result["trials"][n]) for n in lengths] == [track.trials_at(int(n)) for n in lengths]
+    equal = next(r for r in retrieval["results"] if r["method"] == "pose" and r["budget"] == "large_equal_tokens")
+    large = next(r for r in retrieval["results"] if r["method"] == "vanilla" and r["budget"] == "large")
+    assert equal["tokens"] == large["tokens"] and equal["steps"] == track.scale * large["steps"]
+    report = (out / "report.md").read_text()
+    assert "## Perplexity track" in report and "## Retrieval track" in report
+    interval = r"(\d\.\d\d) \[(\d\.\d\d), (\d\.\d\d)\]"
+    for method, budget in expected:
+        label = {"none": "–", "small": "small (2 steps)", "large": "large (3 steps)",
+                 "large_equal_tokens": "large equal tokens"}[budget]
+        line = next(l for l in report.splitlines() if l.startswith(f"| `{method}` | {label} |"))
+        cells = re.findall(interval, line)
+        assert len(cells) == len(lengths), line
+        assert all(float(low) <= float(mean) <= float(high) for mean, low, high in cells), line
+    for name in config.method_table():  # the perplexity track's rows carry intervals too
+        line = next(l for l in report.splitlines() if l.startswith(f"| `{name}` | ") and "PPL" not in l)
+        assert re.search(interval.replace("\\d\\.\\d\\d", "[\\d.]+"), line), line
+    for picture in ("retrieval_longest.png", "retrieval_needle_small.png", "retrieval_needle_large.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in report
+    assert "### The papers' claims at this scale" in report
+    assert "retrieval pretraining seed 1" in stdout
+
+
+def test_retrieval_evaluation_prompts_are_held_out_of_training(smoke_run):
+    from megatron_ext.repro.retrieval import check_draws, evaluation_draws
+
+    out, _, _ = smoke_run
+    track = load_repro_config(CONFIG, SMOKE_OVERRIDES).retrieval
+    training = set()
+    for keys in (out / "retrieval" / "data").glob("*/*.keys.jsonl"):
+        training |= {(d["key"], d["depth"], d["filler_seed"]) for d in map(json.loads, keys.read_text().splitlines())}
+    assert len(training) > 50
+    evaluation = {(key, depth, 0) for seed in track.seeds for draws in evaluation_draws(track, seed).values()
+                  for key, depth in draws}  # evaluation prompts cycle the filler from its start
+    evaluation |= {(key, depth, 0) for seed in track.seeds for key, depth in check_draws(track, seed)}
+    assert not training & evaluation
+    assert not {key for key, _, _ in training} & {key for key, _, _ in evaluation}  # not even a key
+
+
+def test_retrieval_pretraining_that_does_not_retrieve_stops_the_run(tmp_path):
+    command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",
+               "--set", f"output_dir={tmp_path}", "--set", "tracks=[retrieval]",
+               "--set", "retrieval.min_accuracy=0.95", "--set", "retrieval.pretrain.iters=2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("megatron-ext repro: retrieval pretraining seed 1 reaches passkey exact match 0.000 at 192")
+    assert "below retrieval.min_accuracy (0.95)" in line and "retrieval.pretrain.iters, now 2" in line
+    assert not (tmp_path / "retrieval" / "seed1").exists()  # no extension started
+
+
+@pytest.mark.parametrize("override, message", [
+    ("retrieval.base_length=100", r"retrieval.base_length \(100\) must be a multiple of 16"),
+    ("retrieval.extend.budgets={small: 0}", r"retrieval.extend.budgets \(\{'small': 0\}\) must map names"),
+    ("retrieval.min_accuracy=1.5", r"retrieval.min_accuracy \(1.5\) must lie in \[0, 1\]"),
+    ("tracks=[retrieval,speed]", r"tracks \(\['retrieval', 'speed'\]\) must be distinct names"),
+])
+def test_bad_retrieval_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_repro_config(CONFIG, ["tracks=[perplexity,retrieval]", override])

@@ -56,8 +56,15 @@ class DataConfig:
     tokenizer_model: str | None = None  # a sentencepiece .model (the older name of `tokenizer` for that kind)
     document_mask: bool = False  # packed documents: positions restart at each document, attention stays inside it
     mask_eod_loss: bool = False  # no loss at EOD tokens (megatron's eod_mask_loss: an EOD predicts the next doc)
+    # megatron's add_extra_token_to_sequence: false reads seq_length tokens per sample (no overlap, last position
+    # unscored), so documents of exactly seq_length tokens come one per sample (the retrieval prompts)
+    add_extra_token: bool = True
+    answer_only_loss: bool = False  # loss only where {prefix}_loss_mask.bin/.idx marks a target (answer tokens)
     tiny_corpus: bool = False  # build the offline tiny corpus + tokenizer + dataset under cache_dir
     tiny_corpus_documents: int = 400
+    # > 0: with tiny_corpus, train on this many passkey prompts of seq_length tokens (the evaluation's template,
+    # loss on the key: megatron_ext.data.retrieval) instead of its text, which then only trains the tokenizer
+    tiny_corpus_passkey_prompts: int = 0
     tokenizer_vocab_size: int = 2000  # for the tokenizer trained on the tiny corpus
     cache_dir: str = "runs/cache"
     upsample: dict[str, dict] = field(default_factory=dict)  # source -> {min_tokens, factor}
@@ -291,6 +298,14 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
                f"pose.num_chunks ({pose.num_chunks}): the 'code' variant uses 2 chunks; use variant 'paper' for more")
     check(bool(c.data.train_data) != c.data.tiny_corpus,
            "data: set exactly one of data.train_data (indexed-dataset prefixes) or data.tiny_corpus: true")
+    prompts = c.data.tiny_corpus_passkey_prompts
+    check(not (c.data.answer_only_loss and c.data.tiny_corpus and not prompts),
+          "data.answer_only_loss needs data.train_data with loss-mask sidecars ({prefix}_loss_mask.bin/.idx) or "
+          "data.tiny_corpus_passkey_prompts; the tiny corpus' text has none: set data.answer_only_loss: false")
+    check(prompts >= 0 and (not prompts or (c.data.tiny_corpus and not c.data.add_extra_token
+                                            and c.data.answer_only_loss)),
+          f"data.tiny_corpus_passkey_prompts ({prompts}) trains on whole prompts with the loss on their key: it "
+          "needs data.tiny_corpus: true, data.add_extra_token: false and data.answer_only_loss: true")
     for prefix in c.data.train_data if check_files else ():
         check(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(),
                f"data.train_data: {prefix}.bin/.idx not found; make them with `megatron-ext preprocess`")

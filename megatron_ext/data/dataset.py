@@ -11,6 +11,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from megatron_ext.rope.pose import pose_chunks, pose_document_position_ids, pose_position_ids
@@ -47,6 +48,8 @@ def build_gpt_dataset(
     weights: list[float] | None = None,
     document_mask: bool = False,
     mask_eod_loss: bool = False,
+    add_extra_token: bool = True,
+    answer_only_loss: bool = False,
 ) -> torch.utils.data.Dataset:
     """`num_samples` samples of `seq_length` tokens from megatron-core's GPTDataset over the indexed datasets
     `data_prefixes` (`{prefix}.bin/.idx`, as `preprocess` writes them).
@@ -62,6 +65,13 @@ def build_gpt_dataset(
     from which the model's attention builds its block-causal mask. `mask_eod_loss=True` zeroes loss_mask where
     the token is EOD (megatron's eod_mask_loss: the prediction made from an EOD crosses into the next document).
 
+    `add_extra_token=False` (megatron's add_extra_token_to_sequence) reads `seq_length` tokens per sample, not
+    `seq_length + 1`, and the last position has no label (no loss): samples then tile the token stream without
+    overlap, so documents of exactly `seq_length` tokens come one per sample. `answer_only_loss=True` keeps the
+    loss only where each prefix's loss-mask sidecar (`{prefix}_loss_mask.bin/.idx`, same documents, 1 = this
+    token is a target; `megatron_ext.data.retrieval` writes one) marks the label, read with the very sample
+    layout of the tokens.
+
     Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`).
 
     Ranks: every rank builds its own copy (megatron's `is_built_on_rank` is always true here), so every TP,
@@ -76,15 +86,68 @@ def build_gpt_dataset(
     """
     _check_build_arguments(data_prefixes, seq_length, num_samples, weights)
     _check_compiled_helpers()
-    settings = dict(seq_length=seq_length, tokenizer=tokenizer, seed=seed, cache_dir=cache_dir)
+    if answer_only_loss:
+        for prefix in data_prefixes:
+            check_loss_mask_sidecar(prefix)
+    settings = dict(seq_length=seq_length, tokenizer=tokenizer, seed=seed, cache_dir=cache_dir,
+                    add_extra_token=add_extra_token)
     with _no_warnings_about_in_memory_indices():
         if len(data_prefixes) == 1:
             megatron_dataset = _build_one_source(data_prefixes[0], num_samples, **settings)
         else:
             megatron_dataset = _build_blend(data_prefixes, weights, num_samples, **settings)
     eod = tokenizer.eod if document_mask or mask_eod_loss else None
+    targets = _LossMaskSidecar(megatron_dataset, data_prefixes) if answer_only_loss else None
     return _TrainingSamples(megatron_dataset, num_samples, eod=eod, document_mask=document_mask,
-                            mask_eod_loss=mask_eod_loss)
+                            mask_eod_loss=mask_eod_loss, targets=targets)
+
+
+def check_loss_mask_sidecar(prefix) -> None:
+    """The sidecar of `prefix` exists and lists exactly the documents and lengths of the tokens."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_ext.data.retrieval import loss_mask_prefix
+
+    sidecar = loss_mask_prefix(prefix)
+    if not (Path(sidecar + ".bin").is_file() and Path(sidecar + ".idx").is_file()):
+        raise MissingFile(f"data.answer_only_loss: {sidecar}.bin/.idx (the loss mask of {prefix}) not found; write "
+                          "it with the data (megatron_ext.data.retrieval) or set data.answer_only_loss: false")
+    tokens, marks = IndexedDataset(str(prefix)), IndexedDataset(sidecar)
+    if (len(tokens) != len(marks) or not np.array_equal(tokens.sequence_lengths, marks.sequence_lengths)
+            or not np.array_equal(tokens.document_indices, marks.document_indices)):
+        raise InputError(f"data.answer_only_loss: {sidecar} does not list the documents of {prefix} (other counts "
+                         "or lengths): write both again from the same documents")
+
+
+class _LossMaskSidecar:
+    """Per sample, which labels the loss counts: the sidecar read with the token dataset's own sample layout
+    (a shallow copy of each GPTDataset with its IndexedDataset swapped for the sidecar's)."""
+
+    def __init__(self, megatron_dataset, prefixes) -> None:
+        import copy
+
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        from megatron_ext.data.retrieval import loss_mask_prefix
+
+        self.blend = megatron_dataset if len(prefixes) > 1 else None
+        sources = megatron_dataset.datasets if self.blend is not None else [megatron_dataset]
+        self.views = []
+        for source, prefix in zip(sources, prefixes):
+            view = copy.copy(source)
+            view.dataset = IndexedDataset(loss_mask_prefix(prefix))
+            self.views.append(view)
+
+    def __call__(self, index: int) -> torch.Tensor:
+        view = self.views[0]
+        if self.blend is not None:
+            view = self.views[int(self.blend.dataset_index[index])]
+            index = int(self.blend.dataset_sample_index[index])
+        marks, _ = view._query_document_sample_shuffle_indices(index)
+        marks = torch.from_numpy(marks == 1).float()  # padding (the pad id) marks nothing
+        if view.config.add_extra_token_to_sequence:
+            return marks[1:]
+        return torch.cat([marks[1:], marks.new_zeros(1)])  # the last position has no label
 
 
 def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> None:
@@ -184,7 +247,8 @@ def _check_compiled_helpers() -> None:
         ) from error
 
 
-def _gpt_dataset_config(prefix: str, *, seq_length: int, tokenizer, seed: int, cache_dir: str | None):
+def _gpt_dataset_config(prefix: str, *, seq_length: int, tokenizer, seed: int, cache_dir: str | None,
+                        add_extra_token: bool = True):
     """The config of one source's GPTDataset, its train split the whole of it."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
@@ -201,6 +265,7 @@ def _gpt_dataset_config(prefix: str, *, seq_length: int, tokenizer, seed: int, c
         tokenizer=tokenizer,
         path_to_cache=_IN_MEMORY if cache_dir is None else _index_cache_dir(prefix, cache_dir),
         mmap_bin_files=True,
+        add_extra_token_to_sequence=add_extra_token,
     )
 
 
@@ -283,7 +348,7 @@ class _TrainingSamples(torch.utils.data.Dataset):
     with document masking)."""
 
     def __init__(self, megatron_dataset, num_samples: int, *, eod: int | None = None, document_mask: bool = False,
-                 mask_eod_loss: bool = False) -> None:
+                 mask_eod_loss: bool = False, targets=None) -> None:
         if len(megatron_dataset) < num_samples:
             raise ValueError(f"megatron built {len(megatron_dataset)} samples, fewer than num_samples ({num_samples})")
         self.megatron_dataset = megatron_dataset
@@ -291,6 +356,7 @@ class _TrainingSamples(torch.utils.data.Dataset):
         self.eod = eod
         self.document_mask = document_mask
         self.mask_eod_loss = mask_eod_loss
+        self.targets = targets  # sample index -> [L] loss mask from a sidecar, or None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -306,6 +372,8 @@ class _TrainingSamples(torch.utils.data.Dataset):
             fields["position_ids"] = positions_within_documents(fields[DOCUMENT_IDS])
         if self.mask_eod_loss:
             fields["loss_mask"] = fields["loss_mask"] * (fields["tokens"] != self.eod)
+        if self.targets is not None:
+            fields["loss_mask"] = fields["loss_mask"] * self.targets(index)
         return fields
 
 

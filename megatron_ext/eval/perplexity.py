@@ -27,6 +27,9 @@ class PerplexityRow:
     nll: float  # mean negative log-likelihood per token, nats
     tokens: int  # scored tokens
     windows: int
+    # per document, in document order: summed NLL (nats) and scored tokens (for intervals over documents)
+    document_nll: list[float] = field(default_factory=list)
+    document_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -56,14 +59,19 @@ def evaluate_perplexity(model, settings: PerplexitySettings) -> PerplexityResult
     for length in settings.lengths:
         span = length - 1 if bos else length  # document tokens per window
         docs = [d[:span] for d in documents] if settings.truncate else documents
-        windows = [(document, begin, end, scored) for document in docs
+        windows = [(document, begin, end, scored, index) for index, document in enumerate(docs)
                    for begin, end, scored in sliding_windows(len(document), length, settings.stride, bos)]
         with progress(len(windows), f"perplexity {length}") as bar:  # data-parallel ranks split the windows
             nlls = split_over_data_parallel(
                 model, windows, lambda window: window_nll(model, window[0][window[1]:window[2]], window[3]), bar=bar)
-        nll, tokens = sum(nlls), sum(scored for *_, scored in windows)  # summed in window order, as at DP=1
+        nll, tokens = sum(nlls), sum(window[3] for window in windows)  # summed in window order, as at DP=1
+        document_nll, document_tokens = [0.0] * len(docs), [0] * len(docs)
+        for window, window_nll_sum in zip(windows, nlls):
+            document_nll[window[4]] += window_nll_sum
+            document_tokens[window[4]] += window[3]
         result.rows.append(PerplexityRow(length=length, stride=min(settings.stride, span), nll=nll / tokens,
-                                         perplexity=math.exp(nll / tokens), tokens=tokens, windows=len(windows)))
+                                         perplexity=math.exp(nll / tokens), tokens=tokens, windows=len(windows),
+                                         document_nll=document_nll, document_tokens=document_tokens))
     return result
 
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_ext.config import ConfigError, read_config
+from megatron_ext.repro.retrieval import RetrievalTrack, validate_track
+
+TRACKS = ("perplexity", "retrieval")
 
 
 @dataclass
@@ -63,6 +66,8 @@ class ReproEval:
 @dataclass
 class ReproConfig:
     output_dir: str = "runs/repro_cpu_8x"
+    # perplexity: pretrain on text at base_length, extend, perplexity + passkey; retrieval: see `retrieval`
+    tracks: list[str] = field(default_factory=lambda: ["perplexity"])
     seeds: list[int] = field(default_factory=lambda: [1])  # extension seeds (data order, PoSE draws)
     base_length: int = 256  # L: the pretraining length
     scale: int = 8  # extend to scale * L
@@ -72,6 +77,7 @@ class ReproConfig:
     pretrain: ReproPretrain = field(default_factory=ReproPretrain)
     extend: ReproExtend = field(default_factory=ReproExtend)
     eval: ReproEval = field(default_factory=ReproEval)
+    retrieval: RetrievalTrack = field(default_factory=RetrievalTrack)
 
     @property
     def target_length(self) -> int:
@@ -100,6 +106,10 @@ class ReproConfig:
             if not ok:
                 raise ConfigError(message)
 
+        check(bool(self.tracks) and set(self.tracks) <= set(TRACKS) and len(set(self.tracks)) == len(self.tracks),
+              f"tracks ({self.tracks}) must be distinct names from {list(TRACKS)}, e.g. [perplexity, retrieval]")
+        if "retrieval" in self.tracks:
+            validate_track(self.retrieval, list(self.method_table()))
         check(bool(self.seeds), "seeds is empty: give at least one, e.g. seeds: [1]")
         check(len(set(self.seeds)) == len(self.seeds), f"seeds ({self.seeds}) repeat: give distinct seeds")
         check(self.base_length >= 16 and self.base_length % 16 == 0,
@@ -152,6 +162,7 @@ def load_repro_config(path, overrides: list[str] = ()) -> ReproConfig:
 
 # A few steps of everything on a very small model: the pipeline end to end in about two minutes (the tests).
 SMOKE_OVERRIDES = [
+    "tracks=[perplexity,retrieval]",
     "seeds=[1]",
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
     "data.num_documents=120", "data.pretrain_passkey_chars=[40,120]", "data.extension_passkey_chars=[120,600]",
@@ -159,4 +170,11 @@ SMOKE_OVERRIDES = [
     "pretrain.warmup_iters=1", "extend.iters=3", "extend.tokens_per_iter=2048", "extend.micro_batch_tokens=2048",
     "extend.warmup_iters=1", "eval.passkey_trials=2", "eval.perplexity_documents=1", "eval.attention_trials=1",
     "eval.batch_size=2", "eval.perplexity_data=['{stdlib}/*.py']",
+    # the retrieval track at its smallest: L = 192 -> 384 (the 400-token vocabulary's template takes ~160), one seed, the check reported but not enforced
+    "retrieval.base_length=192", "retrieval.scale=2", "retrieval.seeds=[1]", "retrieval.min_accuracy=0",
+    "retrieval.check_trials=4", "retrieval.pretrain.iters=3", "retrieval.pretrain.global_batch_size=4",
+    "retrieval.pretrain.micro_batch_size=4", "retrieval.pretrain.warmup_iters=1",
+    "retrieval.extend.budgets={small: 2, large: 3}", "retrieval.extend.sequences_per_iter=2",
+    "retrieval.extend.warmup_iters=1", "retrieval.eval.trials=6", "retrieval.eval.longest_trials=8",
+    "retrieval.eval.batch_size=4", "retrieval.eval.bootstrap=200",
 ]

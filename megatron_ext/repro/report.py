@@ -1,6 +1,8 @@
-"""The reproduction's report: one table (method x metric, mean ± standard deviation over seeds), a PNG of
-perplexity against length per method, a passkey heatmap, and the run's command, seeds and machine."""
+"""The reproduction's report: the perplexity track's table (method x metric, mean over seeds with a 95% bootstrap
+interval over seeds and documents/prompts), a PNG of perplexity against length per method, a passkey heatmap,
+the retrieval track's section (retrieval_report.py), and the run's command, seeds, machine and phase times."""
 
+import json
 import os
 import platform
 import statistics
@@ -62,7 +64,35 @@ def _metric(runs: list, key: str, length=None) -> list:
     return [run[key] if length is None else run[key][str(length)] for run in runs]
 
 
-def results_table(config, results: dict) -> str:
+def _eval_items(out: Path | None, run: dict, task: str, length: int):
+    """The per-document (perplexity) or per-prompt (passkey) numbers a method's evaluation saved, or None."""
+    if out is None:
+        return None
+    path = out / f"seed{run['seed']}" / run["method"] / "eval" / f"{task}.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if task == "perplexity":
+        row = next((r for r in saved["rows"] if r["length"] == length), None)
+        return (row["document_nll"], row["document_tokens"]) if row and row.get("document_nll") else None
+    trials = [float(t["correct"]) for t in saved["trials"] if t["length"] == length]
+    return trials or None
+
+
+def interval_cell(out, runs: list, key: str, length: int, resamples: int = 2000) -> str:
+    """'mean [low, high]' from the saved per-item numbers of every run; 'mean ± sd' over runs without them."""
+    from megatron_ext.repro.intervals import accuracy_interval, perplexity_interval
+
+    task = "perplexity" if key == "perplexity" else "passkey"
+    items = [_eval_items(out, run, task, length) for run in runs]
+    if any(item is None for item in items):
+        return spread(_metric(runs, key, length))
+    if task == "perplexity":
+        return perplexity_interval(items, resamples=resamples).text()
+    return accuracy_interval(items, resamples=resamples).text()
+
+
+def results_table(config, results: dict, out: Path | None = None) -> str:
     lengths = config.eval_lengths()
     headers = ["method", "extension s", "peak RSS MiB", "tokens"]
     headers += [f"PPL@{n}" for n in lengths] + [f"passkey@{n}" for n in lengths]
@@ -72,8 +102,8 @@ def results_table(config, results: dict) -> str:
         trained = bool(runs[0]["stages"])
         row = [f"`{method}`", spread(_metric(runs, "seconds"), 0) if trained else "–",
                spread(_metric(runs, "peak_rss_mib"), 0) if trained else "–", f"{runs[0]['tokens']:,}"]
-        row += [spread(_metric(runs, "perplexity", n)) for n in lengths]
-        row += [spread(_metric(runs, "passkey", n)) for n in lengths]
+        row += [interval_cell(out, runs, "perplexity", n) for n in lengths]
+        row += [interval_cell(out, runs, "passkey", n) for n in lengths]
         row += [spread(_metric(runs, "entropy"))]
         rows.append(row)
     return markdown_table(headers, rows)
@@ -156,33 +186,50 @@ def plot_passkey(config, results: dict, path: Path) -> Path:
     return path
 
 
-def write_report(config, pretrain: dict, results: dict, out: Path, *, command: str, seconds: float) -> Path:
+def write_report(config, pretrain: dict | None, results: dict, retrieval: dict | None, out: Path, *, command: str,
+                 seconds: float) -> Path:
+    lines = [
+        f"# Context extension: every method from one pretrained model ({', '.join(config.tracks)})",
+        "",
+        "Made with:", "", "```bash", command, "```", "",
+        f"Machine: {machine()}. Wall time of this invocation: {seconds / 60:.1f} min (a rerun reuses finished "
+        "phases; each phase's own time is in its table).",
+        "",
+    ]
+    if pretrain is not None:
+        lines += perplexity_section(config, pretrain, results, out)
+    if retrieval is not None:
+        from megatron_ext.repro.retrieval_report import retrieval_section
+
+        lines += retrieval_section(config.retrieval, retrieval, out, out)
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def perplexity_section(config, pretrain: dict, results: dict, out: Path) -> list[str]:
     ppl_png = plot_perplexity(config, results, out / "ppl_vs_length.png")
     passkey_png = plot_passkey(config, results, out / "passkey_heatmap.png")
     seeds = ", ".join(str(s) for s in config.seeds)
-    lines = [
-        f"# Context extension {config.base_length} -> {config.target_length}: every method from one pretrained model",
-        "",
-        "Made with:", "", "```bash", command, "```", "",
-        f"Machine: {machine()}. Wall time of the whole run: {seconds / 60:.1f} min"
-        " (a rerun reuses finished phases; this counts only what this invocation ran).",
+    extension_seconds = sum(r["seconds"] for r in results.values())
+    return [
+        f"## Perplexity track: {config.base_length} -> {config.target_length}",
         "",
         f"Pretraining: {config.pretrain.iters} iterations x {config.pretrain.global_batch_size} sequences of "
         f"{config.base_length} tokens (seed {config.pretrain.seed}), loss {pretrain['first_loss']:.3f} -> "
         f"{pretrain['last_loss']:.3f}, {pretrain['seconds']:.0f} s. Extension seeds: {seeds} (data order and PoSE "
         f"draws; every seed starts from the same pretrained model). Every method gets {config.extend.iters} "
-        f"optimizer steps of {config.extend.tokens_per_iter:,} tokens.",
-        "",
-        "## Results",
+        f"optimizer steps of {config.extend.tokens_per_iter:,} tokens; the extensions took {extension_seconds:.0f} s "
+        "of training in all.",
         "",
         f"Perplexity on {config.eval.perplexity_documents} standard-library test modules (not in the training data), "
         f"each cut to {max(config.eval_lengths())} tokens, sliding window with stride {config.base_length}; passkey: "
         f"exact-match accuracy of greedy decoding over {config.eval.passkey_trials} prompts per length (PoSE's "
         f"template, key in 1..50000, random depth); entropy: mean attention entropy (nats) of the answer tokens over "
         f"layers and heads at {config.target_length} tokens ({config.eval.attention_trials} prompts). "
-        + ("Values are mean ± standard deviation over seeds." if len(config.seeds) > 1 else ""),
+        "Cells: mean over seeds [95% bootstrap interval over seeds and documents or prompts].",
         "",
-        results_table(config, results),
+        results_table(config, results, out),
         "",
         f"![perplexity vs length]({ppl_png.name})",
         "",
@@ -192,11 +239,8 @@ def write_report(config, pretrain: dict, results: dict, out: Path, *, command: s
         "",
         token_accuracy_table(config, results),
         "",
-        "## Methods",
+        "### Methods",
         "",
         methods_table(results),
         "",
     ]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report

@@ -113,11 +113,16 @@ def check_settings(config: ReproConfig, out: Path) -> None:
     """Before any work: every training run the config makes is a valid TrainConfig, and `out` holds no run
     made with other settings (its kept phases would be mixed with these)."""
     from megatron_ext.config import ConfigError, TrainConfig, from_dict, validate
+    from megatron_ext.repro import retrieval
 
-    runs = [("pretraining (pretrain.*)", pretrain_settings(config))]
-    for method in config.selected_methods():
-        runs += [(f"{method.name} stage {index + 1} (extend.*)", settings)
-                 for index, (_, settings) in enumerate(stage_settings(config, method))]
+    runs = []
+    if "perplexity" in config.tracks:
+        runs.append(("pretraining (pretrain.*)", pretrain_settings(config)))
+        for method in config.selected_methods():
+            runs += [(f"{method.name} stage {index + 1} (extend.*)", settings)
+                     for index, (_, settings) in enumerate(stage_settings(config, method))]
+    if "retrieval" in config.tracks:
+        runs += retrieval.planned_runs(config, config.retrieval)
     for label, settings in runs:
         raw = train_yaml(config, data_prefix="unchecked", tokenizer_model="unchecked", seed=0, run_dir=out,
                          pretrained=None, **settings)
@@ -125,17 +130,26 @@ def check_settings(config: ReproConfig, out: Path) -> None:
             validate(from_dict(TrainConfig, raw, prefix=""), check_files=False)
         except ConfigError as error:
             raise ConfigError(f"{label}: {error}") from None
-    recorded = {key: value for key, value in asdict(config).items() if key not in ("output_dir", "seeds", "methods")}
-    recorded = json.loads(json.dumps(recorded))  # as it reads back
-    settings_file = out / "settings.json"
-    if settings_file.is_file():
-        earlier = json.loads(settings_file.read_text())
-        changed = sorted(key for key in recorded if earlier.get(key) != recorded[key])
-        if changed:
-            raise ConfigError(f"output_dir ({out}) holds a run made with other {', '.join(changed)} settings; its "
-                              "kept phases would be mixed with these: pick a new output_dir or remove the old one")
-    else:
-        write_json(settings_file, recorded)
+    settings = asdict(config)
+    tracks = {"perplexity": (out / "settings.json", {key: value for key, value in settings.items()
+                                                     if key not in ("output_dir", "seeds", "methods", "tracks",
+                                                                    "retrieval")}),
+              "retrieval": (out / "retrieval" / "settings.json",
+                            dict(model=settings["model"], data=settings["data"],
+                                 retrieval={k: v for k, v in settings["retrieval"].items()
+                                            if k not in ("seeds", "methods")}))}
+    for track in config.tracks:
+        settings_file, recorded = tracks[track]
+        recorded = json.loads(json.dumps(recorded))  # as it reads back
+        if settings_file.is_file():
+            earlier = json.loads(settings_file.read_text())
+            changed = sorted(key for key in recorded if earlier.get(key) != recorded[key])
+            if changed:
+                raise ConfigError(f"output_dir ({out}) holds a {track} track made with other {', '.join(changed)} "
+                                  "settings; its kept phases would be mixed with these: pick a new output_dir or "
+                                  f"remove {settings_file.parent}")
+        else:
+            write_json(settings_file, recorded)
 
 
 def _child_environment() -> dict:
@@ -216,19 +230,9 @@ def evaluate(config: ReproConfig, checkpoint: str, name: str, assets: Path) -> d
     )
 
 
-def run_repro(config: ReproConfig, *, command: str, fresh: bool = False) -> Path:
-    """The whole reproduction; returns the report's path."""
-    started = time.perf_counter()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def log(message):
-        print(f"[repro {time.perf_counter() - started:6.0f} s] {message}", flush=True)
-
-    check_settings(config, out)
+def run_perplexity_track(config: ReproConfig, data, out: Path, log, fresh: bool) -> tuple[dict, dict]:
+    """Pretrain on text at L, extend with every method per extension seed, evaluate; (pretraining, results)."""
     methods = config.selected_methods()
-    data = prepare_repro_data(out / "data", config.data)
-    log(f"data ready: tokenizer {data.tokenizer_model}")
     base = pretrain(config, data, out, log)
     results = {}  # (seed, method) -> result
     total = len(config.seeds) * len(methods)
@@ -257,9 +261,32 @@ def run_repro(config: ReproConfig, *, command: str, fresh: bool = False) -> Path
             log(f"[{done}/{total}] seed {seed} {method.name}: extension {trained['seconds']:.0f} s, "
                 f"PPL@{longest} {evaluation['perplexity'][str(longest)]:.2f}, passkey@{longest} "
                 f"{evaluation['passkey'][str(longest)]:.2f}")
-    from megatron_ext.repro.report import write_report
+    return base, results
 
-    report = write_report(config, base, results, out, command=command, seconds=time.perf_counter() - started)
+
+def run_repro(config: ReproConfig, *, command: str, fresh: bool = False) -> Path:
+    """The whole reproduction, every track the config names; returns the report's path."""
+    from megatron_ext.repro.report import write_report
+    from megatron_ext.repro.retrieval import run_track
+
+    started = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(message):
+        print(f"[repro {time.perf_counter() - started:6.0f} s] {message}", flush=True)
+
+    check_settings(config, out)
+    data = prepare_repro_data(out / "data", config.data)
+    log(f"data ready: tokenizer {data.tokenizer_model}")
+    base, results, retrieval = None, {}, None
+    if "perplexity" in config.tracks:
+        base, results = run_perplexity_track(config, data, out, log, fresh)
+    if "retrieval" in config.tracks:
+        retrieval = run_track(config, config.retrieval, data.tokenizer_model, out, log, fresh)
+        write_json(out / "retrieval" / "results.json", retrieval)
+    report = write_report(config, base, results, retrieval, out, command=command,
+                          seconds=time.perf_counter() - started)
     write_json(out / "results.json", dict(config=asdict(config), pretrain=base, results=list(results.values())))
     log(f"report: {report}")
     return report

@@ -43,7 +43,8 @@ ARCHITECTURE = {
 # it sees and the order of its data (`section` = the whole section).
 FIXED_ON_RESUME = ("model", "rope", "pose", "data.train_data", "data.train_data_weights", "data.tokenizer",
                    "data.tokenizer_type", "data.tokenizer_model", "data.document_mask", "data.mask_eod_loss",
-                   "data.tiny_corpus", "data.tiny_corpus_documents", "data.tokenizer_vocab_size", "data.upsample",
+                   "data.add_extra_token", "data.answer_only_loss",
+                   "data.tiny_corpus", "data.tiny_corpus_documents", "data.tiny_corpus_passkey_prompts", "data.tokenizer_vocab_size", "data.upsample",
                    "training.seed", "training.global_batch_size", "training.precision",
                    "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps")
 

@@ -177,7 +177,8 @@ def prepare_data(config: TrainConfig):
     if data.tiny_corpus:
         tiny = partial(prepare_tiny_dataset, data.cache_dir, seed=config.training.seed,
                        num_documents=data.tiny_corpus_documents, vocab_size=data.tokenizer_vocab_size,
-                       upsample=data.upsample)
+                       upsample=data.upsample, passkey_prompts=data.tiny_corpus_passkey_prompts,
+                       prompt_length=config.model.seq_length)
         if torch.distributed.get_rank() == 0:
             tiny(build=True)
         torch.distributed.barrier()
@@ -198,7 +199,8 @@ def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_ite
     dataset = build_gpt_dataset(
         prefixes, config.model.seq_length, tokenizer, num_samples=t.train_iters * t.global_batch_size,
         seed=t.seed, cache_dir=str(Path(data.cache_dir) / "index"), weights=data.train_data_weights,
-        document_mask=data.document_mask, mask_eod_loss=data.mask_eod_loss,
+        document_mask=data.document_mask, mask_eod_loss=data.mask_eod_loss, add_extra_token=data.add_extra_token,
+        answer_only_loss=data.answer_only_loss,
     )
     if config.pose.enabled:
         pose = config.pose

@@ -1,0 +1,379 @@
+"""The reproduction's retrieval track: pretrain at L until passkey retrieval is learned, then extend to s*L with
+every method at two budgets (and equal tokens for the PoSE family), from several pretraining seeds.
+
+Data: passkey prompts of the evaluation's own template, one prompt of exactly the run's sequence length per
+sample, loss on the answer tokens only (`megatron_ext.data.retrieval`). The keys of every evaluation prompt are
+held out of training. The pretrained model must retrieve at L (`retrieval.min_accuracy` of
+`retrieval.check_trials` held-out prompts) before any extension starts; otherwise the run stops and says so.
+
+Layout under `<output_dir>/retrieval/`:
+    data/<tag>/{pretrain,extend}_<length>{.bin,.idx,_loss_mask.*,.keys.jsonl}
+    pretrain_seed<k>/{train.yaml,train.log,checkpoints/,check.json,summary.json}
+    seed<k>/<method>/<budget>/stage<i>/...      one extension run
+    seed<k>/<method>/<budget>/result.json       training measurements + passkey trials per length
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_ext.config import ConfigError
+
+PASSKEY_SEED_OFFSET = 7_919  # evaluation prompts: seed + this; the pretraining check: seed + 2 * this
+
+
+@dataclass
+class RetrievalPretrain:
+    iters: int = 1200
+    global_batch_size: int = 32  # prompts of base_length tokens
+    micro_batch_size: int = 32
+    lr: float = 2.0e-3
+    min_lr: float = 2.0e-4
+    warmup_iters: int = 30
+
+
+@dataclass
+class RetrievalExtend:
+    # optimizer steps per budget: a small one (speed of adaptation) and a large one (the ceiling)
+    budgets: dict = field(default_factory=lambda: {"small": 10, "large": 40})
+    sequences_per_iter: int = 8  # prompts per step, at the stage's length (PoSE: at base_length)
+    micro_batch_tokens: int = 8_192
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-4  # constant after warm-up
+    warmup_iters: int = 5
+    equal_tokens: bool = True  # PoSE-family rows at the largest budget's tokens (scale x its steps)
+
+
+@dataclass
+class RetrievalEval:
+    trials: int = 100  # passkey prompts per length ...
+    longest_trials: int = 256  # ... and at the longest length
+    depth_bins: int = 5  # rows of the needle heatmap (depth x length), from the same prompts
+    key_max: int = 50_000
+    batch_size: int = 16
+    bootstrap: int = 2_000  # resamples for the 95% intervals
+
+
+@dataclass
+class RetrievalTrack:
+    base_length: int = 128  # L
+    scale: int = 8
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])  # pretraining seeds (init and data order)
+    min_accuracy: float = 0.95  # passkey exact match at L the pretrained model must reach
+    check_trials: int = 200
+    methods: list[str] | None = None  # None: every method of the perplexity track
+    pretrain: RetrievalPretrain = field(default_factory=RetrievalPretrain)
+    extend: RetrievalExtend = field(default_factory=RetrievalExtend)
+    eval: RetrievalEval = field(default_factory=RetrievalEval)
+
+    @property
+    def target_length(self) -> int:
+        return self.base_length * self.scale
+
+    def eval_lengths(self) -> list[int]:
+        return [self.base_length * 2 ** i for i in range(self.scale.bit_length())]
+
+    def trials_at(self, length: int) -> int:
+        return self.eval.longest_trials if length == self.target_length else self.eval.trials
+
+
+def validate_track(track: RetrievalTrack, known_methods: list[str]) -> None:
+    from megatron_ext.repro.methods import build_methods
+    def check(ok, message):
+        if not ok:
+            raise ConfigError(f"retrieval.{message}")
+
+    check(track.base_length >= 96 and track.base_length % 16 == 0,
+          f"base_length ({track.base_length}) must be a multiple of 16 and >= 96 (the passkey template alone takes "
+          "about 70 tokens), e.g. 128")
+    check(track.scale >= 2 and track.scale & (track.scale - 1) == 0,
+          f"scale ({track.scale}) must be a power of two >= 2, e.g. 8")
+    check(bool(track.seeds) and len(set(track.seeds)) == len(track.seeds),
+          f"seeds ({track.seeds}) must be distinct and non-empty, e.g. [1, 2, 3]")
+    check(0.0 <= track.min_accuracy <= 1.0, f"min_accuracy ({track.min_accuracy}) must lie in [0, 1], e.g. 0.95")
+    check(track.check_trials >= 1, f"check_trials ({track.check_trials}) must be >= 1")
+    for name in track.methods or ():
+        check(name in known_methods, f"methods: unknown {name!r}; choose from {known_methods}")
+    p, e, ev = track.pretrain, track.extend, track.eval
+    check(p.iters >= 1 and p.global_batch_size % p.micro_batch_size == 0 and p.warmup_iters < max(p.iters, 2),
+          f"pretrain: iters ({p.iters}) >= 1, global_batch_size ({p.global_batch_size}) a multiple of "
+          f"micro_batch_size ({p.micro_batch_size}), warmup_iters ({p.warmup_iters}) below iters")
+    stages = max(len(method.stages) for method in build_methods(base_length=track.base_length, scale=track.scale,
+                                                                 head_dim=32).values())
+    check(bool(e.budgets) and all(isinstance(v, int) and v >= stages for v in e.budgets.values())
+          and not any(name.endswith("_equal_tokens") or name == "none" for name in e.budgets),
+          f"extend.budgets ({e.budgets}) must map names (not 'none' nor '*_equal_tokens') to optimizer steps >= "
+          f"{stages} (ABF-multi's stages), e.g. {{small: 10, large: 40}}")
+    check(e.sequences_per_iter >= 1 and e.micro_batch_tokens >= track.target_length,
+          f"extend: sequences_per_iter ({e.sequences_per_iter}) >= 1 and micro_batch_tokens ({e.micro_batch_tokens}) "
+          f">= the target length ({track.target_length})")
+    check(0 <= e.warmup_iters < min(e.budgets.values(), default=1),
+          f"extend.warmup_iters ({e.warmup_iters}) must be below the smallest budget")
+    check(ev.trials >= 1 and ev.longest_trials >= 1 and ev.depth_bins >= 1 and ev.bootstrap >= 100,
+          "eval: trials, longest_trials, depth_bins >= 1 and bootstrap >= 100")
+
+
+def selected_methods(config, track: RetrievalTrack) -> list:
+    from megatron_ext.repro.methods import build_methods
+
+    table = build_methods(base_length=track.base_length, scale=track.scale, head_dim=config.head_dim,
+                          base=config.model.rope_base)
+    return [table[name] for name in (track.methods or list(table))]
+
+
+def budgets_of(track: RetrievalTrack, method) -> list[tuple[str, int, int]]:
+    """(budget name, optimizer steps, prompts per step) of a method's extension runs; none for `original`."""
+    if not method.stages:
+        return []
+    e = track.extend
+    runs = [(name, steps, e.sequences_per_iter) for name, steps in e.budgets.items()]
+    if e.equal_tokens and all(stage.pose for stage in method.stages):
+        largest = max(e.budgets, key=e.budgets.get)
+        runs.append((f"{largest}_equal_tokens", e.budgets[largest] * track.scale, e.sequences_per_iter))
+    return runs
+
+
+def stage_plan(track: RetrievalTrack, method, steps: int, sequences: int) -> list[tuple]:
+    """(stage, `train_yaml` settings) per stage of one extension run."""
+    from megatron_ext.repro.runner import stage_iterations
+
+    e, planned = track.extend, []
+    for stage, iters in zip(method.stages, stage_iterations(steps, method.stages)):
+        planned.append((stage, dict(seq_length=stage.seq_length, rope=stage.rope, pose=stage.pose, iters=iters,
+                                    global_batch=sequences,
+                                    micro_batch=max(1, min(sequences, e.micro_batch_tokens // stage.seq_length)),
+                                    lr=e.lr, min_lr=e.min_lr, warmup=min(e.warmup_iters, iters - 1))))
+    return planned
+
+
+def pretrain_plan(track: RetrievalTrack) -> dict:
+    p = track.pretrain
+    return dict(seq_length=track.base_length, rope={}, pose={}, iters=p.iters, global_batch=p.global_batch_size,
+                micro_batch=p.micro_batch_size, lr=p.lr, min_lr=p.min_lr, warmup=min(p.warmup_iters, p.iters - 1))
+
+
+def planned_runs(config, track: RetrievalTrack) -> list[tuple[str, dict]]:
+    """(label, settings) of every training run the track makes: checked before any work."""
+    runs = [("retrieval pretraining (retrieval.pretrain.*)", pretrain_plan(track))]
+    for method in selected_methods(config, track):
+        for budget, steps, sequences in budgets_of(track, method):
+            runs += [(f"retrieval {method.name} {budget} stage {i + 1} (retrieval.extend.*)", settings)
+                     for i, (_, settings) in enumerate(stage_plan(track, method, steps, sequences))]
+    return runs
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def evaluation_draws(track: RetrievalTrack, seed: int) -> dict[int, list[tuple[int, float]]]:
+    """length -> (key, depth) of every evaluation prompt of a pretraining seed."""
+    from megatron_ext.eval.passkey import draw_keys_and_depths
+
+    return {n: draw_keys_and_depths(seed + PASSKEY_SEED_OFFSET, n, track.trials_at(n), track.eval.key_max)
+            for n in track.eval_lengths()}
+
+
+def check_draws(track: RetrievalTrack, seed: int) -> list[tuple[int, float]]:
+    from megatron_ext.eval.passkey import draw_keys_and_depths
+
+    return draw_keys_and_depths(seed + 2 * PASSKEY_SEED_OFFSET, track.base_length, track.check_trials,
+                                track.eval.key_max)
+
+
+def held_out_keys(track: RetrievalTrack) -> frozenset:
+    """Every key an evaluation or check prompt of any seed uses: training never sees them."""
+    keys = set()
+    for seed in track.seeds:
+        keys.update(key for draws in evaluation_draws(track, seed).values() for key, _ in draws)
+        keys.update(key for key, _ in check_draws(track, seed))
+    return frozenset(keys)
+
+
+@dataclass(frozen=True)
+class RetrievalData:
+    tokenizer_model: str
+    prefixes: dict  # (phase, length) -> indexed-dataset prefix; phase "pretrain" or "extend"
+
+
+def prepare_retrieval_data(root: Path, tokenizer_model: str, config, track: RetrievalTrack, log) -> RetrievalData:
+    """One dataset per (phase, sequence length) the track trains at, each as many prompts as its longest run
+    reads (no prompt twice in a run); prompt lengths uniform from L/2 to the sequence length, so an extension
+    keeps seeing short distances too. Built once, every file renamed into place when complete."""
+    import hashlib
+
+    from megatron_ext.data.retrieval import passkey_documents, write_passkey_dataset
+    from megatron_ext.eval.tokenizers import load_eval_tokenizer
+
+    needed = {("pretrain", track.base_length): track.pretrain.iters * track.pretrain.global_batch_size}
+    for method in selected_methods(config, track):
+        for _, steps, sequences in budgets_of(track, method):
+            for _, settings in stage_plan(track, method, steps, sequences):
+                key = ("extend", settings["seq_length"])
+                needed[key] = max(needed.get(key, 0), settings["iters"] * settings["global_batch"])
+    held_out = held_out_keys(track)
+    identity = json.dumps([sorted(needed.items()), sorted(held_out), track.eval.key_max,
+                           Path(tokenizer_model).stat().st_size]).encode()
+    directory = Path(root) / hashlib.sha256(identity).hexdigest()[:12]
+    tokenizer = load_eval_tokenizer(tokenizer_model, "sentencepiece")
+    try:  # the shortest prompt the track trains or evaluates on, before any work
+        passkey_documents(tokenizer, length=track.base_length, count=1, seed=0, key_max=track.eval.key_max)
+    except ValueError as error:
+        raise ConfigError(f"retrieval.base_length ({track.base_length}) cannot hold a passkey prompt with this "
+                          f"tokenizer ({error}): raise retrieval.base_length or data.vocab_size") from None
+    prefixes = {}
+    for (phase, length), count in sorted(needed.items()):
+        prefix = directory / f"{phase}_{length}"
+        prefixes[phase, length] = str(prefix)
+        if Path(f"{prefix}.keys.jsonl").is_file():
+            continue
+        started = time.perf_counter()
+        write_passkey_dataset(prefix, tokenizer, length=length, count=count, seed=0 if phase == "pretrain" else 1,
+                              key_max=track.eval.key_max, held_out_keys=held_out, shortest=track.base_length // 2)
+        log(f"retrieval data: {count} {phase} prompts of {length} tokens ({time.perf_counter() - started:.0f} s)")
+    return RetrievalData(tokenizer_model, prefixes)
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def retrieval_yaml(config, data: RetrievalData, phase: str, *, seed: int, run_dir: Path, pretrained, **settings):
+    from megatron_ext.repro.runner import train_yaml
+
+    length = settings["seq_length"]
+    raw = train_yaml(config, data_prefix=data.prefixes[phase, length], tokenizer_model=data.tokenizer_model,
+                     seed=seed, run_dir=run_dir, pretrained=pretrained, **settings)
+    raw["data"].update(add_extra_token=False, answer_only_loss=True)
+    return raw
+
+
+def passkey_trials(model, length: int, draws: list[tuple[int, float]], batch_size: int) -> list[dict]:
+    """One teacher-forced pass per prompt: key, depth, exact match, share of key tokens right."""
+    from megatron_ext.eval.distributed import check_prompt_groups
+    from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
+
+    filler = filler_tokens(model.tokenizer, PASSKEY_FILLER)
+    prompts = [passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler) for key, depth in draws]
+    checks = check_prompt_groups(model, [prompts], batch_size=batch_size, number_answer=True)[0]
+    return [dict(key=key, depth=depth, correct=bool(check.correct), token_accuracy=check.token_accuracy)
+            for (key, depth), check in zip(draws, checks)]
+
+
+def evaluate_model(track: RetrievalTrack, checkpoint: str, name: str, seed: int) -> dict:
+    """Passkey trials at every evaluation length (length as text -> list of trials)."""
+    from megatron_ext.eval.models import load_eval_model
+
+    model = load_eval_model(checkpoint, name=name, precision="fp32")
+    return {str(length): passkey_trials(model, length, draws, track.eval.batch_size)
+            for length, draws in evaluation_draws(track, seed).items()}
+
+
+class RetrievalNotLearned(ConfigError):
+    """The pretrained model does not retrieve at L: extension numbers would sit at the floor."""
+
+
+def pretrain_seed(config, track: RetrievalTrack, data: RetrievalData, seed: int, out: Path, log) -> dict:
+    """Pretrain one seed at L (or reuse it), check retrieval at L on held-out prompts, return the summary."""
+    from megatron_ext.checkpoint.layout import find_checkpoint
+    from megatron_ext.eval.models import load_eval_model
+    from megatron_ext.repro.runner import run_training, write_json
+
+    run_dir = out / f"pretrain_seed{seed}"
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file() and find_checkpoint(run_dir / "checkpoints", "auto") is not None:
+        summary = json.loads(summary_file.read_text())
+        log(f"retrieval pretraining seed {seed}: reusing {summary['checkpoint']}")
+    else:
+        p = track.pretrain
+        log(f"retrieval pretraining seed {seed} at {track.base_length}: {p.iters} iterations of "
+            f"{p.global_batch_size} prompts, loss on the answer only (log: {run_dir / 'train.log'})")
+        raw = retrieval_yaml(config, data, "pretrain", seed=seed, run_dir=run_dir, pretrained=None,
+                             **pretrain_plan(track))
+        summary = run_training(raw, run_dir)
+        started = time.perf_counter()
+        model = load_eval_model(summary["checkpoint"], name=f"pretrain_seed{seed}", precision="fp32")
+        trials = passkey_trials(model, track.base_length, check_draws(track, seed), track.eval.batch_size)
+        summary.update(check_accuracy=sum(t["correct"] for t in trials) / len(trials), check_trials=len(trials),
+                       check_seconds=time.perf_counter() - started)
+        write_json(summary_file, summary)
+    log(f"retrieval pretraining seed {seed}: {summary['seconds']:.0f} s, answer loss {summary['first_loss']:.3f} -> "
+        f"{summary['last_loss']:.3f}, passkey exact match at {track.base_length}: {summary['check_accuracy']:.3f} "
+        f"({summary['check_trials']} held-out prompts; required {track.min_accuracy:g})")
+    if summary["check_accuracy"] < track.min_accuracy:
+        raise RetrievalNotLearned(
+            f"retrieval pretraining seed {seed} reaches passkey exact match {summary['check_accuracy']:.3f} at "
+            f"{track.base_length} tokens, below retrieval.min_accuracy ({track.min_accuracy:g}): the extension "
+            f"would measure the floor. Train longer (retrieval.pretrain.iters, now {track.pretrain.iters}) or with "
+            f"another learning rate (retrieval.pretrain.lr); {run_dir / 'train.log'} has the losses")
+    return summary
+
+
+def extension_runs(track: RetrievalTrack, method) -> list[tuple[list, int]]:
+    """The training runs of a method's budgets: [(budgets it serves, steps)]. A single-stage method trains once,
+    to its largest budget, and each budget is the checkpoint at its own step (the learning rate is constant
+    after warm-up, so the first n steps of a longer run are an n-step run); a multi-stage method (ABF-multi)
+    splits each budget over its stages and trains once per budget."""
+    budgets = budgets_of(track, method)
+    if len(method.stages) == 1 and budgets:
+        return [(budgets, max(steps for _, steps, _ in budgets))]
+    return [([budget], budget[1]) for budget in budgets]
+
+
+def run_track(config, track: RetrievalTrack, tokenizer_model: str, out: Path, log, fresh: bool = False) -> dict:
+    """Every pretraining seed, method and budget of the track; returns the results for the report."""
+    import math
+    import shutil
+
+    from megatron_ext.checkpoint.layout import checkpoint_name
+    from megatron_ext.repro.runner import run_training, write_json
+
+    out = out / "retrieval"
+    data = prepare_retrieval_data(out / "data", tokenizer_model, config, track, log)
+    methods = selected_methods(config, track)
+    pretrained = {}  # each seed is pretrained (and checked) right before its own extensions
+    results = []
+    jobs = [(seed, method, served, steps) for seed in track.seeds for method in methods
+            for served, steps in (extension_runs(track, method) or [([("none", 0, 0)], 0)])]
+    for done, (seed, method, served, steps) in enumerate(jobs, start=1):
+        if seed not in pretrained:
+            pretrained[seed] = pretrain_seed(config, track, data, seed, out, log)
+        method_dir = out / f"seed{seed}" / method.name
+        files = [method_dir / budget / "result.json" for budget, _, _ in served]
+        if all(f.is_file() for f in files) and not fresh:
+            results += [json.loads(f.read_text()) for f in files]
+            continue
+        sequences = served[0][2]
+        run_dir = method_dir / (served[0][0] if len(served) == 1 else "run")
+        checkpoint, stages, seconds = pretrained[seed]["checkpoint"], [], 0.0
+        for index, (stage, settings) in enumerate(stage_plan(track, method, steps, sequences)):
+            stage_dir = run_dir / f"stage{index}"
+            raw = retrieval_yaml(config, data, "extend", seed=seed, run_dir=stage_dir, pretrained=checkpoint,
+                                 **settings)
+            if len(served) > 1:  # one checkpoint per budget's step
+                raw["checkpoint"].update(save_interval=math.gcd(*[b[1] for b in served]), keep_last=None)
+            measured = run_training(raw, stage_dir)
+            measured.update(seq_length=stage.seq_length, iterations=settings["iters"],
+                            global_batch=settings["global_batch"], pose=stage.pose, label=stage.label)
+            stages.append(measured)
+            checkpoint, seconds = measured["checkpoint"], seconds + measured["seconds"]
+        if len(served) > 1:  # keep the budgets' checkpoints only
+            kept = {checkpoint_name(b[1]) for b in served}
+            for saved in Path(checkpoint).parent.glob("iter_*"):
+                if saved.name not in kept:
+                    shutil.rmtree(saved, ignore_errors=True)
+        for (budget, budget_steps, _), result_file in zip(served, files):
+            budget_checkpoint = str(Path(checkpoint).parent / checkpoint_name(budget_steps)) if steps else checkpoint
+            share = budget_steps / steps if steps else 0.0  # the run's time up to this budget's step
+            started = time.perf_counter()
+            trials = evaluate_model(track, budget_checkpoint, method.name, seed)
+            result = dict(method=method.name, description=method.description, seed=seed, budget=budget,
+                          steps=budget_steps, sequences_per_iter=sequences, seconds=seconds * share,
+                          eval_seconds=time.perf_counter() - started,
+                          tokens=round(sum(s["tokens"] for s in stages) * share), stages=stages,
+                          checkpoint=budget_checkpoint, trials=trials)
+            write_json(result_file, result)
+            results.append(result)
+            accuracy = {n: sum(t["correct"] for t in ts) / len(ts) for n, ts in trials.items()}
+            log(f"[retrieval {done}/{len(jobs)}] seed {seed} {method.name} {budget}: train {result['seconds']:.0f} s, "
+                f"eval {result['eval_seconds']:.0f} s, passkey " + " ".join(f"{n}:{a:.2f}" for n, a in accuracy.items()))
+    return dict(pretrain=pretrained, results=results)
