@@ -1,11 +1,12 @@
-"""Retrieval training data (megatron_ext.data.retrieval) and how the dataset reads it: passkey prompts of the
+"""Retrieval training data (megatron_ext.eval.passkey_data, megatron_ext.data.retrieval) and how the dataset reads it: passkey prompts of the
 evaluation's template, one prompt per sample (`add_extra_token: false`), loss only where the sidecar marks
 a target (`answer_only_loss`), and held-out keys."""
 
 import pytest
 import torch
 
-from megatron_ext.data.retrieval import loss_mask_prefix, passkey_documents, write_passkey_dataset
+from megatron_ext.data.retrieval import loss_mask_prefix
+from megatron_ext.eval.passkey_data import passkey_documents, write_passkey_dataset
 from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
 
 
@@ -132,14 +133,17 @@ def test_tiny_corpus_passkey_prompts_need_whole_prompts_and_the_answer_loss():
             validate(from_dict(TrainConfig, raw, prefix=""), check_files=False)
 
 
-def test_the_tiny_default_can_be_passkey_prompts(tmp_path):
+def test_a_tiny_run_can_train_on_passkey_prompts(tmp_path, single_rank):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_ext.data.tiny import prepare_tiny_dataset
+    from megatron_ext.config import TrainConfig, from_dict
+    from megatron_ext.training.train import prepare_data
 
-    model, prefix = prepare_tiny_dataset(tmp_path, seed=3, num_documents=60, vocab_size=500, passkey_prompts=12,
-                                         prompt_length=200)
+    raw = dict(model=dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=200),
+               data=dict(tiny_corpus=True, cache_dir=str(tmp_path), tiny_corpus_documents=60, tokenizer_vocab_size=500,
+                         tiny_corpus_passkey_prompts=12, add_extra_token=False, answer_only_loss=True))
+    _, (prefix,) = prepare_data(from_dict(TrainConfig, raw, prefix=""))
     tokens, marks = IndexedDataset(prefix), IndexedDataset(loss_mask_prefix(prefix))
     assert len(tokens) == 12 and set(tokens.sequence_lengths.tolist()) == {200}
     assert all(3 <= int(marks[i].sum()) <= 15 for i in range(12))  # the key twice and its end, no more
-    assert prepare_tiny_dataset(tmp_path, seed=3, num_documents=60, vocab_size=500) != (model, prefix)
+    assert prefix.endswith("passkey12x200")

@@ -69,7 +69,7 @@ def build_gpt_dataset(
     `seq_length + 1`, and the last position has no label (no loss): samples then tile the token stream without
     overlap, so documents of exactly `seq_length` tokens come one per sample. `answer_only_loss=True` keeps the
     loss only where each prefix's loss-mask sidecar (`{prefix}_loss_mask.bin/.idx`, same documents, 1 = this
-    token is a target; `megatron_ext.data.retrieval` writes one) marks the label, read with the very sample
+    token is a target; `megatron_ext.eval.passkey_data` writes one) marks the label, read with the very sample
     layout of the tokens.
 
     Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`).
@@ -111,7 +111,7 @@ def check_loss_mask_sidecar(prefix) -> None:
     sidecar = loss_mask_prefix(prefix)
     if not (Path(sidecar + ".bin").is_file() and Path(sidecar + ".idx").is_file()):
         raise MissingFile(f"data.answer_only_loss: {sidecar}.bin/.idx (the loss mask of {prefix}) not found; write "
-                          "it with the data (megatron_ext.data.retrieval) or set data.answer_only_loss: false")
+                          "it with the data (megatron_ext.data.retrieval.write_with_loss_mask) or set data.answer_only_loss: false")
     tokens, marks = IndexedDataset(str(prefix)), IndexedDataset(sidecar)
     if (len(tokens) != len(marks) or not np.array_equal(tokens.sequence_lengths, marks.sequence_lengths)
             or not np.array_equal(tokens.document_indices, marks.document_indices)):

@@ -10,12 +10,8 @@ from pathlib import Path
 
 
 def prepare_tiny_dataset(cache_dir, *, seed: int = 0, num_documents: int = 400, vocab_size: int = 2000,
-                         upsample: dict | None = None, build: bool = True, passkey_prompts: int = 0,
-                         prompt_length: int | None = None) -> tuple[str, str]:
-    """(tokenizer .model path, indexed-dataset prefix) of the tiny default; builds it if missing.
-
-    `passkey_prompts` > 0: the prefix is instead that many passkey prompts of `prompt_length` tokens with their
-    loss-mask sidecar (megatron_ext.data.retrieval), tokenized with the tokenizer trained on the corpus."""
+                         upsample: dict | None = None, build: bool = True) -> tuple[str, str]:
+    """(tokenizer .model path, indexed-dataset prefix) of the tiny default; builds it if missing."""
     from megatron_ext.data.corpus import build_tiny_corpus
     from megatron_ext.data.preprocess import preprocess
     from megatron_ext.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -23,10 +19,8 @@ def prepare_tiny_dataset(cache_dir, *, seed: int = 0, num_documents: int = 400, 
     tag = f"tiny_seed{seed}_docs{num_documents}_vocab{vocab_size}"
     if upsample:
         tag += "_up" + "_".join(f"{s}-{r['min_tokens']}x{r['factor']}" for s, r in sorted(upsample.items()))
-    if passkey_prompts:
-        tag += f"_passkey{passkey_prompts}x{prompt_length}"
     root = Path(cache_dir) / tag
-    outputs = (str(root / "tokenizer.model"), str(root / ("passkey" if passkey_prompts else "tiny")))
+    outputs = (str(root / "tokenizer.model"), str(root / "tiny"))
     if (root / "READY").is_file():
         return outputs
     if not build:
@@ -38,12 +32,6 @@ def prepare_tiny_dataset(cache_dir, *, seed: int = 0, num_documents: int = 400, 
         model = train_sentencepiece([corpus], work / "tokenizer", vocab_size, seed=seed)
         preprocess([corpus], work / "tiny", SentencePieceTokenizer(model), workers=1, upsample=upsample,
                    progress=False)
-        if passkey_prompts:
-            from megatron_ext.data.retrieval import write_passkey_dataset
-            from megatron_ext.eval.tokenizers import load_eval_tokenizer
-
-            write_passkey_dataset(work / "passkey", load_eval_tokenizer(model, "sentencepiece"), length=prompt_length,
-                                  count=passkey_prompts, seed=seed, key_max=50_000)
         (work / "READY").write_text("complete\n")
         work.rename(root)
     except OSError:

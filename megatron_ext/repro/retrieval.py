@@ -2,7 +2,7 @@
 every method at two budgets (and equal tokens for the PoSE family), from several pretraining seeds.
 
 Data: passkey prompts of the evaluation's own template, one prompt of exactly the run's sequence length per
-sample, loss on the answer tokens only (`megatron_ext.data.retrieval`). The keys of every evaluation prompt are
+sample, loss on the answer tokens only (`megatron_ext.eval.passkey_data`). The keys of every evaluation prompt are
 held out of training. The pretrained model must retrieve at L (`retrieval.min_accuracy` of
 `retrieval.check_trials` held-out prompts) before any extension starts; otherwise the run stops and says so.
 
@@ -31,6 +31,10 @@ class RetrievalPretrain:
     lr: float = 2.0e-3
     min_lr: float = 2.0e-4
     warmup_iters: int = 30
+    # a seed below min_accuracy after `iters` continues at min_lr for extra_iters, checked again, at most
+    # max_extra_rounds times (the seed's pretraining ends at its first passing check)
+    extra_iters: int = 300
+    max_extra_rounds: int = 2
 
 
 @dataclass
@@ -60,6 +64,9 @@ class RetrievalTrack:
     base_length: int = 128  # L
     scale: int = 8
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])  # pretraining seeds (init and data order)
+    # seeds whose pretraining may miss min_accuracy (after its extra rounds): each is reported and left out; one
+    # more stops the run. The extension study is about models that retrieve at L.
+    max_failed_seeds: int = 0
     min_accuracy: float = 0.95  # passkey exact match at L the pretrained model must reach
     check_trials: int = 200
     methods: list[str] | None = None  # None: every method of the perplexity track
@@ -91,11 +98,15 @@ def validate_track(track: RetrievalTrack, known_methods: list[str]) -> None:
           f"scale ({track.scale}) must be a power of two >= 2, e.g. 8")
     check(bool(track.seeds) and len(set(track.seeds)) == len(track.seeds),
           f"seeds ({track.seeds}) must be distinct and non-empty, e.g. [1, 2, 3]")
+    check(0 <= track.max_failed_seeds < len(track.seeds),
+          f"max_failed_seeds ({track.max_failed_seeds}) must lie in [0, number of seeds - 1]")
     check(0.0 <= track.min_accuracy <= 1.0, f"min_accuracy ({track.min_accuracy}) must lie in [0, 1], e.g. 0.95")
     check(track.check_trials >= 1, f"check_trials ({track.check_trials}) must be >= 1")
     for name in track.methods or ():
         check(name in known_methods, f"methods: unknown {name!r}; choose from {known_methods}")
     p, e, ev = track.pretrain, track.extend, track.eval
+    check(p.extra_iters >= 2 and p.max_extra_rounds >= 0,
+          f"pretrain: extra_iters ({p.extra_iters}) >= 2 and max_extra_rounds ({p.max_extra_rounds}) >= 0")
     check(p.iters >= 1 and p.global_batch_size % p.micro_batch_size == 0 and p.warmup_iters < max(p.iters, 2),
           f"pretrain: iters ({p.iters}) >= 1, global_batch_size ({p.global_batch_size}) a multiple of "
           f"micro_batch_size ({p.micro_batch_size}), warmup_iters ({p.warmup_iters}) below iters")
@@ -202,7 +213,7 @@ def prepare_retrieval_data(root: Path, tokenizer_model: str, config, track: Retr
     keeps seeing short distances too. Built once, every file renamed into place when complete."""
     import hashlib
 
-    from megatron_ext.data.retrieval import passkey_documents, write_passkey_dataset
+    from megatron_ext.eval.passkey_data import passkey_documents, write_passkey_dataset
     from megatron_ext.eval.tokenizers import load_eval_tokenizer
 
     needed = {("pretrain", track.base_length): track.pretrain.iters * track.pretrain.global_batch_size}
@@ -272,39 +283,72 @@ class RetrievalNotLearned(ConfigError):
     """The pretrained model does not retrieve at L: extension numbers would sit at the floor."""
 
 
-def pretrain_seed(config, track: RetrievalTrack, data: RetrievalData, seed: int, out: Path, log) -> dict:
-    """Pretrain one seed at L (or reuse it), check retrieval at L on held-out prompts, return the summary."""
-    from megatron_ext.checkpoint.layout import find_checkpoint
+def _check(track: RetrievalTrack, checkpoint: str, seed: int) -> tuple[float, int]:
+    """Passkey exact match at L on the seed's held-out check prompts: (accuracy, prompts)."""
     from megatron_ext.eval.models import load_eval_model
+
+    model = load_eval_model(checkpoint, name=f"pretrain_seed{seed}", precision="fp32")
+    trials = passkey_trials(model, track.base_length, check_draws(track, seed), track.eval.batch_size)
+    return sum(t["correct"] for t in trials) / len(trials), len(trials)
+
+
+def pretrain_seed(config, track: RetrievalTrack, data: RetrievalData, seed: int, out: Path, log) -> dict:
+    """Pretrain one seed at L (or reuse it) until it retrieves: after `pretrain.iters`, and after each of up to
+    `pretrain.max_extra_rounds` continuations of `pretrain.extra_iters` at the final learning rate, the model is
+    checked at L on held-out prompts; the first check that reaches `min_accuracy` ends the pretraining. Returns
+    the summary; a seed that never gets there stops the run."""
+    from megatron_ext.checkpoint.layout import find_checkpoint
     from megatron_ext.repro.runner import run_training, write_json
 
-    run_dir = out / f"pretrain_seed{seed}"
+    p, run_dir = track.pretrain, out / f"pretrain_seed{seed}"
     summary_file = run_dir / "summary.json"
     if summary_file.is_file() and find_checkpoint(run_dir / "checkpoints", "auto") is not None:
         summary = json.loads(summary_file.read_text())
         log(f"retrieval pretraining seed {seed}: reusing {summary['checkpoint']}")
     else:
-        p = track.pretrain
         log(f"retrieval pretraining seed {seed} at {track.base_length}: {p.iters} iterations of "
             f"{p.global_batch_size} prompts, loss on the answer only (log: {run_dir / 'train.log'})")
         raw = retrieval_yaml(config, data, "pretrain", seed=seed, run_dir=run_dir, pretrained=None,
                              **pretrain_plan(track))
         summary = run_training(raw, run_dir)
-        started = time.perf_counter()
-        model = load_eval_model(summary["checkpoint"], name=f"pretrain_seed{seed}", precision="fp32")
-        trials = passkey_trials(model, track.base_length, check_draws(track, seed), track.eval.batch_size)
-        summary.update(check_accuracy=sum(t["correct"] for t in trials) / len(trials), check_trials=len(trials),
-                       check_seconds=time.perf_counter() - started)
+        summary.update(iterations=p.iters, checks=[])
+    summary.setdefault("iterations", p.iters)
+    summary.setdefault("checks", [summary["check_accuracy"]] if "check_accuracy" in summary else [])
+    while True:
+        if len(summary["checks"]) < 1 + summary.get("extra_rounds", 0):
+            started = time.perf_counter()
+            accuracy, prompts = _check(track, summary["checkpoint"], seed)
+            summary["checks"].append(accuracy)
+            summary.update(check_accuracy=accuracy, check_trials=prompts,
+                           check_seconds=summary.get("check_seconds", 0.0) + time.perf_counter() - started)
+            write_json(summary_file, summary)
+        log(f"retrieval pretraining seed {seed}: {summary['iterations']} iterations, {summary['seconds']:.0f} s, "
+            f"answer loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, passkey exact match at "
+            f"{track.base_length}: {summary['check_accuracy']:.3f} ({summary['check_trials']} held-out prompts; "
+            f"required {track.min_accuracy:g})")
+        rounds = summary.get("extra_rounds", 0)
+        if summary["check_accuracy"] >= track.min_accuracy or rounds >= p.max_extra_rounds:
+            break
+        more_dir = run_dir / f"more{rounds + 1}"
+        log(f"retrieval pretraining seed {seed}: below {track.min_accuracy:g}, {p.extra_iters} more iterations at "
+            f"lr {p.min_lr:g} (round {rounds + 1} of at most {p.max_extra_rounds})")
+        raw = retrieval_yaml(config, data, "pretrain", seed=seed + 1000 * (rounds + 1), run_dir=more_dir,
+                             pretrained=summary["checkpoint"], **dict(
+                                 pretrain_plan(track), iters=p.extra_iters, lr=p.min_lr, min_lr=p.min_lr,
+                                 warmup=min(10, p.extra_iters - 1)))
+        more = run_training(raw, more_dir)
+        summary.update(checkpoint=more["checkpoint"], seconds=summary["seconds"] + more["seconds"],
+                       last_loss=more["last_loss"], iterations=summary["iterations"] + p.extra_iters,
+                       extra_rounds=rounds + 1)
         write_json(summary_file, summary)
-    log(f"retrieval pretraining seed {seed}: {summary['seconds']:.0f} s, answer loss {summary['first_loss']:.3f} -> "
-        f"{summary['last_loss']:.3f}, passkey exact match at {track.base_length}: {summary['check_accuracy']:.3f} "
-        f"({summary['check_trials']} held-out prompts; required {track.min_accuracy:g})")
     if summary["check_accuracy"] < track.min_accuracy:
         raise RetrievalNotLearned(
             f"retrieval pretraining seed {seed} reaches passkey exact match {summary['check_accuracy']:.3f} at "
-            f"{track.base_length} tokens, below retrieval.min_accuracy ({track.min_accuracy:g}): the extension "
-            f"would measure the floor. Train longer (retrieval.pretrain.iters, now {track.pretrain.iters}) or with "
-            f"another learning rate (retrieval.pretrain.lr); {run_dir / 'train.log'} has the losses")
+            f"{track.base_length} tokens after {summary['iterations']} iterations, below retrieval.min_accuracy "
+            f"({track.min_accuracy:g}): the extension would measure the floor. Train longer "
+            f"(retrieval.pretrain.iters, now {p.iters}; retrieval.pretrain.max_extra_rounds, now "
+            f"{p.max_extra_rounds}) or with another learning rate (retrieval.pretrain.lr); "
+            f"{run_dir / 'train.log'} has the losses")
     return summary
 
 
@@ -330,13 +374,22 @@ def run_track(config, track: RetrievalTrack, tokenizer_model: str, out: Path, lo
     out = out / "retrieval"
     data = prepare_retrieval_data(out / "data", tokenizer_model, config, track, log)
     methods = selected_methods(config, track)
-    pretrained = {}  # each seed is pretrained (and checked) right before its own extensions
+    pretrained, failed = {}, {}  # each seed is pretrained (and checked) right before its own extensions
     results = []
     jobs = [(seed, method, served, steps) for seed in track.seeds for method in methods
             for served, steps in (extension_runs(track, method) or [([("none", 0, 0)], 0)])]
     for done, (seed, method, served, steps) in enumerate(jobs, start=1):
+        if seed in failed:
+            continue
         if seed not in pretrained:
-            pretrained[seed] = pretrain_seed(config, track, data, seed, out, log)
+            try:
+                pretrained[seed] = pretrain_seed(config, track, data, seed, out, log)
+            except RetrievalNotLearned as error:
+                failed[seed] = json.loads((out / f"pretrain_seed{seed}" / "summary.json").read_text())
+                if len(failed) > track.max_failed_seeds:
+                    raise
+                log(f"{error}. Seed {seed} is left out ({len(failed)} of at most {track.max_failed_seeds} seeds)")
+                continue
         method_dir = out / f"seed{seed}" / method.name
         files = [method_dir / budget / "result.json" for budget, _, _ in served]
         if all(f.is_file() for f in files) and not fresh:
@@ -362,7 +415,9 @@ def run_track(config, track: RetrievalTrack, tokenizer_model: str, out: Path, lo
                 if saved.name not in kept:
                     shutil.rmtree(saved, ignore_errors=True)
         for (budget, budget_steps, _), result_file in zip(served, files):
-            budget_checkpoint = str(Path(checkpoint).parent / checkpoint_name(budget_steps)) if steps else checkpoint
+            # a shared run: the checkpoint at this budget's step; otherwise the run's (last stage's) last one
+            budget_checkpoint = (str(Path(checkpoint).parent / checkpoint_name(budget_steps)) if len(served) > 1
+                                 else checkpoint)
             share = budget_steps / steps if steps else 0.0  # the run's time up to this budget's step
             started = time.perf_counter()
             trials = evaluate_model(track, budget_checkpoint, method.name, seed)
@@ -376,4 +431,4 @@ def run_track(config, track: RetrievalTrack, tokenizer_model: str, out: Path, lo
             accuracy = {n: sum(t["correct"] for t in ts) / len(ts) for n, ts in trials.items()}
             log(f"[retrieval {done}/{len(jobs)}] seed {seed} {method.name} {budget}: train {result['seconds']:.0f} s, "
                 f"eval {result['eval_seconds']:.0f} s, passkey " + " ".join(f"{n}:{a:.2f}" for n, a in accuracy.items()))
-    return dict(pretrain=pretrained, results=results)
+    return dict(pretrain=pretrained, failed=failed, results=results)

@@ -177,12 +177,21 @@ def prepare_data(config: TrainConfig):
     if data.tiny_corpus:
         tiny = partial(prepare_tiny_dataset, data.cache_dir, seed=config.training.seed,
                        num_documents=data.tiny_corpus_documents, vocab_size=data.tokenizer_vocab_size,
-                       upsample=data.upsample, passkey_prompts=data.tiny_corpus_passkey_prompts,
-                       prompt_length=config.model.seq_length)
+                       upsample=data.upsample)
         if torch.distributed.get_rank() == 0:
             tiny(build=True)
         torch.distributed.barrier()
         tokenizer_model, prefix = tiny(build=False)
+        if data.tiny_corpus_passkey_prompts:  # train on passkey prompts; the corpus trained the tokenizer
+            prefix = str(Path(prefix).parent / f"passkey{data.tiny_corpus_passkey_prompts}x{config.model.seq_length}")
+            if torch.distributed.get_rank() == 0 and not Path(f"{prefix}.keys.jsonl").is_file():
+                from megatron_ext.eval.passkey_data import write_passkey_dataset
+                from megatron_ext.eval.tokenizers import load_eval_tokenizer
+
+                write_passkey_dataset(prefix, load_eval_tokenizer(tokenizer_model, "sentencepiece"),
+                                      length=config.model.seq_length, count=data.tiny_corpus_passkey_prompts,
+                                      seed=config.training.seed, key_max=50_000)
+            torch.distributed.barrier()
         return SentencePieceTokenizer(tokenizer_model), [prefix]
     setting, path, kind = data.tokenizer_source()
     return load_tokenizer(path, kind, setting=setting), list(data.train_data)
