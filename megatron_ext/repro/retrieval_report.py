@@ -76,7 +76,9 @@ def claims_table(track, retrieval: dict) -> tuple[str, list[dict]]:
     for claim, first, second, text in CLAIMS:
         for budget in budgets:
             for first_budget in (budget, f"{budget}_equal_tokens"):
-                a, b = grouped.get((first, first_budget)), grouped.get((second, budget))
+                # equal tokens against equal tokens where the second method has such a run too
+                second_budget = first_budget if (second, first_budget) in grouped else budget
+                a, b = grouped.get((first, first_budget)), grouped.get((second, second_budget))
                 if not a or not b or [r["seed"] for r in a] != [r["seed"] for r in b]:
                     continue
                 difference = difference_interval(_outcomes(a, longest), _outcomes(b, longest),
@@ -84,10 +86,11 @@ def claims_table(track, retrieval: dict) -> tuple[str, list[dict]]:
                 verdict = ("first better" if difference.low > 0 else "second better" if difference.high < 0
                            else "not resolved")
                 label = _budget_label(track, first_budget)
-                findings.append(dict(claim=claim, first=first, second=second, budget=first_budget, text=text,
+                findings.append(dict(claim=claim, first=first, second=second, budget=first_budget,
+                                     second_budget=second_budget, text=text,
                                      difference=difference, verdict=verdict))
-                rows.append([f"({claim}) {text}", label if first_budget == budget else
-                             f"{label} vs {_budget_label(track, budget)}",
+                rows.append([f"({claim}) {text}", label if first_budget == second_budget else
+                             f"{label} vs {_budget_label(track, second_budget)}",
                              f"`{first}` {accuracy_interval(_outcomes(a, longest)).mean:.2f}",
                              f"`{second}` {accuracy_interval(_outcomes(b, longest)).mean:.2f}",
                              difference.text(), verdict])
@@ -151,7 +154,7 @@ def plot_longest(track, retrieval: dict, path: Path) -> Path:
     grouped, longest = _runs(retrieval), track.target_length
     methods = list(dict.fromkeys(method for method, _ in grouped))
     budgets = list(dict.fromkeys(budget for _, budget in grouped if budget != "none"))
-    figure, axis = plt.subplots(figsize=(max(8, 0.75 * len(methods) * max(1, len(budgets))), 4.5))
+    figure, axis = plt.subplots(figsize=(max(8.0, 0.8 * len(methods) + 2), 4.5))
     width = 0.8 / max(1, len(budgets))
     for index, budget in enumerate(budgets):
         xs, means, errors = [], [], [[], []]
