@@ -5,7 +5,6 @@ token: 1 where the token is a target the loss counts (an answer), 0 elsewhere. `
 reads it (megatron_ext.data.dataset). `megatron_ext.eval.passkey_data` writes passkey prompts this way.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +25,7 @@ def write_with_loss_mask(prefix, documents: list[list[int]], targets: list[list[
 
 
 def _write_indexed(prefix: Path, documents: list[list[int]], vocab_size: int) -> None:
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron_ext.data.preprocess import _write_atomically
 
-    staging_bin, staging_idx = Path(f"{prefix}.bin.partial"), Path(f"{prefix}.idx.partial")
-    builder = IndexedDatasetBuilder(str(staging_bin), dtype=DType.optimal_dtype(vocab_size))
-    try:
-        for ids in documents:
-            builder.add_document(np.asarray(ids, dtype=np.int64), [len(ids)])
-        builder.finalize(str(staging_idx))
-        os.replace(staging_bin, f"{prefix}.bin")
-        os.replace(staging_idx, f"{prefix}.idx")
-    finally:
-        builder.data_file.close()
-        staging_bin.unlink(missing_ok=True)
-        staging_idx.unlink(missing_ok=True)
+    _write_atomically((np.asarray(ids, dtype=np.int64) for ids in documents), Path(f"{prefix}.bin"),
+                      Path(f"{prefix}.idx"), vocab_size)
