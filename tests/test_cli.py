@@ -79,3 +79,12 @@ def test_a_missing_pretrained_checkpoint_is_named_by_its_setting(capsys, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith(f"megatron-ext train: checkpoint.pretrained ('{MISSING}/converted') does not exist")
     assert not (tmp_path / "run").exists()
+
+
+def test_building_the_parser_imports_neither_torch_nor_megatron():
+    """Every `megatron-ext` call builds the whole parser first: torch alone costs ~1 s there, megatron ~4 s.
+    A fresh interpreter, since this test process has imported both long ago."""
+    probe = ("import sys; from megatron_ext.cli import build_parser; build_parser(); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron', 'transformers'}))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
