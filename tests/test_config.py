@@ -93,3 +93,23 @@ def test_numbers_in_exponent_form_are_numbers_everywhere(tmp_path):
     config = load_config(path, ["rope.base=1e5"])
     assert config.rope.head_base_params == {"b_min": 1e6, "b_max": 5e6} and config.rope.base == 1e5
     assert config.rope.group_bases(4).tolist() == [1e6, 1e6 + 4e6 / 3, 1e6 + 8e6 / 3, 5e6]
+
+
+def test_a_renamed_setting_still_works_for_a_release_with_one_warning(tmp_path, caplog):
+    """rope.head_bases was renamed rope.head_base_strategy: old configs keep training the same model."""
+    harpe = {"head_base_params": {"b_min": 1e4, "b_max": 4e4}}
+    old = load_config(write(tmp_path, {**TINY, "rope": {"head_bases": "uniform", **harpe}}))
+    new = load_config(write(tmp_path, {**TINY, "rope": {"head_base_strategy": "uniform", **harpe}}))
+    assert old.rope == new.rope and old.rope.group_bases(4).tolist() == [1e4, 2e4, 3e4, 4e4]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'rope.head_bases' is renamed 'rope.head_base_strategy'" in warnings[0]
+
+
+def test_old_and_new_name_of_a_setting_together_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'rope.head_bases' and 'rope.head_base_strategy' are both set"):
+        load_config(write(tmp_path, {**TINY, "rope": {"head_bases": "uniform", "head_base_strategy": "uniform"}}))
+
+
+def test_did_you_mean_names_the_new_name_of_a_renamed_setting(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'rope.head_base'.*did you mean 'rope.head_base_strategy'"):
+        load_config(write(tmp_path, {**TINY, "rope": {"head_base": "uniform"}}))

@@ -6,6 +6,7 @@ nothing of ours but megatron_ext.errors: the training, eval-suite and reproducti
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -14,6 +15,12 @@ from pathlib import Path
 import yaml
 
 from megatron_ext.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# A dataclass renames a setting by listing it in a class attribute of this name: {old name: new name}.
+# The old name keeps working for one release, with a one-line warning; "did you mean" knows both.
+RENAMED = "RENAMED_SETTINGS"
 
 
 class ConfigError(UserError, ValueError):
@@ -73,9 +80,12 @@ def from_dict(cls, raw: dict, prefix: str):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    raw = _rename_old_keys(cls, raw, prefix)
+    renamed = getattr(cls, RENAMED, {})
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
+            close = difflib.get_close_matches(str(key), [*known, *renamed], n=1)
+            close = [renamed.get(name, name) for name in close]
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"unknown key '{prefix}{key}': {hint}")
     values = {}
@@ -86,6 +96,24 @@ def from_dict(cls, raw: dict, prefix: str):
         else:
             values[key] = _coerce(value, kind, f"{prefix}{key}")
     return cls(**values)
+
+
+def _rename_old_keys(cls, raw: dict, prefix: str) -> dict:
+    """`raw` with the old names of renamed settings replaced by their new names (a warning each)."""
+    renamed = getattr(cls, RENAMED, {})
+    if not any(key in renamed for key in raw):
+        return raw
+    raw = dict(raw)
+    for old, new in renamed.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise ConfigError(f"'{prefix}{old}' and '{prefix}{new}' are both set: '{prefix}{old}' is the old name "
+                              f"of '{prefix}{new}'; keep only '{prefix}{new}'")
+        log.warning("config: '%s%s' is renamed '%s%s'; the old name still works in this release, then it is "
+                    "refused: rename it in your config", prefix, old, prefix, new)
+        raw[new] = raw.pop(old)
+    return raw
 
 
 def _coerce(value, kind, key):

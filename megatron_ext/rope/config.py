@@ -4,6 +4,7 @@ Pure python/torch: must not import megatron. The model and the training config b
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,9 @@ class RopeConfig:
                       list of bases it makes (what checkpoints and HF exports record as `head_bases`).
     rotary_percent:   fraction of each head's channels that is rotated.
     """
+
+    # old name -> new name, read by megatron_ext.config.reader (the old name warns for one release)
+    RENAMED_SETTINGS: ClassVar[dict[str, str]] = {"head_bases": "head_base_strategy"}
 
     base: float = 10000.0
     scaling: str = "default"
