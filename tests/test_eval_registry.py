@@ -4,6 +4,7 @@ command and a suite section with no other edit, and every built-in task is both.
 import argparse
 import dataclasses
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +104,31 @@ def test_every_registered_task_has_a_command_and_a_suite_section(name):
     assert config.settings[name] == task.settings(**changed)
     assert config.to_dict()[name] == dataclasses.asdict(task.settings(**changed))
     assert task.implementation().__name__ == task.module  # imports it and checks it defines the required hooks
+
+
+def test_the_suite_holds_one_model_at_a_time_besides_the_reference(toy_task, tmp_path, monkeypatch):
+    """Three models and a reference: each model is released before the next one loads (weak references see it
+    go), the reference stays for the tasks that compare with it and is loaded once."""
+    live, loads, most_alive = [0], [], [0]
+
+    def released():
+        live[0] -= 1
+
+    def load_tracked(path, name=None, **options):
+        model = FakeModel(name=name or Path(path).name, source=str(path))
+        loads.append(model.name)
+        weakref.finalize(model, released)
+        live[0] += 1
+        most_alive[0] = max(most_alive[0], live[0])
+        return model
+
+    monkeypatch.setattr("megatron_ext.eval.models.load_eval_model", load_tracked)
+    models = [{"path": f"ckpt/{name}", "name": name} for name in ("a", "b", "ref", "c")]
+    config = dict(models=models, attention_reference="ref", tasks=["toy"], output_dir=str(tmp_path / "out"),
+                  report="toy.md")
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", "suite", "--config", str(tmp_path / "suite.yaml")]) == 0
+    assert sorted(loads) == ["a", "b", "c", "ref"] and loads[0] == "ref"  # the reference first, and once
+    assert most_alive[0] == 2  # one evaluated model plus the reference
+    report = (tmp_path / "out" / "toy.md").read_text()
+    assert all(f"| {name} | `ckpt/{name}` | 100 |" in report for name in ("a", "b", "ref", "c"))

@@ -10,6 +10,7 @@ regression.
 
 import dataclasses
 import difflib
+import gc
 import re
 import time
 from dataclasses import dataclass, field
@@ -101,43 +102,66 @@ def load_suite_config(path, overrides: list[str] = ()) -> SuiteConfig:
     return config
 
 
-def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
-    """Evaluate every model on every task, write JSON, pictures and the report; return the report's path."""
-    from megatron_ext.eval.models import load_eval_model
+@dataclass
+class LoadedModel:
+    """What the report says of a model once the model itself is gone from memory."""
 
+    name: str
+    source: str | None
+    context_window: int | None
+
+
+def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
+    """Evaluate every model on every task, write JSON, pictures and the report; return the report's path.
+
+    One model is in memory at a time (a 7B checkpoint at 128k is tens of GiB): each is loaded, runs every
+    task, and is released before the next one loads. The attention reference, when a task compares with it,
+    stays loaded beside them."""
     started = time.perf_counter()
     for task in config.tasks:  # lm-eval installed, its tasks and their data here: before minutes of model loading
         TASKS[task].prepare(config.settings[task])
     output_dir = Path(config.output_dir)
     assets = output_dir / Path(config.report).stem
-    models = {}
-    for index, entry in enumerate(config.model_entries()):
-        model = load_eval_model(entry.path, name=entry.label, precision=config.precision,
-                                tensor_parallel_size=config.tensor_parallel_size,
-                                pipeline_parallel_size=config.pipeline_parallel_size,
-                                context_parallel_size=config.context_parallel_size,
-                                tokenizer_model=entry.tokenizer_model, setting=f"models[{index}].path")
-        models[model.name] = model
-    reference = models.get(config.attention_reference)
     tasks = [TASKS[task] for task in config.tasks]
+    entries = config.model_entries()
+    reference = None
+    if any(task.uses_reference for task in tasks) and config.attention_reference is not None:
+        index = next(i for i, entry in enumerate(entries) if entry.label == config.attention_reference)
+        reference = _load(config, entries[index], index)
     results = {task: {} for task in config.tasks}  # task -> model name -> result
     files = {task: {} for task in config.tasks}  # task -> model name -> the files written besides the JSON
-    for name, model in models.items():
+    models = {}  # model name -> LoadedModel, for the report
+    for index, entry in enumerate(entries):
+        is_reference = reference is not None and entry.label == reference.name
+        model = reference if is_reference else _load(config, entry, index)
+        models[model.name] = LoadedModel(model.name, model.source, model.context_window)
         for task in tasks:
-            if task.uses_reference and name == config.attention_reference:
+            if task.uses_reference and is_reference:
                 continue  # the reference is not compared with itself
             result = task.evaluate(model, config.settings[task.name], reference=reference)
-            results[task.name][name] = result
+            results[task.name][model.name] = result
             if is_reporting_rank():
-                print(f"\n{task.name} — {name}\n{result.table()}", flush=True)
-                result.save_json(assets / _slug(name) / f"{task.name}.json")
-                files[task.name][name] = task.output_files(result, assets / _slug(name))
+                print(f"\n{task.name} — {model.name}\n{result.table()}", flush=True)
+                result.save_json(assets / _slug(model.name) / f"{task.name}.json")
+                files[task.name][model.name] = task.output_files(result, assets / _slug(model.name))
+        del model
+        gc.collect()  # the next model loads into the memory this one held
     report = output_dir / config.report
     if is_reporting_rank():
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(render_report(config, models, results, files, report.parent, command,
                                         time.perf_counter() - started))
     return report
+
+
+def _load(config: SuiteConfig, entry: ModelEntry, index: int):
+    from megatron_ext.eval.models import load_eval_model
+
+    return load_eval_model(entry.path, name=entry.label, precision=config.precision,
+                           tensor_parallel_size=config.tensor_parallel_size,
+                           pipeline_parallel_size=config.pipeline_parallel_size,
+                           context_parallel_size=config.context_parallel_size,
+                           tokenizer_model=entry.tokenizer_model, setting=f"models[{index}].path")
 
 
 def _slug(name: str) -> str:
