@@ -62,6 +62,16 @@ def test_logits_of_chosen_rows_equal_those_rows_of_the_full_logits(request, mode
     torch.testing.assert_close(model.logits(tokens, rows=rows), model.logits(tokens)[:, rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_megatron", "tiny_llama"])
+def test_rows_outside_the_tokens_are_refused_not_wrapped(request, model_fixture):
+    """Row -1 used to mean the last row under Hugging Face and an IndexError in megatron's output-layer hook."""
+    model = request.getfixturevalue(model_fixture)
+    tokens = torch.randint(0, 600, (1, 10), generator=torch.Generator().manual_seed(3))
+    for rows in (torch.tensor([-1, 0, 1]), torch.tensor([9, 10])):
+        with pytest.raises(ValueError, match="outside the 10 positions"):
+            model.logits(tokens, rows=rows)
+
+
 def test_a_directory_that_is_no_model_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a megatron_ext checkpoint .* nor a Hugging Face"):
         load_eval_model(tmp_path)

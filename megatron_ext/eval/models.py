@@ -86,6 +86,14 @@ def causal_row_softmax(query_rows: torch.Tensor, key: torch.Tensor, rows: torch.
     return scores.masked_fill(future, float("-inf")).softmax(-1)
 
 
+def check_rows(rows: torch.Tensor | None, length: int) -> None:
+    """Refuse rows outside 0 .. length-1: a negative row would index from the end (another position's logits
+    under Hugging Face, an IndexError in megatron's output-layer hook) instead of failing at the caller."""
+    if rows is not None and len(rows) and not (0 <= int(rows.min()) and int(rows.max()) < length):
+        raise ValueError(f"logits rows {int(rows.min())} .. {int(rows.max())} are outside the {length} positions "
+                         "of the tokens: ask for rows 0 .. length-1 (row i predicts token i + 1)")
+
+
 # --- megatron_ext checkpoints ---------------------------------------------------------------
 
 
@@ -159,6 +167,7 @@ class MegatronExtModel:
         if position_ids is None:
             position_ids = torch.arange(tokens.size(1), device=self.device).expand_as(tokens)
         position_ids = position_ids.to(self.device)
+        check_rows(rows, tokens.size(1))
         cp_group = _context_parallel_group()
         if cp_group is not None:  # each rank runs its zig-zag share; the last stage gathers the rows asked for
             rows = torch.arange(tokens.size(1)) if rows is None else rows
@@ -330,6 +339,7 @@ class HFCausalLM:
         tokens = tokens.to(self.device)
         if position_ids is None:
             position_ids = torch.arange(tokens.size(1), device=self.device).expand_as(tokens)
+        check_rows(rows, tokens.size(1))
         keep = 0 if rows is None else rows.to(self.device)  # 0: every position
         return self.model(input_ids=tokens, position_ids=position_ids.to(self.device), use_cache=False,
                           logits_to_keep=keep).logits

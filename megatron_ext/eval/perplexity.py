@@ -1,9 +1,12 @@
 """Sliding-window perplexity per evaluated length, as in the PoSE paper's evaluation (after Press et al.).
 
-For a window of W tokens the model reads [BOS] + W-1 document tokens; the window moves by `stride`
-document tokens, and each window scores only the tokens no earlier window scored, so every document
-token is predicted exactly once, with up to W-1 tokens of context. Perplexity = exp(total NLL / scored
-tokens) over all documents (token-weighted, as PoSE's compute_perplexity).
+For a window of W tokens the model reads [BOS] + W-1 document tokens, or W document tokens when the
+tokenizer has no BOS (Qwen2); the window moves by `stride` document tokens, and each window scores only the
+tokens no earlier window scored, so every document token is predicted exactly once, with up to W-1 tokens of
+context. A window scores at most W-1 tokens (stride capped at W-1): the row that predicts its first scored
+token is BOS or a document token inside the window, never one the model did not read. Without BOS the
+document's first token has no row at all and is never scored. Perplexity = exp(total NLL / scored tokens)
+over all documents (token-weighted, as PoSE's compute_perplexity).
 """
 
 import glob
@@ -69,19 +72,27 @@ def evaluate_perplexity(model, settings: PerplexitySettings) -> PerplexityResult
         for window, window_nll_sum in zip(windows, nlls):
             document_nll[window[4]] += window_nll_sum
             document_tokens[window[4]] += window[3]
-        result.rows.append(PerplexityRow(length=length, stride=min(settings.stride, span), nll=nll / tokens,
+        result.rows.append(PerplexityRow(length=length, stride=window_stride(length, settings.stride), nll=nll / tokens,
                                          perplexity=math.exp(nll / tokens), tokens=tokens, windows=len(windows),
                                          document_nll=document_nll, document_tokens=document_tokens))
     return result
 
 
+def window_stride(length: int, stride: int) -> int:
+    """The stride used for windows of `length` tokens: at most length - 1, the tokens one window can score (with
+    BOS, the document tokens after it; without, all but the first, which is the context of the next one)."""
+    return min(stride, length - 1)
+
+
 def sliding_windows(num_tokens: int, length: int, stride: int, bos: bool) -> list[tuple[int, int, int]]:
     """(begin, end, scored) per window over a document: tokens [begin, end) are read, the last `scored` scored.
 
-    Without BOS the first token has nothing to be predicted from and is never scored.
+    Without BOS the first token has nothing to be predicted from and is never scored, and every later window
+    starts one token before the first token it scores (a stride of a whole window would leave that token
+    without a row predicting it).
     """
     span = length - 1 if bos else length
-    stride = min(stride, span)
+    stride = window_stride(length, stride)
     windows, scored_until = [], 0
     for begin in range(0, num_tokens, stride):
         end = min(begin + span, num_tokens)
@@ -99,6 +110,9 @@ def window_nll(model, window: list[int], scored: int) -> float:
     """Summed NLL (nats) of the last `scored` tokens of `window`, read after BOS when the tokenizer has one."""
     bos = [model.tokenizer.bos_id] if model.tokenizer.bos_id is not None else []
     tokens = torch.tensor([bos + list(window)], dtype=torch.long)
+    if not 0 < scored < tokens.size(1):  # the first token read has no row predicting it
+        raise ValueError(f"window_nll: cannot score {scored} of {len(window)} tokens read"
+                         f"{' after BOS' if bos else ' without BOS'}: at most {tokens.size(1) - 1}")
     targets = tokens[0, -scored:]
     rows = torch.arange(tokens.size(1) - scored - 1, tokens.size(1) - 1)  # row i predicts token i + 1
     logits = model.logits(tokens, rows=rows)[0]  # [scored, V]
@@ -166,7 +180,8 @@ def report_section(settings: PerplexitySettings, results: dict, files: dict, rep
     return ["## Sliding-window perplexity", "",
             f"Data: {', '.join(f'`{d}`' for d in settings.data)}; {first.documents} documents"
             f"{' (truncated to one window)' if settings.truncate else ''}, stride {settings.stride} (capped at the "
-            f"window), BOS prepended. Tokens scored per length: {', '.join(str(r.tokens) for r in first.rows)}.", "",
+            "window's length - 1: every scored token is predicted by a row the window read), BOS prepended when the "
+            f"tokenizer has one. Tokens scored per length: {', '.join(str(r.tokens) for r in first.rows)}.", "",
             per_length_table(results, lambda r: r.perplexity)]
 
 

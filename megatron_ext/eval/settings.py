@@ -25,7 +25,8 @@ class PerplexitySettings:
     lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384, 32768], metadata=dict(
         help="evaluated window sizes, BOS included"))
     stride: int = field(default=1024, metadata=dict(
-        help="tokens a window moves by (PoSE: 1024); capped at the window's document span, so no token is skipped"))
+        help="tokens a window moves by (PoSE: 1024); capped at the window's length - 1, the tokens one window "
+             "scores, so no token is skipped or predicted without a row the window read"))
     truncate: bool = field(default=False, metadata=dict(
         help="one window per document: its first length-1 tokens (PoSE's --truncate, used for GovReport)"))
     num_documents: int = field(default=20, metadata=dict(help="documents evaluated (the first that qualify)"))
