@@ -198,6 +198,30 @@ def test_an_export_through_lm_evals_own_hf_model_scores_as_the_checkpoint(plain,
     assert len(differences) == 3 * len(QUESTIONS) and max(differences) < 1e-4
 
 
+def test_rolling_loglikelihoods_equal_lm_evals_hf_model_without_its_second_bos(plain, tasks, tmp_path):
+    """Rolling loglikelihoods (perplexity tasks): lm-eval's `hf` model puts its own prefix token before a
+    tokenizer that adds BOS itself, so by default it scores BOS after BOS (a known lm-eval issue). With
+    `add_bos_token=False` its windows are ours and the scores equal; by default they differ."""
+    from lm_eval.api.registry import get_model
+
+    from megatron_ext.eval.harness.settings import LmEvalSettings
+    from megatron_ext.eval.harness.task import run_harness
+
+    checkpoint, export = plain
+    run_lm_eval(checkpoint, tasks["rolling"], output=tmp_path)
+    ours = [sample["resps"][0][0] for sample in samples(tmp_path, "tiny_rolling")]
+    scores = {}
+    for add_bos in (False, None):
+        options = dict(add_bos_token=add_bos) if add_bos is not None else {}
+        hf = get_model("hf")(pretrained=str(export), dtype="float32", device="cpu", batch_size=2,
+                             max_length=MAX_LENGTH, **options)
+        theirs = run_harness(hf, LmEvalSettings(tasks=[tasks["rolling"]], log_samples=True))
+        scores[add_bos] = [sample["resps"][0][0] for sample in theirs["samples"]["tiny_rolling"]]
+    assert len(ours) == len(PASSAGES)
+    assert max(abs(a - b) for a, b in zip(ours, scores[False])) < 1e-4
+    assert min(abs(a - b) for a, b in zip(ours, scores[None])) > 1  # measured: 6.7 to 14.4 nats per passage
+
+
 def test_a_max_length_beyond_the_trained_window_is_warned_not_refused(plain, tasks, tmp_path, caplog):
     checkpoint, _ = plain  # trained window 512
     assert main(["eval", "lm-eval", "--model", str(checkpoint), "--tasks", tasks["choice"], "--limit", "1",
