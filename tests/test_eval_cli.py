@@ -124,3 +124,26 @@ def test_a_task_command_prints_its_table_and_writes_json_png_and_csv(llama_dir, 
     assert (result["task"], result["model"], result["lengths"], result["depths"]) == ("needle", "tiny", [200, 240],
                                                                                       [0.0, 1.0])
     assert (tmp_path / "needle_heatmap.png").is_file() and (tmp_path / "needle.csv").is_file()
+
+
+def test_attention_with_pipeline_parallelism_stops_before_any_model_loads(capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("megatron_ext.eval.models.load_eval_model", no_loading)
+    assert eval_main("attention", "--model", "a", "--reference", "b", "--pipeline-parallel-size", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-ext eval: attention holds every layer on one rank") and "size 1" in err
+
+
+def test_missing_perplexity_data_stops_before_any_model_loads(capsys, tmp_path):
+    assert eval_main("perplexity", "--model", "/nonexistent", "--data", str(tmp_path / "absent.jsonl")) == 2
+    assert "perplexity.data" in capsys.readouterr().err
+
+
+def test_a_suite_with_attention_at_pp2_is_refused_before_loading(tmp_path, capsys):
+    path = write_suite(tmp_path / "suite.yaml", tasks=["attention"], pipeline_parallel_size=2,
+                       models=[{"path": "unused", "name": "a"}, {"path": "unused2", "name": "b"}],
+                       attention_reference="b")
+    assert eval_main("suite", "--config", str(path)) == 2
+    assert "attention holds every layer on one rank" in capsys.readouterr().err

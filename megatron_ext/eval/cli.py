@@ -99,7 +99,7 @@ def run_eval(args) -> int:
     task = TASKS[args.eval_task]
     settings = settings_from_args(args, task.settings)
     settings.validate()
-    task.prepare(settings)
+    task.prepare(settings, pipeline_parallel_size=args.pipeline_parallel_size)
     model, reference = _load_models(args)
     result = task.evaluate(model, settings, reference=reference)
     if is_reporting_rank():

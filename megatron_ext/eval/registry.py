@@ -15,6 +15,7 @@ from types import ModuleType
 from megatron_ext.eval.harness.settings import LmEvalSettings
 from megatron_ext.eval.settings import (
     AttentionSettings,
+    EvalSettingsError,
     NeedleSettings,
     PasskeySettings,
     PerplexitySettings,
@@ -43,6 +44,7 @@ class EvalTask:
     module: str  # the implementation, imported on first use; defines HOOKS
     uses_reference: bool = False  # compares with a second model: `--reference`, the suite's attention_reference
     in_default_suite: bool = True  # run by a suite whose config lists no `tasks` (False: needs settings or installs)
+    pipeline_parallel: bool = True  # runs with pipeline_parallel_size > 1 (False: needs every layer on one rank)
 
     @property
     def command(self) -> str:
@@ -63,8 +65,12 @@ class EvalTask:
             return self.implementation().evaluate(model, settings, reference=reference)
         return self.implementation().evaluate(model, settings)
 
-    def prepare(self, settings) -> None:
+    def prepare(self, settings, *, pipeline_parallel_size: int = 1) -> None:
         """The task's checks that must pass before any model loads."""
+        if pipeline_parallel_size > 1 and not self.pipeline_parallel:
+            raise EvalSettingsError(f"{self.name} holds every layer on one rank, but the pipeline parallel size is "
+                                    f"{pipeline_parallel_size}: evaluate it with pipeline parallel size 1 (any saved "
+                                    "layout loads; use tensor or context parallelism to spread the model)")
         check = getattr(self.implementation(), "prepare", None)
         if check:
             check(settings)
@@ -103,6 +109,6 @@ register(EvalTask("needle", "needle-in-a-haystack grid: heatmap PNG and CSV", Ne
 register(EvalTask("ruler", "RULER-style tasks: multi-key NIAH, multi-value NIAH, variable tracking", RulerSettings,
                   "megatron_ext.eval.ruler"))
 register(EvalTask("attention", "attention entropy per layer/head, JS divergence to a reference", AttentionSettings,
-                  "megatron_ext.eval.attention", uses_reference=True))
+                  "megatron_ext.eval.attention", uses_reference=True, pipeline_parallel=False))
 register(EvalTask("lm_eval", "EleutherAI lm-evaluation-harness tasks (short-context regression), offline",
                   LmEvalSettings, "megatron_ext.eval.harness.task", in_default_suite=False))

@@ -4,7 +4,10 @@ The task functions, the `megatron-ext eval` flags and the suite's YAML sections 
 these. Standard library only, so building the command line stays cheap.
 """
 
+import glob
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from megatron_ext.errors import UserError
 from megatron_ext.eval.prompts import PASSKEY_FILLER
@@ -42,6 +45,18 @@ class PerplexitySettings:
         if self.stride < 1 or self.num_documents < 1:
             raise EvalSettingsError(f"perplexity.stride ({self.stride}) and num_documents ({self.num_documents}) "
                                     "must be >= 1")
+        missing = [source for source in self.data if not perplexity_source_paths(source)]
+        if missing:
+            raise EvalSettingsError(f"perplexity.data {missing}: no such file, glob match or indexed dataset "
+                                    "(PREFIX.idx/.bin): give JSONL or text files, a glob, or an indexed-dataset prefix")
+
+
+def perplexity_source_paths(source: str) -> list[str]:
+    """The files one entry of perplexity.data names: [PREFIX] for an indexed dataset, else its glob's matches."""
+    source = source.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+    if Path(source + ".idx").is_file() and Path(source + ".bin").is_file():
+        return [source]
+    return sorted(glob.glob(source, recursive=True))
 
 
 @dataclass

@@ -119,7 +119,7 @@ def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
     stays loaded beside them."""
     started = time.perf_counter()
     for task in config.tasks:  # lm-eval installed, its tasks and their data here: before minutes of model loading
-        TASKS[task].prepare(config.settings[task])
+        TASKS[task].prepare(config.settings[task], pipeline_parallel_size=config.pipeline_parallel_size)
     output_dir = Path(config.output_dir)
     assets = output_dir / Path(config.report).stem
     tasks = [TASKS[task] for task in config.tasks]
