@@ -106,7 +106,7 @@ def test_jsonl_and_indexed_dataset_give_the_same_perplexity(tiny_megatron, tmp_p
 
 
 def test_missing_data_names_the_setting(tiny_megatron, tmp_path):
-    with pytest.raises(FileNotFoundError, match="perplexity data"):
+    with pytest.raises(ValueError, match=r"perplexity.data \[.*nothing\*.jsonl'\]: no such file"):
         evaluate_perplexity(tiny_megatron, PerplexitySettings(data=[str(tmp_path / "nothing*.jsonl")], lengths=[8]))
     with pytest.raises(ValueError, match="perplexity.data is empty"):
         evaluate_perplexity(tiny_megatron, PerplexitySettings(lengths=[8]))
