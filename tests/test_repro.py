@@ -337,3 +337,16 @@ def test_retrieval_pretraining_that_does_not_retrieve_stops_the_run(tmp_path):
 def test_bad_retrieval_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_repro_config(CONFIG, ["tracks=[perplexity,retrieval]", override])
+
+
+@pytest.mark.slow
+def test_a_child_run_that_refuses_its_settings_is_one_user_error_not_a_traceback(tmp_path):
+    """A study's training child exits 2 with one `megatron-ext train: ...` line: the study says that line (a
+    UserError: one line from `megatron-ext repro`, exit 2); a crash keeps the log's tail and the traceback."""
+    from megatron_ext.errors import UserError
+    from megatron_ext.repro.runner import run_training
+
+    raw = {"data": {"tiny_corpus": True}, "optimizer": {"lrr": 1e-3}, "logging": {"metrics_file": str(tmp_path / "m")}}
+    with pytest.raises(UserError, match=r"refused its settings .*unknown key 'optimizer.lrr'") as refused:
+        run_training(raw, tmp_path / "run")
+    assert "\n" not in str(refused.value) and "Traceback" not in str(refused.value)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_ext.errors import UserError
 from megatron_ext.repro.config import ReproConfig
 from megatron_ext.repro.data import prepare_repro_data
 
@@ -54,6 +55,17 @@ def train_yaml(config: ReproConfig, *, seq_length: int, rope: dict, pose: dict, 
     }
 
 
+def _raise_child_failure(code: int, log: Path) -> None:
+    """A child that refused its settings (exit 2, one `megatron-ext train: ...` line) is the user's to fix: say
+    that line as ours. Anything else is a crash: its log's tail, with our traceback."""
+    text = log.read_text(errors="replace")
+    refusals = [line for line in text.splitlines() if line.startswith("megatron-ext train: ")]
+    if code == 2 and refusals:
+        raise UserError(f"a training run of the study refused its settings ({log}): "
+                        f"{refusals[-1].removeprefix('megatron-ext train: ')}")
+    raise RuntimeError(f"training in {log.parent} failed (exit {code}); see {log}:\n{text[-3000:]}")
+
+
 def run_training(raw: dict, run_dir: Path) -> dict:
     """Train in a child process; its wall time, peak RSS, last checkpoint and losses. Raises on failure."""
     from megatron_ext.checkpoint.layout import find_checkpoint
@@ -71,8 +83,7 @@ def run_training(raw: dict, run_dir: Path) -> dict:
     seconds = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        tail = (run_dir / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"training in {run_dir} failed (exit {code}); see {run_dir / 'train.log'}:\n{tail}")
+        _raise_child_failure(code, run_dir / "train.log")
     losses = {int(r["iteration"]): r["loss"] for r in map(json.loads, metrics.read_text().splitlines())
               if "loss" in r}
     checkpoint = find_checkpoint(raw["checkpoint"]["dir"], "auto")
