@@ -310,3 +310,11 @@ def test_config_time_validation_needs_no_base_or_dim():
     validate_rope_params("yarn", factor=32.0, original_max_position_embeddings=4096, mscale=None, truncate=False)
     validate_rope_params("llama3")
     validate_rope_params("default")
+
+
+def test_only_dynamic_ntk_follows_the_sequence_length():
+    """Derived from the scaling functions (a `seq_len` parameter), so a new length-dependent scaling is found
+    by every place that recomputes frequencies per forward or refuses a rotated-key cache."""
+    from megatron_ext.rope.scaling import follows_sequence_length, rope_types
+
+    assert [name for name in rope_types() if follows_sequence_length(name)] == ["dynamic"]

@@ -29,7 +29,7 @@ class PerGroupRotation:
 
     def start_forward(self, position_ids: torch.Tensor) -> None:
         self.position_ids = position_ids
-        if self.rope.scaling == "dynamic":  # frequencies follow the current length, as in megatron_ext
+        if self.rope.follows_sequence_length:  # frequencies follow the current length, as in megatron_ext
             seq_len = int(position_ids.max()) + 1
             self.inv_freq, self.attention_factor = self.rope.inv_freq(self.bases, self.rotary_dim, seq_len=seq_len)
 

@@ -82,7 +82,7 @@ class LongContextGPTModel(GPTModel):
 
     def _set_dynamic_length(self, position_ids):
         """The 'dynamic' scaling depends on the current length: the largest id + 1 over all CP ranks."""
-        if self.config.rope.scaling != "dynamic":
+        if not self.config.rope.follows_sequence_length:
             return
         longest = position_ids.max().reshape(1) + 1
         cp_group = self.pg_collection.cp

@@ -38,14 +38,14 @@ class RotaryProvider(torch.nn.Module):
         # derived from the config, so they do not belong in checkpoints.
         self.local_bases = bases[:1] if self.shared_base else bases
         self.inv_freq, self.attention_factor = self._frequencies(seq_len=None)
-        self.dynamic_seq_len: int | None = None  # set by the model for the 'dynamic' scaling
+        self.dynamic_seq_len: int | None = None  # set by the model for scalings that follow the sequence length
 
     def _frequencies(self, seq_len):
         inv_freq, factor = self.rope.inv_freq(self.local_bases, self.rotary_dim, seq_len=seq_len)
         return (inv_freq[0] if self.shared_base else inv_freq), factor  # [r/2] or [g_local, r/2]
 
     def frequencies(self, device) -> torch.Tensor:
-        if self.rope.scaling == "dynamic" and self.dynamic_seq_len is not None:
+        if self.rope.follows_sequence_length and self.dynamic_seq_len is not None:
             self.inv_freq, self.attention_factor = self._frequencies(self.dynamic_seq_len)
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)

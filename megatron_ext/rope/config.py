@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from megatron_ext.rope.bases import head_bases, validate_head_bases
-from megatron_ext.rope.scaling import is_valid_base, rope_inv_freq, validate_rope_params
+from megatron_ext.rope.scaling import follows_sequence_length, is_valid_base, rope_inv_freq, validate_rope_params
 
 
 @dataclass
@@ -77,10 +77,15 @@ class RopeConfig:
         seq_len is the current length, used by the dynamic scaling only.
         """
         params = dict(self.scaling_params)
-        if self.scaling == "dynamic" and seq_len is not None:
+        if self.follows_sequence_length and seq_len is not None:
             params["seq_len"] = seq_len
         rows, factors = zip(*(rope_inv_freq(self.scaling, base=float(b), dim=rotary_dim, **params) for b in bases))
         return torch.stack(rows), factors[0]
+
+    @property
+    def follows_sequence_length(self) -> bool:
+        """The frequencies depend on the current length (dynamic NTK): recomputed per forward, no rotated-key cache."""
+        return follows_sequence_length(self.scaling)
 
     def describe(self, num_query_groups: int) -> str:
         """One line for people: base, scaling and, for HARPE, the bases per KV group."""

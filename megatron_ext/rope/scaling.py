@@ -173,6 +173,12 @@ def rope_types() -> list[str]:
     return list(ROPE_SCALINGS)
 
 
+def follows_sequence_length(rope_type: str) -> bool:
+    """Whether the scaling's frequencies change with the current sequence length (its function takes
+    `seq_len`: dynamic NTK): such a model recomputes them per forward and cannot cache rotated keys."""
+    return "seq_len" in inspect.signature(ROPE_SCALINGS[rope_type]).parameters
+
+
 # ----------------------------------------------------------------------------- validation
 
 

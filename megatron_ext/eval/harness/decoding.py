@@ -67,7 +67,7 @@ def megatron_cache_works(model: MegatronExtModel) -> bool:
 
     return (ps.get_pipeline_model_parallel_world_size() == ps.get_context_parallel_world_size() == 1
             and (ps.get_tensor_model_parallel_world_size() == 1 or model.device.type == "cuda")
-            and model.model.config.rope.scaling != "dynamic")
+            and not model.model.config.rope.follows_sequence_length)
 
 
 class MegatronCachedDecoder:
