@@ -195,6 +195,43 @@ def test_a_failed_run_is_not_requeued(tmp_path):
     assert "scontrol" not in log.read_text()
 
 
+def test_a_refused_checkpoint_lock_requeues_a_few_times_then_stops(tmp_path):
+    """The ranks stand-in takes checkpoint.dir's lock with the real lock module, as rank 0 of `train` does."""
+    from megatron_ext.checkpoint.lock import LOCK_FILE, REFUSALS_FILE_VARIABLE
+
+    env, log = _fake_cluster(tmp_path, 0)
+    (tmp_path / "bin" / "srun").write_text(
+        f'#!/bin/bash\n"{sys.executable}" -c "import sys; from megatron_ext.checkpoint.lock import *\n'
+        f'try: lock_checkpoint_dir(sys.argv[1])\nexcept CheckpointDirLocked: sys.exit(2)" "$CKPT"\n')
+    (tmp_path / "logs").mkdir()
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    lock = checkpoint / LOCK_FILE
+    lock.write_text(json.dumps({"host": "gpu-node-07", "pid": 4242, "heartbeat_s": 30.0}))  # a live job's
+    env |= {"CKPT": str(checkpoint), "PYTHONPATH": str(ROOT)}
+    script = ROOT / "examples" / "slurm" / "train_pose_2k_to_128k.sbatch"
+    assert f"export {REFUSALS_FILE_VARIABLE}=" in script.read_text()
+
+    def run_job():
+        return subprocess.run(["bash", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+
+    for refusal in (1, 2, 3):
+        result = run_job()
+        assert result.returncode == 0, result.stderr
+        assert f"(refusal {refusal} of 3): requeueing job 77" in result.stdout
+        assert log.read_text().splitlines() == ["scontrol requeue 77"] * refusal
+    result = run_job()  # a lock held that long belongs to a job that runs: no endless requeues
+    assert result.returncode == 2 and "still locked after 3 requeues" in result.stderr
+    assert log.read_text().count("scontrol requeue") == 3
+
+    stale = time.time() - 3600  # its heartbeat stopped: the next run takes the lock and the count starts over
+    os.utime(lock, (stale, stale))
+    result = run_job()
+    assert result.returncode == 0 and log.read_text().count("scontrol requeue") == 3
+    assert not (tmp_path / "logs" / "lock-refusals-77").exists()
+
+
 def test_apptainer_runtime_wraps_each_task(tmp_path):
     env, log = _fake_cluster(tmp_path, 0)
     env |= {"CONTAINER_RUNTIME": "apptainer", "CONTAINER_IMAGE": "/img/megatron_ext.sif", "CONTAINER_MOUNTS": ""}

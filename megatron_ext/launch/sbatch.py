@@ -84,6 +84,14 @@ RUN_WITH_REQUEUE = """\
 # Before the time limit SLURM sends USR1 to this script (--signal=B:USR1@...); srun forwards it to
 # every rank, which finishes its step, saves a checkpoint and exits. Then the job requeues itself
 # and the next run continues from the newest checkpoint (--resume auto).
+# A checkpoint.dir lock held by another job stops the run before its first step, and rank 0 appends
+# why to $MEGATRON_EXT_LOCK_REFUSED. That job may be gone without its lock looking stale yet (its node
+# died a moment ago): requeue, up to $LOCK_REQUEUES times in a row, and the lock is taken over once it
+# does (megatron_ext/checkpoint/lock.py). A run that got the lock starts the count again.
+export MEGATRON_EXT_LOCK_REFUSED="$PWD/logs/lock-refusals-$SLURM_JOB_ID"
+LOCK_REQUEUES=3
+lock_refusals() { if [[ -f $MEGATRON_EXT_LOCK_REFUSED ]]; then wc -l < "$MEGATRON_EXT_LOCK_REFUSED"; else echo 0; fi; }
+refusals_before=$(lock_refusals)
 stop_requested=0
 srun_pid=
 # shellcheck disable=SC2317  # called by the trap below
@@ -106,6 +114,17 @@ if (( stop_requested )); then
   echo "requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}); it resumes from the newest checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
+fi
+refusals=$(lock_refusals)
+if (( refusals > refusals_before )); then
+  if (( refusals <= LOCK_REQUEUES )); then
+    echo "checkpoint.dir locked by another job (refusal $refusals of $LOCK_REQUEUES): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "checkpoint.dir still locked after $LOCK_REQUEUES requeues: not requeueing again" >&2
+else
+  rm -f "$MEGATRON_EXT_LOCK_REFUSED"
 fi
 exit "$status"
 """
