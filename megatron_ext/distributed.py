@@ -130,6 +130,8 @@ def setup_distributed(parallel):
         hierarchical = None  # only the a2a+p2p exchange reads megatron's hierarchical CP groups
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_model_parallel_size,
                                  pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+                                 virtual_pipeline_model_parallel_size=getattr(
+                                     parallel, "virtual_pipeline_model_parallel_size", None),
                                  context_parallel_size=parallel.context_parallel_size,
                                  hierarchical_context_parallel_sizes=hierarchical)
     return device

@@ -68,6 +68,10 @@ class DataConfig:
     tokenizer_vocab_size: int = 2000  # for the tokenizer trained on the tiny corpus
     cache_dir: str = "runs/cache"
     upsample: dict[str, dict] = field(default_factory=dict)  # source -> {min_tokens, factor}
+    # validation (training.eval_interval): its own prefixes, or megatron's split string over the training data's
+    # documents ("train,valid[,test]" weights, e.g. "98,2,0"; each source split alike)
+    valid_data: list[str] = field(default_factory=list)
+    split: str | None = None
 
     def tokenizer_source(self) -> tuple[str, str | None, str | None]:
         """(the setting that names the tokenizer, its path or None, its kind or None: detect it from the files)."""
@@ -88,6 +92,8 @@ class ParallelConfig:
     ddp_bucket_size: int | None = None  # parameters per gradient bucket; None: megatron's max(40M, 1M x DP)
     cp_comm_type: str = "p2p"  # context-parallel attention exchange: p2p | a2a | allgather | a2a+p2p
     hierarchical_context_parallel_sizes: list[int] | None = None  # a2a+p2p: [a2a group, p2p ring], product = CP
+    # interleaved 1F1B: each PP rank holds this many model chunks of num_layers / (PP x VPP) layers; None: off
+    virtual_pipeline_model_parallel_size: int | None = None
 
 
 @dataclass
@@ -119,6 +125,11 @@ class TrainingConfig:
     fp8_amax_history_len: int = 1  # delayed recipe: amax history window (megatron-core's default)
     fp8_amax_compute_algo: str = "most_recent"  # delayed recipe: most_recent | max over the history
     fp8_margin: int = 0  # delayed recipe: scale = 2^-margin x the largest value FP8 holds / amax
+    eval_interval: int | None = None  # validation loss every this many iterations (and after the last); None: off
+    eval_iters: int = 10  # validation iterations of global_batch_size samples each (the same samples every time)
+    # megatron-LM's [start, increment, samples]: the global batch grows from start by increment over that many
+    # samples, up to global_batch_size; iterations count steps of whatever batch size (megatron_ext/training/batches.py)
+    rampup_batch_size: list[int] | None = None
 
     @property
     def fp8_format(self) -> str | None:
@@ -136,8 +147,10 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_iters: int = 10
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    lr_decay_style: str = "cosine"  # cosine | linear | constant | WSD (warmup-stable-decay)
     lr_decay_iters: int | None = None  # None: train_iters
+    lr_wsd_decay_iters: int | None = None  # WSD: the last this many iterations of lr_decay_iters anneal to min_lr
+    lr_wsd_decay_style: str = "exponential"  # WSD's anneal: exponential | linear | cosine | minus_sqrt (megatron-LM's)
 
 
 @dataclass
@@ -224,7 +237,8 @@ CHOICES = {
     "training.fp8": ("off", False, "hybrid", "e4m3"),
     "training.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
     "training.fp8_amax_compute_algo": ("most_recent", "max"),
-    "optimizer.lr_decay_style": ("cosine", "linear", "constant"),
+    "optimizer.lr_decay_style": ("cosine", "linear", "constant", "WSD"),
+    "optimizer.lr_wsd_decay_style": ("exponential", "linear", "cosine", "minus_sqrt"),
 }
 
 
@@ -276,6 +290,8 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     _validate_overlap(p)
     _validate_context_parallel(c)
     _validate_fp8(t)
+    _validate_schedule(c)
+    _validate_validation(c, check_files)
     c.logging.profile_window()
     check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optimizer.lr ({o.lr}) must be > 0 and optimizer.min_lr ({o.min_lr}) in [0, lr]")
@@ -339,6 +355,69 @@ def _validate_numbers(c: TrainConfig) -> None:
                                    "number of iterations between checkpoints")
     check(t.nonfinite_patience >= 0, f"training.nonfinite_patience ({t.nonfinite_patience}) must be >= 0: the "
                                      "consecutive non-finite iterations training.nonfinite=skip tolerates")
+
+
+def _validate_schedule(c: TrainConfig) -> None:
+    """WSD, the batch-size ramp-up and interleaved pipeline stages (megatron-LM's rules; training/batches.py)."""
+    o, t, p, m = c.optimizer, c.training, c.parallel, c.model
+    decay_iters = o.lr_decay_iters or t.train_iters
+    wsd = o.lr_wsd_decay_iters
+    check(o.lr_decay_style != "WSD" or (wsd is not None and 1 <= wsd <= decay_iters - o.warmup_iters),
+          f"optimizer.lr_decay_style=WSD anneals over optimizer.lr_wsd_decay_iters ({wsd}), which must be in "
+          f"[1, {decay_iters - o.warmup_iters}] (lr_decay_iters minus warmup_iters): e.g. "
+          f"optimizer.lr_wsd_decay_iters={max(1, decay_iters // 10)}")
+    check(wsd is None or o.lr_decay_style == "WSD",
+          f"optimizer.lr_wsd_decay_iters ({wsd}) is read only by optimizer.lr_decay_style=WSD: set that, or remove it")
+    ramp = t.rampup_batch_size
+    if ramp is not None:
+        check(len(ramp) == 3 and all(_is_int(n) and n >= 1 for n in ramp),
+              f"training.rampup_batch_size ({ramp}) must be [start, increment, samples] >= 1, e.g. [4, 4, 1000]")
+        start, increment, _ = ramp
+        check(start < t.global_batch_size and (t.global_batch_size - start) % increment == 0,
+              f"training.rampup_batch_size: start {start} plus steps of {increment} must reach "
+              f"training.global_batch_size ({t.global_batch_size})")
+        check(start % t.micro_batch_size == 0 and increment % t.micro_batch_size == 0,
+              f"training.rampup_batch_size: start ({start}) and increment ({increment}) must be multiples of "
+              f"training.micro_batch_size ({t.micro_batch_size}): every batch is whole micro-batches")
+    vpp, pp = p.virtual_pipeline_model_parallel_size, p.pipeline_model_parallel_size
+    if vpp is not None:
+        check(vpp >= 2 and pp >= 2,
+              f"parallel.virtual_pipeline_model_parallel_size ({vpp}) interleaves >= 2 model chunks per pipeline "
+              f"rank and needs parallel.pipeline_model_parallel_size >= 2 (now {pp}): or leave it unset (null)")
+        check(m.num_layers % (pp * vpp) == 0,
+              f"parallel.virtual_pipeline_model_parallel_size ({vpp}) x pipeline_model_parallel_size ({pp}) must "
+              f"divide model.num_layers ({m.num_layers}): each chunk holds num_layers / (PP x VPP) layers")
+
+
+def _validate_validation(c: TrainConfig, check_files: bool) -> None:
+    """training.eval_interval and where its samples come from (data.valid_data or data.split)."""
+    t, d = c.training, c.data
+    check(t.eval_interval is None or t.eval_interval >= 1,
+          f"training.eval_interval ({t.eval_interval}) must be >= 1 iterations, or null for no validation")
+    check(t.eval_iters >= 1, f"training.eval_iters ({t.eval_iters}) must be >= 1")
+    split = split_weights(d.split) if d.split is not None else None
+    if t.eval_interval is None:
+        check(not d.valid_data, "data.valid_data is read only with training.eval_interval: set "
+                                "training.eval_interval=N to validate every N iterations, or remove data.valid_data")
+        return
+    check(bool(d.valid_data) != bool(split and split[1] > 0),
+          "training.eval_interval needs validation data: give data.valid_data (indexed-dataset prefixes) or "
+          "data.split with a validation part, e.g. data.split=98,2,0 - one of them, not both")
+    if check_files:
+        for prefix in d.valid_data:
+            check(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(),
+                  f"data.valid_data: {prefix}.bin/.idx not found; make them with `megatron-ext preprocess`")
+
+
+def split_weights(split: str) -> list[float]:
+    """megatron's split string "969,30,1" (train, valid[, test]) as three weights; refused when malformed."""
+    try:
+        weights = [float(part) for part in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        weights = []
+    check(len(weights) in (2, 3) and all(w >= 0 and math.isfinite(w) for w in weights) and weights[0] > 0,
+          f"data.split ({split!r}) must be train,valid[,test] weights with a training part, e.g. 98,2,0")
+    return (weights + [0.0])[:3]
 
 
 def _validate_overlap(p: ParallelConfig) -> None:

@@ -102,6 +102,11 @@ def transformer_config(config: TrainConfig, device):
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        # with PP=2 a rank's previous and next stage are one rank: batched p2p ops (one tag) then pair an
+        # activation with a gradient on gloo (measured: losses differ from micro-batch 3 on); megatron-LM also
+        # sends them one by one with virtual stages
+        batch_p2p_comm=p.virtual_pipeline_model_parallel_size is None,
         use_cpu_initialization=device.type == "cpu", params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, normalization=m.normalization, layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu, activation_func=F.silu if m.swiglu else F.gelu, add_bias_linear=False,
@@ -114,8 +119,10 @@ def transformer_config(config: TrainConfig, device):
     )
 
 
-def build_gpt(config: TrainConfig, vocab_size: int, device, *, pre_process=None, post_process=None):
-    """The bare LongContextGPTModel of this pipeline stage (no DDP, no Float16Module), on `device`."""
+def build_gpt(config: TrainConfig, vocab_size: int, device, *, pre_process=None, post_process=None,
+              vp_stage: int | None = None):
+    """The bare LongContextGPTModel of this pipeline stage (no DDP, no Float16Module), on `device`; with
+    parallel.virtual_pipeline_model_parallel_size, its model chunk `vp_stage`."""
     from megatron.core import parallel_state as ps
 
     from megatron_ext.models import LongContextGPTModel, layer_spec
@@ -123,9 +130,11 @@ def build_gpt(config: TrainConfig, vocab_size: int, device, *, pre_process=None,
     tc = transformer_config(config, device)
     return LongContextGPTModel(
         tc, layer_spec(normalization=config.model.normalization), vocab_size, config.model.seq_length,
-        pre_process=ps.is_pipeline_first_stage() if pre_process is None else pre_process,
-        post_process=ps.is_pipeline_last_stage() if post_process is None else post_process,
-        share_embeddings_and_output_weights=config.model.tie_embeddings,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) if pre_process is None
+        else pre_process,
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) if post_process is None
+        else post_process,
+        share_embeddings_and_output_weights=config.model.tie_embeddings, vp_stage=vp_stage,
     ).to(device)
 
 
@@ -146,6 +155,7 @@ def load_model(checkpoint, device, *, precision_override: str | None = None, set
     config.parallel.tensor_model_parallel_size = ps.get_tensor_model_parallel_world_size()
     config.parallel.pipeline_model_parallel_size = ps.get_pipeline_model_parallel_world_size()
     config.parallel.context_parallel_size = ps.get_context_parallel_world_size()
+    config.parallel.virtual_pipeline_model_parallel_size = None  # one model chunk per stage
     config.parallel.sequence_parallel = False  # inference reads whole sequences; the weights do not depend on it
     # the training run's CP exchange (its a2a groups) need not fit this layout: the ring fits any
     config.parallel.cp_comm_type, config.parallel.hierarchical_context_parallel_sizes = "p2p", None

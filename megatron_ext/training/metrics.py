@@ -54,10 +54,10 @@ class TrainLogger:
         if self.tensorboard is not None:
             for key, value in metrics.items():
                 if value is not None and math.isfinite(value):
-                    self.tensorboard.add_scalar(f"train/{key}", value, iteration)
+                    self.tensorboard.add_scalar(metric_tag(key), value, iteration)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if v is not None}, step=iteration)
-        if iteration % self.log_interval == 0:
+            self.wandb.log({metric_tag(k): v for k, v in metrics.items() if v is not None}, step=iteration)
+        if iteration % self.log_interval == 0 or "valid_loss" in metrics:
             parts = [f"iter {iteration}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items()
                                               if v is not None and k not in RANK_STEP_KEYS]
             if "slowest_rank" in metrics:
@@ -73,6 +73,11 @@ class TrainLogger:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def metric_tag(key: str) -> str:
+    """TensorBoard / W&B tag: valid_loss -> valid/loss (validation, training.eval_interval), loss -> train/loss."""
+    return f"valid/{key[len('valid_'):]}" if key.startswith("valid_") else f"train/{key}"
 
 
 def _fmt(value) -> str:

@@ -23,7 +23,10 @@ from megatron_ext.errors import UserError
 from megatron_ext.models.builder import build_gpt, check_fp8_machine
 from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size, peak_tflops
 from megatron_ext.training.metrics import ProfileRecorder, RankStepTimes, TimedCalls, TrainLogger, phase
+from megatron_ext.training.batches import check_batch_layout, micro_batches, training_samples
+from megatron_ext.training.loss_plot import plot_losses
 from megatron_ext.training.start import Start, settle_start
+from megatron_ext.training.validation import Validation
 
 log = logging.getLogger("megatron_ext")
 
@@ -49,6 +52,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     hold_checkpoint_dir(config.checkpoint.dir)
     from megatron.core import parallel_state as ps
 
+    check_batch_layout(config, ps.get_data_parallel_world_size())
     tokenizer, data_prefixes = prepare_data(config)
     vocab_size = padded_vocab_size(config.model.vocab_size or tokenizer.vocab_size,
                                    config.parallel.tensor_model_parallel_size)
@@ -81,6 +85,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
         log.info("megatron_ext: starting from random weights")
 
     batches = build_batches(config, tokenizer, data_prefixes, start_iteration)
+    validation = Validation(config, tokenizer, data_prefixes)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     logger = TrainLogger(
         enabled=rank == world - 1,  # a rank of the last pipeline stage, which holds the loss
@@ -109,6 +114,7 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     for iteration in range(start_iteration + 1, config.training.train_iters + 1):
         with profiler.iteration(iteration):
             started = time.perf_counter()
+            batch_size = getattr(batches, "current_global_batch_size", config.training.global_batch_size)
             loss, grad_norm, finite = train_step(model, optimizer, scheduler, batches.next_iteration(), config)
             seconds = time.perf_counter() - started
             param_gather.after_step(finite)
@@ -116,9 +122,14 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
             result.losses[iteration] = loss
             result.iterations_run += 1
             metrics = dict(loss=loss, lr=scheduler.get_lr(optimizer.param_groups[0]), grad_norm=grad_norm,
-                           **throughput.of(seconds), checkpoint_s=saves.take_seconds())
+                           **throughput.of(seconds, batch_size), checkpoint_s=saves.take_seconds())
+            if config.training.rampup_batch_size is not None:
+                metrics["global_batch_size"] = batch_size
             if iteration % config.logging.log_interval == 0:  # on every rank: it is a collective
                 metrics.update(rank_step_times.gather())
+            if validation.due(iteration, last=iteration == config.training.train_iters):
+                param_gather.sync()  # the weights the last step made, on every rank
+                metrics.update(validation.run(model, partial(forward_losses, model, forward_only=True)))
             logger.log(iteration, metrics)
             if rank == world - 1 and config.logging.metrics_file:
                 append_metrics(config.logging.metrics_file, iteration, metrics)
@@ -137,6 +148,8 @@ def train(config: TrainConfig, start: Start | None = None) -> TrainResult:
     profiler.close()
     saves.settle(wait=True)
     logger.close()
+    if rank == world - 1 and config.logging.metrics_file:
+        plot_losses(config.logging.metrics_file)
     if torch.distributed.get_rank() == 0:
         release_checkpoint_dir(config.checkpoint.dir)
     ps.destroy_model_parallel()
@@ -199,52 +212,43 @@ def prepare_data(config: TrainConfig):
 
 def build_batches(config: TrainConfig, tokenizer, prefixes: list[str], start_iteration: int):
     """Micro-batches for this DP rank, starting at the resumed iteration; PoSE ids when enabled; document ids
-    (positions restarting per document) with data.document_mask."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_ext.data import MicroBatchIterator, PoseDataset, build_gpt_dataset
-
-    t, data = config.training, config.data
-    dataset = build_gpt_dataset(
-        prefixes, config.model.seq_length, tokenizer, num_samples=t.train_iters * t.global_batch_size,
-        seed=t.seed, cache_dir=str(Path(data.cache_dir) / "index"), weights=data.train_data_weights,
-        document_mask=data.document_mask, mask_eod_loss=data.mask_eod_loss, add_extra_token=data.add_extra_token,
-        answer_only_loss=data.answer_only_loss,
-    )
-    if config.pose.enabled:
-        pose = config.pose
-        dataset = PoseDataset(dataset, target_length=pose.target_length, seed=t.seed, num_chunks=pose.num_chunks,
-                              variant=pose.variant, mask_chunk_boundary=pose.mask_chunk_boundary)
-    return MicroBatchIterator(dataset, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
-                              dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
-                              start_iteration=start_iteration)
+    (positions restarting per document) with data.document_mask; data.split's training part; the ramp-up."""
+    t = config.training  # train_iters full batches bound what a ramp-up consumes
+    dataset = training_samples(config, tokenizer, prefixes, num_samples=t.train_iters * t.global_batch_size)
+    return micro_batches(config, dataset, start_iteration=start_iteration)
 
 
 # --- model and optimizer -------------------------------------------------------------------
 
 
 def build_model(config: TrainConfig, vocab_size: int, device) -> list:
-    """This pipeline stage's LongContextGPTModel, in Float16Module for bf16, in megatron's DDP."""
+    """This pipeline stage's LongContextGPTModel (its model chunks with virtual pipeline stages), each in
+    Float16Module for bf16 and megatron's DDP."""
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.transformer.module import Float16Module
 
     from megatron_ext.models.init import layout_independent_init
 
-    model = build_gpt(config, vocab_size, device)
-    tc = model.config
-    layout_independent_init(model, config.training.seed)
-    if tc.bf16:
-        model = Float16Module(tc, model)
-    model = DistributedDataParallel(tc, ddp_config(config), model)
+    vpp = config.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        chunk = build_gpt(config, vocab_size, device, vp_stage=vp_stage)
+        layout_independent_init(chunk, config.training.seed)
+        if chunk.config.bf16:
+            chunk = Float16Module(chunk.config, chunk)
+        # as megatron-LM: only the first chunk's gradients are bucketed (the others reduce at the end)
+        chunks.append(DistributedDataParallel(chunk.config, ddp_config(config), chunk,
+                                              disable_bucketing=bool(vp_stage)))
+    tc, model = chunks[0].config, chunks[0]  # the schedule reads the first chunk's config
     tc.finalize_model_grads_func = finalize_model_grads
-    tc.no_sync_func = model.no_sync
+    tc.no_sync_func = [chunk.no_sync for chunk in chunks] if vpp else model.no_sync
     if config.parallel.overlap_grad_reduce:
         # as megatron-LM (align_grad_reduce): the pipeline schedule starts every stage's last reduction at the
         # end of its backward. No param_sync_func: only the interleaved schedule calls it (megatron-LM turns
         # align_param_gather off without virtual stages); the DDP forward pre-hooks gather the weights.
-        tc.grad_sync_func = model.start_grad_sync
-    return [model]
+        tc.grad_sync_func = [chunk.start_grad_sync for chunk in chunks] if vpp else model.start_grad_sync
+    return chunks
 
 
 def refuse_padded_optimizer_buckets(config: TrainConfig, model: list) -> None:
@@ -307,6 +311,7 @@ def build_optimizer(config: TrainConfig, model: list):
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_iters,
         lr_decay_steps=o.lr_decay_iters or t.train_iters, lr_decay_style=o.lr_decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+        wsd_decay_steps=o.lr_wsd_decay_iters, lr_wsd_decay_style=o.lr_wsd_decay_style,
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,  # the config's schedule wins
         # on resume (changes are logged by training/start.py); the checkpoint gives the step count
     )
@@ -367,6 +372,22 @@ def batch_on_this_rank(batch: dict, model: list, device):
 def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
     """Forward/backward over the iteration's micro-batches, then one optimizer step if the loss and grad norm
     are finite. Returns (loss, grad norm, whether the step was taken)."""
+    device = next(model[0].parameters()).device
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, tokens = forward_losses(model, micro_batches, forward_only=False)
+    loss = loss_sum / tokens
+    with phase("optimizer step"):
+        grad_norm, finite = step_if_finite(optimizer, loss, device)
+    if finite:
+        scheduler.step(increment=1)
+    return loss, grad_norm, finite
+
+
+def forward_losses(model, micro_batches, *, forward_only: bool) -> tuple[float, float]:
+    """megatron's schedule over the micro-batches (forward and backward, or forward only for validation) on
+    every pipeline stage and model chunk; returns (loss sum, token count) over all DP x CP ranks, on every rank."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -374,14 +395,12 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
     on_this_rank = [batch_on_this_rank(batch, model, device) for batch in micro_batches]
     micro_batches = [batch for batch, _, _ in on_this_rank]
     _, seq_length, micro_batch_size = on_this_rank[0]
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    with phase("forward-backward"):
+    # the interleaved schedule reads each model chunk's micro-batches from an iterator of its own
+    data = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
+    with phase("forward-backward" if not forward_only else "validation forward"):
         losses = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
-            num_microbatches=len(micro_batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-            forward_only=False,
+            forward_step_func=forward_step, data_iterator=data, model=model, num_microbatches=len(micro_batches),
+            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=forward_only,
         )
     total = torch.zeros(2, device=device)
     if ps.is_pipeline_last_stage():
@@ -389,12 +408,7 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
         torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
     # every rank learns the loss (the last stage's), so results and logs agree everywhere
     torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX, group=ps.get_pipeline_model_parallel_group())
-    loss = (total[0] / total[1]).item()
-    with phase("optimizer step"):
-        grad_norm, finite = step_if_finite(optimizer, loss, device)
-    if finite:
-        scheduler.step(increment=1)
-    return loss, grad_norm, finite
+    return total[0].item(), total[1].item()
 
 
 def step_if_finite(optimizer, loss: float, device) -> tuple[float, bool]:
@@ -453,13 +467,13 @@ class Throughput:
         groups = m.num_query_groups or m.num_attention_heads
         n = matmul_parameters(m.num_layers, m.hidden_size, m.ffn_size, m.num_attention_heads, groups, vocab_size, m.swiglu)
         self.flops_per_token = flops_per_token(n, m.num_layers, m.hidden_size, m.seq_length)
-        self.tokens_per_step = config.training.global_batch_size * m.seq_length
+        self.seq_length = m.seq_length
         self.world_size = world_size
         name = torch.cuda.get_device_name() if device.type == "cuda" else None
         self.peak = config.logging.gpu_peak_tflops or peak_tflops(name)
 
-    def of(self, seconds: float) -> dict:
-        tokens_per_second = self.tokens_per_step / seconds
+    def of(self, seconds: float, global_batch_size: int) -> dict:
+        tokens_per_second = global_batch_size * self.seq_length / seconds
         tflops = tokens_per_second * self.flops_per_token / self.world_size / 1e12
         return dict(tokens_per_s=tokens_per_second, tflops_per_device=tflops,
                     mfu=(tflops / self.peak) if self.peak else None, step_s=seconds)
