@@ -10,6 +10,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+from megatron_ext import __version__
+
 TEMPLATE = """\
 #!/bin/bash
 # {{title}}
@@ -17,8 +19,8 @@ TEMPLATE = """\
 # Rendered by: {{generated_by}}
 {{notes}}#
 # Submit from the directory your config paths are relative to (it becomes the container's working
-# directory), after building the image (docs/launch.md):
-#   mkdir -p logs && sbatch {{script}} [more arguments for megatron-ext {{job}}]
+# directory), after building the image (docs/launch.md, "The container"):
+{{image_steps}}#   mkdir -p logs && sbatch {{script}} [more arguments for megatron-ext {{job}}]
 # Read from the environment at submission, default in brackets:
 #   CONTAINER_IMAGE    pyxis: a .sqsh file or registry#image:tag; Apptainer: a .sif [{{container_image}}]
 #   CONTAINER_MOUNTS   host:container,... besides this directory [{{container_mounts}}]
@@ -130,6 +132,7 @@ exit "$status"
 """
 
 DEFAULT_IMAGE = "$PWD/megatron_ext.sqsh"
+IMAGE_TAG = f"megatron-ext:{__version__}"  # what `make image` tags (tools/container_image.sh)
 CONTAINER_RUNTIMES = ("pyxis", "apptainer", "none")
 DEFAULT_MOUNTS = "/checkpoints:/checkpoints,/data:/data,/models:/models"
 
@@ -182,8 +185,35 @@ def render(job: SbatchJob) -> str:
         "container_mounts": job.container_mounts,
         "command": "\n".join("  " + line for line in _command_lines(job.command)),
         "run": RUN_WITH_REQUEUE if job.signal_seconds is not None else RUN_ONCE,
+        "image_steps": "".join(f"#   {line}\n" for line in image_steps(job)),
     }
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), TEMPLATE)
+
+
+def image_steps(job: SbatchJob) -> list[str]:
+    """The commands that make what CONTAINER_IMAGE names, run in this checkout: the image (`make image` for GPU
+    jobs, `make image-cpu` for CPU jobs), then enroot's squashfs for pyxis (or a registry push) and, for
+    Apptainer, a SIF. docs/launch.md, "The container", has the other ways."""
+    if job.container_runtime == "none":
+        return []
+    image = job.container_image
+    if job.gpus_per_node:  # docker build (buildah where no Docker engine runs)
+        tag, engine = IMAGE_TAG, "docker"
+        steps, sqsh_source, sif_source = ["make image"], f"dockerd://{tag}", f"docker-daemon://{tag}"
+    else:  # buildah's (and podman's) image store
+        tag, engine = f"localhost/{IMAGE_TAG}-cpu", "buildah"
+        steps, sqsh_source, sif_source = ["make image-cpu"], f"podman://{tag}", "oci-archive:megatron_ext.tar"
+    if "#" in image:  # pyxis pulls registry#name:tag itself
+        remote = image.replace("#", "/")
+        steps.append(f"{engine} tag {tag} {remote} && {engine} push {remote}")
+    elif not image.endswith(".sif"):
+        steps.append(f"enroot import -o {image} {sqsh_source}")
+    sif = image if image.endswith(".sif") else "megatron_ext.sif"
+    if not image.endswith(".sif"):
+        steps.append(f"Apptainer instead: CONTAINER_RUNTIME=apptainer CONTAINER_IMAGE=$PWD/{sif}, made by")
+    if not job.gpus_per_node:
+        steps.append(f"buildah push {tag} oci-archive:megatron_ext.tar")
+    return [*steps, f"apptainer build {sif} {sif_source}"]
 
 
 def _command_lines(command: list[str]) -> list[str]:
