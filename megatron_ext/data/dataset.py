@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from megatron_ext.rope.pose import pose_chunks, pose_document_position_ids, pose_position_ids
-from megatron_ext.data.tokenizer_record import check_data_tokenizer
 from megatron_ext.errors import InputError, MissingFile
 
 TRAINING_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -51,7 +50,8 @@ def build_gpt_dataset(
     mask_eod_loss: bool = False,
     add_extra_token: bool = True,
     answer_only_loss: bool = False,
-    setting: str = "data.train_data",
+    split: str = "100,0,0",
+    part: int = 0,
 ) -> torch.utils.data.Dataset:
     """`num_samples` samples of `seq_length` tokens from megatron-core's GPTDataset over the indexed datasets
     `data_prefixes` (`{prefix}.bin/.idx`, as `preprocess` writes them).
@@ -74,9 +74,10 @@ def build_gpt_dataset(
     token is a target; `megatron_ext.eval.passkey_data` writes one) marks the label, read with the very sample
     layout of the tokens.
 
-    Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`),
-    and it must have been made with `tokenizer`, no id beyond its vocabulary (`check_data_tokenizer`; `setting`
-    names where the prefixes came from in the refusal).
+    `split` is megatron's "train,valid,test" weights over each source's documents (contiguous ranges of its
+    document index); `part` (0 train, 1 valid, 2 test) picks the range the samples come from.
+
+    Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`).
 
     Ranks: every rank builds its own copy (megatron's `is_built_on_rank` is always true here), so every TP,
     PP and CP rank can read its data locally. With torch.distributed initialized the call is collective (it
@@ -89,14 +90,12 @@ def build_gpt_dataset(
       that cannot find them raises an error saying so). The blend's own index is always built in memory.
     """
     _check_build_arguments(data_prefixes, seq_length, num_samples, weights)
-    for prefix in data_prefixes:  # made with this tokenizer, every id inside its vocabulary (data/tokenizer_record.py)
-        check_data_tokenizer(prefix, tokenizer, setting=setting)
     _check_compiled_helpers()
     if answer_only_loss:
         for prefix in data_prefixes:
             check_loss_mask_sidecar(prefix)
     settings = dict(seq_length=seq_length, tokenizer=tokenizer, seed=seed, cache_dir=cache_dir,
-                    add_extra_token=add_extra_token)
+                    add_extra_token=add_extra_token, split=split, part=part)
     with _no_warnings_about_in_memory_indices():
         if len(data_prefixes) == 1:
             megatron_dataset = _build_one_source(data_prefixes[0], num_samples, **settings)
@@ -254,8 +253,8 @@ def _check_compiled_helpers() -> None:
 
 
 def _gpt_dataset_config(prefix: str, *, seq_length: int, tokenizer, seed: int, cache_dir: str | None,
-                        add_extra_token: bool = True):
-    """The config of one source's GPTDataset, its train split the whole of it."""
+                        add_extra_token: bool = True, split: str = "100,0,0", part: int = 0):
+    """The config of one source's GPTDataset (by default its train split the whole of it)."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     # the blend must be given here: a config made without one turns into mock data with split "1,1,1"
@@ -263,7 +262,7 @@ def _gpt_dataset_config(prefix: str, *, seq_length: int, tokenizer, seed: int, c
         random_seed=seed,
         sequence_length=seq_length,
         blend=([str(prefix)], None),
-        split="100,0,0",
+        split=split,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -281,9 +280,11 @@ def _build_one_source(prefix: str, num_samples: int, **settings):
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     config = _gpt_dataset_config(prefix, **settings)
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config)
+    sizes = [None, None, None]
+    sizes[settings["part"]] = num_samples
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
     try:
-        train, _, _ = builder.build()
+        built = builder.build()[settings["part"]]
     except FileNotFoundError as error:
         cache_dir = settings["cache_dir"]
         if cache_dir is None or not torch.distributed.is_initialized():
@@ -293,7 +294,7 @@ def _build_one_source(prefix: str, num_samples: int, **settings):
             f"'{cache_dir}' ({error.filename}): put cache_dir on a filesystem all ranks share, or set it to None "
             "to build the indices in memory on every rank"
         ) from error
-    return train
+    return built
 
 
 def _build_blend(prefixes, weights, num_samples: int, **settings):
