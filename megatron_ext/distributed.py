@@ -114,10 +114,12 @@ def setup_distributed(parallel):
         share_cpus_among_local_ranks(torch)
     log.info(f"megatron_ext: device {device}, backend {backend}, fused kernels: {fused_kernels_line()}")
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:  # a plain single-process run
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-        torch.distributed.init_process_group(backend)
+        if "RANK" not in os.environ:  # a plain single-process run: an in-process store, so no port is held and
+            # no rendezvous variable is exported (a `megatron-ext train` this script starts later would inherit
+            # MASTER_PORT and fail to bind it while this group lives)
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        else:
+            torch.distributed.init_process_group(backend)
     world = torch.distributed.get_world_size()
     model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
                       * parallel.context_parallel_size)
@@ -160,15 +162,6 @@ def share_cpus_among_local_ranks(torch) -> None:
         if os.environ.get("RANK", "0") == "0":
             log.info(f"megatron_ext: {threads} CPU threads per rank (the CPUs of this node shared by its ranks; "
                      "OMP_NUM_THREADS overrides)")
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on this host (for a one-process rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -94,3 +94,33 @@ def test_tp2_and_pp2_loads_give_the_tp1_logits_and_attention(checkpoint, tmp_pat
         torch.testing.assert_close(results[case]["row_logits"], expected[:, rows], rtol=1e-5, atol=1e-5)
     for tp2, tp1 in zip(results["tp2_pp1"]["attention"], single.attention_probs(tokens, rows)):
         torch.testing.assert_close(tp2, tp1, rtol=1e-5, atol=1e-6)
+
+
+LOAD_THEN_START_A_RUN = """
+import os, subprocess, sys
+from megatron_ext.eval.models import load_eval_model
+
+names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+before = {name: os.environ.get(name) for name in names}
+model = load_eval_model(sys.argv[1])  # the documented API: its process group lives on with the model
+assert {name: os.environ.get(name) for name in names} == before, {name: os.environ.get(name) for name in names}
+# what a `megatron-ext train` started from this script does first: join the process group its environment names
+child = subprocess.run([sys.executable, "-c", "import torch; torch.distributed.init_process_group("
+                        "'gloo', init_method='env://' if 'RANK' in __import__('os').environ else "
+                        "'tcp://127.0.0.1:0', rank=0, world_size=1); print('joined')"],
+                       capture_output=True, text=True, timeout=120)
+assert child.returncode == 0 and "joined" in child.stdout, child.stderr[-2000:]
+print(model.logits(__import__("torch").tensor([[1, 2, 3]])).shape)
+"""
+
+
+@pytest.mark.slow
+def test_a_loaded_model_leaves_no_rendezvous_for_the_processes_a_script_starts_next(checkpoint, tmp_path):
+    """load_eval_model used to export MASTER_PORT (and RANK, WORLD_SIZE) while its process group listened on that
+    port: a training run the same script started afterwards inherited them and failed with EADDRINUSE."""
+    root, _ = checkpoint
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    run = subprocess.run([sys.executable, "-c", LOAD_THEN_START_A_RUN, str(root)], capture_output=True, text=True,
+                         timeout=300, env=dict(env, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "torch.Size([1, 3, 600])"
