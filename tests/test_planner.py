@@ -144,9 +144,9 @@ def test_layouts_megatron_cannot_run_are_rejected_naming_the_fix():
         Layout(1, 1, 1, 64, 1, "none")]}
     messages = [" ".join(p) for p in problems.values()]
     assert "spans nodes" in messages[0] and "must divide the 32 attention heads" not in messages[0]
-    assert "PP 3 must divide the 32 layers" in messages[1]
+    assert "parallel.pipeline_model_parallel_size (3) must divide the 32 layers" in messages[1]
     assert not problems[Layout(1, 1, 64, 1, 1, "none")]  # 131072 divides by 128: CP 64 can run
-    assert "global batch 32 must be a multiple of micro-batch x DP = 64" in messages[3]
+    assert "training.global_batch_size (32) must be a multiple of micro-batch x DP = 64" in messages[3]
 
 
 def test_step_time_is_flops_at_the_stated_utilization_plus_bubble():
@@ -219,7 +219,7 @@ def test_layouts_that_cannot_run_at_all_are_listed_too(capsys):
     assert "layouts: 72 enumerated, 0 fit, 72 rejected" in out and "the closest 4 of 72 rejected:" in out
     listed = _listed_layouts(out)
     assert len(listed) == 4 and all(gib is None for _, gib in listed)
-    assert "the global batch 32 must be a multiple of micro-batch x DP = 3" in out
+    assert "training.global_batch_size (32) must be a multiple of micro-batch x DP = 3" in out
 
 
 def test_show_rejected_lists_the_closest_misses_next_to_the_ranking(capsys):
@@ -255,3 +255,103 @@ def test_plan_reads_a_training_config(capsys):
     assert main(["plan", "--config", config, "--gpus", "8", "--format", "json"]) == 0
     out = capsys.readouterr().out
     assert "PoSE, 2048-token window with position ids up to 131072" in out and "global batch 64" in out
+
+
+# --- plan / launch settle the architecture from checkpoint.pretrained as train does ---------------------------
+
+def llama3_8b_record(root):
+    """The record `convert hf-to-mcore` writes for Llama-3-8B (megatron_ext.json; plan reads nothing else)."""
+    from megatron_ext.config import TrainConfig
+    from megatron_ext.rope import RopeConfig
+    from test_start import write_checkpoint
+
+    config = TrainConfig()
+    m = config.model
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups = 32, 4096, 32, 8
+    m.ffn_hidden_size, m.vocab_size, m.seq_length = 14336, 128256, 8192
+    config.rope = RopeConfig(base=500000.0)
+    return write_checkpoint(root, config)
+
+
+def reduced_recipe(tmp_path, pretrained, **model) -> str:
+    """The Llama-3 recipe's shape of config with its model block cut to what the user changes."""
+    import yaml
+
+    path = tmp_path / "extend.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": model, "rope": {"head_base_strategy": "uniform", "head_base_params": {"b_min": 1e6, "b_max": 5e6}},
+        "data": {"train_data": ["/data/none"]}, "training": {"global_batch_size": 32},
+        "checkpoint": {"pretrained": str(pretrained), "dir": str(tmp_path / "run")}}))
+    return str(path)
+
+
+def test_plan_takes_the_architecture_from_checkpoint_pretrained(tmp_path, capsys, caplog):
+    import json
+    import logging
+
+    pretrained = llama3_8b_record(tmp_path / "llama3_8b_hf")
+    config = reduced_recipe(tmp_path, pretrained, seq_length=131072)
+    with caplog.at_level(logging.INFO, logger="megatron_ext"):
+        assert main(["plan", "--config", config, "--gpus", "64", "--format", "json"]) == 0
+    header = json.loads(capsys.readouterr().out)["header"]
+    assert "model: 32 layers, hidden 4096, 32 heads in 8 KV groups, FFN 14336, vocabulary 128256" in header
+    assert header[0].startswith("workload: extend: 131072 tokens per sample, one RoPE base per KV group (HARPE)")
+    assert "model from checkpoint.pretrained: num_layers=32, hidden_size=4096" in caplog.text
+
+
+def test_plan_takes_the_length_the_checkpoint_records_when_the_config_leaves_it_out(tmp_path, capsys):
+    import json
+
+    config = reduced_recipe(tmp_path, llama3_8b_record(tmp_path / "llama3_8b_hf"))
+    assert main(["plan", "--config", config, "--gpus", "8", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["header"][0].startswith("workload: extend: 8192 tokens per sample")
+
+
+def test_plan_refuses_a_model_block_that_contradicts_the_checkpoint(tmp_path, capsys):
+    config = reduced_recipe(tmp_path, llama3_8b_record(tmp_path / "llama3_8b_hf"), num_layers=4)
+    assert main(["plan", "--config", config, "--gpus", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-ext plan: model.num_layers: the config says 4, the checkpoint "
+                          "checkpoint.pretrained") and "says 32" in err
+
+
+def test_a_checkpoint_not_on_this_machine_needs_the_sizes_in_the_config(tmp_path, capsys):
+    config = reduced_recipe(tmp_path, tmp_path / "elsewhere" / "iter_0000000", seq_length=131072)
+    assert main(["plan", "--config", config, "--gpus", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-ext plan: checkpoint.pretrained (") and err.count("\n") == 1
+    assert "leaves out model.num_layers, model.hidden_size, model.num_attention_heads, model.vocab_size" in err
+
+
+def test_launch_renders_the_checkpoints_model_not_the_tiny_default(tmp_path, capsys):
+    config = reduced_recipe(tmp_path, llama3_8b_record(tmp_path / "llama3_8b_hf"), seq_length=131072)
+    assert main(["launch", "--config", config, "--nodes", "8"]) == 0
+    script = capsys.readouterr().out
+    gib, step = map(float, re.search(r"estimated ([\d.]+) GiB per GPU and ([\d.]+) s per step", script).groups())
+    # the plan of the same config on the same 64 GPUs, which tests above show reads the 8B's architecture
+    assert main(["plan", "--config", config, "--gpus", "64", "--top", "1"]) == 0
+    best = re.search(r"^\s*1\s+\d+\s+\d+\s+\d+\s+\S+\s+\d+\s+\d+\s+\w+\s+([\d.]+)\s+([\d.]+)",
+                     capsys.readouterr().out, re.M)
+    assert gib == float(best.group(1)) and step == pytest.approx(float(best.group(2)), abs=0.05)
+    assert step > 10  # an 8B at 128k: tens of seconds per step, not the tiny model's 0.2 s
+
+
+@pytest.mark.slow
+def test_plan_reports_the_architecture_of_a_converted_tiny_checkpoint(tmp_path, capsys):
+    """A real `convert hf-to-mcore` output: plan reads its record and plans its architecture and its context."""
+    import json
+
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from megatron_ext.convert import hf_to_mcore
+
+    hf = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(hf).save_pretrained(tmp_path / "hf")
+    converted = hf_to_mcore(tmp_path / "hf", tmp_path / "converted")
+    config = reduced_recipe(tmp_path, converted)
+    assert main(["plan", "--config", config, "--gpus", "2", "--format", "json"]) == 0
+    header = json.loads(capsys.readouterr().out)["header"]
+    assert "model: 2 layers, hidden 64, 4 heads in 2 KV groups, FFN 96, vocabulary 300" in header
+    assert header[0].startswith("workload: extend: 2048 tokens per sample")

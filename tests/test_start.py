@@ -82,23 +82,96 @@ def test_an_explicit_value_that_agrees_is_accepted(tmp_path, pretrained):
     assert config.model.tie_embeddings
 
 
-def test_a_llama3_source_keeps_its_rope_and_a_harpe_config_logs_the_change(tmp_path, caplog):
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+@pytest.fixture
+def llama31(tmp_path):
+    """A converted Llama-3.1-shaped checkpoint: base 500000 with llama3 scaling, a 131072-token context."""
     source = qwen2_like()
-    source.rope = RopeConfig(base=500000.0, scaling="llama3", scaling_params=dict(
-        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192))
-    path = write_checkpoint(tmp_path / "llama3", source)
-    given = {"checkpoint": {"dir": str(tmp_path / "run"), "pretrained": str(path)}}
+    source.model.seq_length = 131072
+    source.rope = RopeConfig(base=500000.0, scaling="llama3", scaling_params=dict(LLAMA3_SCALING))
+    return write_checkpoint(tmp_path / "llama31", source), source
+
+
+def settled_from(tmp_path, checkpoint, **sections) -> TrainConfig:
+    given = {**sections, "checkpoint": {"dir": str(tmp_path / "run"), "pretrained": str(checkpoint)}}
     config = run_config(given)
     settle_start(config, given)
-    assert config.rope == source.rope
+    return config
 
-    harpe = {"rope": {"head_base_strategy": "uniform", "head_base_params": {"b_min": 1e6, "b_max": 5e6}}, **given}
-    config = run_config(harpe)
+
+def test_a_config_without_a_rope_section_keeps_the_checkpoints_rope(tmp_path, llama31):
+    path, source = llama31
+    assert settled_from(tmp_path, path).rope == source.rope
+
+
+def test_harpe_keys_alone_keep_the_checkpoints_llama3_scaling_and_base(tmp_path, llama31, caplog):
+    path, source = llama31
+    harpe = {"head_base_strategy": "uniform", "head_base_params": {"b_min": 1e6, "b_max": 5e6}}
     with caplog.at_level(logging.INFO, logger="megatron_ext"):
-        settle_start(config, harpe)
-    assert config.rope.head_base_strategy == "uniform"
-    assert "RoPE: base 500000, scaling llama3 factor=8.0" in caplog.text
-    assert "-> base 10000, scaling default; HARPE uniform bases per KV group [1e+06, 5e+06]" in caplog.text
+        config = settled_from(tmp_path, path, rope=harpe)
+    assert config.rope == RopeConfig(base=500000.0, scaling="llama3", scaling_params=LLAMA3_SCALING, **harpe)
+    assert config.rope.group_bases(2).tolist() == [1e6, 5e6]
+    assert ("RoPE from checkpoint.pretrained with rope.head_base_params, rope.head_base_strategy of the config: "
+            "base 500000, scaling llama3 factor=8.0") in caplog.text
+    assert "HARPE uniform bases per KV group [1e+06, 5e+06] (was: base 500000, scaling llama3" in caplog.text
+
+
+def test_dropping_the_scaling_takes_saying_so(tmp_path, llama31):
+    path, _ = llama31
+    config = settled_from(tmp_path, path, rope={"scaling": "default", "head_base_strategy": "uniform",
+                                                "head_base_params": {"b_min": 1e6, "b_max": 5e6}})
+    assert (config.rope.scaling, config.rope.scaling_params, config.rope.base) == ("default", {}, 500000.0)
+
+
+def test_another_scaling_takes_none_of_the_checkpoints_scaling_parameters(tmp_path, llama31):
+    path, _ = llama31
+    config = settled_from(tmp_path, path, rope={"scaling": "yarn", "scaling_params": {
+        "factor": 4.0, "original_max_position_embeddings": 131072}})
+    assert config.rope.scaling_params == {"factor": 4.0, "original_max_position_embeddings": 131072}
+    with pytest.raises(ValueError, match="factor"):  # yarn without parameters: llama3's are not yarn's
+        settled_from(tmp_path, path, rope={"scaling": "yarn"}).rope.validate(num_attention_heads=8)
+
+
+def test_a_length_left_out_is_the_context_the_pretrained_checkpoint_records(tmp_path, llama31, caplog):
+    path, _ = llama31
+    with caplog.at_level(logging.INFO, logger="megatron_ext"):
+        config = settled_from(tmp_path, path)
+    assert config.model.seq_length == 131072  # not the dataclass default, 256
+    assert "model.seq_length from checkpoint.pretrained: 131072 (the context it records" in caplog.text
+    assert settled_from(tmp_path, path, model={"seq_length": 8192}).model.seq_length == 8192
+
+
+def test_a_pose_trained_checkpoint_records_its_target_as_its_context(tmp_path):
+    source = qwen2_like()
+    source.model.seq_length, source.pose.enabled, source.pose.target_length = 128, True, 1024
+    path = write_checkpoint(tmp_path / "pose", source)
+    assert settled_from(tmp_path, path).model.seq_length == 1024
+
+
+def test_the_start_block_lists_every_setting_taken_from_the_checkpoint_with_its_source(tmp_path, pretrained, caplog):
+    given = {"model": {"num_layers": 2, "seq_length": 64}, "data": {"tokenizer": None},
+             "checkpoint": {"dir": str(tmp_path / "run"), "pretrained": str(pretrained)}}
+    with caplog.at_level(logging.INFO, logger="megatron_ext"):
+        settle_start(run_config(given), given)
+    block = [r.getMessage() for r in caplog.records if r.getMessage().startswith("megatron_ext: starting")]
+    assert len(block) == 1
+    lines = block[0].splitlines()
+    assert lines[0] == f"megatron_ext: starting from the weights of {pretrained} with"
+    assert lines[1] == ("  model from checkpoint.pretrained: hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, "
+                        "num_query_groups=2, vocab_size=500, normalization=RMSNorm, norm_epsilon=1e-06, swiglu=True, "
+                        "tie_embeddings=True, qkv_bias=True")
+    assert lines[2] == "  model from the config (as checkpoint.pretrained says): num_layers=2"
+    assert lines[3] == "  model.seq_length from the config: 64 (checkpoint.pretrained records a context of 256)"
+    assert lines[4] == "  RoPE from checkpoint.pretrained: base 1e+06, scaling default"
+
+
+def test_a_run_from_scratch_says_where_its_length_comes_from(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="megatron_ext"):
+        settle_start(run_config({"checkpoint": {"dir": str(tmp_path)}}), {})
+    assert "megatron_ext: starting from random weights with\n  model.seq_length from the default " \
+           "(model.seq_length): 256" in caplog.text
 
 
 def resumable_run(tmp_path) -> dict:
@@ -108,6 +181,14 @@ def resumable_run(tmp_path) -> dict:
     config.training.train_iters = 10
     write_checkpoint(tmp_path / "run", config, iteration=10)
     return config.to_dict()
+
+
+def test_a_resume_that_leaves_the_length_out_keeps_its_runs_length(tmp_path):
+    given = resumable_run(tmp_path)
+    del given["model"]["seq_length"]
+    config = run_config(given)
+    settle_start(config, given)
+    assert config.model.seq_length == 128
 
 
 def test_resuming_with_another_training_window_is_refused(tmp_path):

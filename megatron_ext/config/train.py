@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_ext.config.layout import config_layout_problems
 from megatron_ext.config.reader import ConfigError, check, read_config
 from megatron_ext.rope.config import RopeConfig
 
@@ -270,22 +271,10 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
     check(m.num_attention_heads % groups == 0,
            f"model.num_query_groups ({groups}) must divide model.num_attention_heads ({m.num_attention_heads})")
-    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    check(m.num_attention_heads % tp == 0,
-           f"parallel.tensor_model_parallel_size ({tp}) must divide model.num_attention_heads "
-           f"({m.num_attention_heads}): pick a TP size that divides the heads")
-    check(groups % tp == 0 or tp % groups == 0,
-           f"parallel.tensor_model_parallel_size ({tp}) and the KV groups ({groups}) must divide one another")
-    check(m.num_layers % pp == 0,
-           f"parallel.pipeline_model_parallel_size ({pp}) must divide model.num_layers ({m.num_layers})")
-    check(cp == 1 or m.seq_length % (2 * cp) == 0,
-           f"model.seq_length ({m.seq_length}) must be divisible by 2 x parallel.context_parallel_size "
-           f"({2 * cp}) for the zig-zag split")
-    check(not p.sequence_parallel or tp > 1,
+    layout = config_layout_problems(c)  # the planner's rules (config/layout.py); `train` checks its ranks too
+    check(not layout, "; ".join(layout))
+    check(not p.sequence_parallel or p.tensor_model_parallel_size > 1,
            "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1: set it to false")
-    check(t.global_batch_size % t.micro_batch_size == 0,
-           f"training.global_batch_size ({t.global_batch_size}) must be a multiple of "
-           f"training.micro_batch_size ({t.micro_batch_size})")
     _validate_numbers(c)
     _validate_overlap(p)
     _validate_context_parallel(c)

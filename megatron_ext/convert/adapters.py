@@ -227,7 +227,7 @@ class LlamaAdapter:
             tie_word_embeddings=m.tie_embeddings, attention_dropout=m.attention_dropout)
         if "head_dim" in hf or not source:
             hf["head_dim"] = head_dim
-        hf.setdefault("max_position_embeddings", _trained_length(config))
+        hf["max_position_embeddings"] = exported_context(config)[0]  # the source's may predate the training
         hf[_dtype_key(hf)] = str(dtype).removeprefix("torch.")
         hf.update(self.export_overrides(config, source or {}))
         hf.update({key: off for key, off in WINDOW_OFF.items() if key in hf or key in self.window_keys})
@@ -381,9 +381,18 @@ def _check_exportable(m: ModelConfig) -> None:
         raise ConversionError("model.hidden_size must be divisible by model.num_attention_heads")
 
 
-def _trained_length(config: TrainConfig) -> int:
-    target = config.pose.target_length if config.pose.enabled else 0
-    return max(config.model.seq_length, target)
+def exported_context(config: TrainConfig) -> tuple[int, str]:
+    """config.json's max_position_embeddings and where it comes from: the context the checkpoint was trained for
+    (its model.seq_length, or PoSE's target), except under dynamic NTK, whose original length transformers reads
+    from that field."""
+    original = dynamic_max_positions(config.rope)
+    if original is not None:
+        return original, ("rope.scaling_params.original_max_position_embeddings (transformers' dynamic NTK reads its "
+                          "original length from max_position_embeddings)")
+    if config.pose.enabled:
+        return config.pose.target_length, (f"pose.target_length (PoSE trained positions up to it in "
+                                           f"{config.model.seq_length}-token windows)")
+    return config.model.seq_length, "model.seq_length (the length it was trained at)"
 
 
 def _dtype_key(hf: dict) -> str:
@@ -402,6 +411,3 @@ def _write_rope(hf: dict, config: TrainConfig, source: dict | None, rope_form: s
         if unchanged:  # hf started as a copy of source: its RoPE fields are already there
             return
     set_hf_rope(hf, rope_to_hf(config.rope, num_query_groups=groups, head_dim=head_dim), form)
-    original = dynamic_max_positions(config.rope)
-    if original is not None:
-        hf["max_position_embeddings"] = original

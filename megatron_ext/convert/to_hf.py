@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.convert.adapters import adapter_for_family, adapter_for_hf
+from megatron_ext.convert.adapters import adapter_for_family, adapter_for_hf, exported_context
 from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.hf_io import (
     DTYPE_NAMES,
@@ -69,6 +69,7 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
         hf_config = adapter.hf_config(config, vocab_size=vocab_size, dtype=out_dtype, source=source,
                                       rope_form=rope_form,
                                       special_tokens={} if source else _special_tokens(tokenizer))
+        _log_context(config, source, path)
         if config.pose.enabled:
             hf_config["megatron_ext"] = {"pose": asdict(config.pose), "trained_seq_length": config.model.seq_length}
         groups = _layer_groups(list(plan.entries), config.model.num_layers)
@@ -82,6 +83,14 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
     log.info(f"megatron_ext: exported {path} ({adapter.family}, {len(files)} shard(s)) -> {out} "
              f"in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _log_context(config, source: dict | None, path: Path) -> None:
+    """Say where config.json's max_position_embeddings comes from, and what the source said if that differs."""
+    context, where = exported_context(config)
+    before = (source or {}).get("max_position_embeddings")
+    note = f"; the source config.json said {before}" if before not in (None, context) else ""
+    log.info(f"megatron_ext: max_position_embeddings {context}: {where} of {path}{note}")
 
 
 def _output_layout(plan, groups, megatron_shapes, out_dtype, kept_dtypes: dict | None) -> list[tuple]:

@@ -7,6 +7,7 @@ Imports no megatron. Memory: megatron_ext.launch.memory; time: megatron_ext.laun
 import dataclasses
 from dataclasses import dataclass, field
 
+from megatron_ext.config.layout import layout_problems
 from megatron_ext.launch.memory import GIB, StageMemory, peak_memory
 from megatron_ext.launch.presets import FP8_GEMM_SPEEDUP, GPU
 from megatron_ext.launch.timing import StepTime, step_time
@@ -119,24 +120,16 @@ def cp_variants(layout: Layout, kinds=RANKED_CP_TYPES) -> list[Layout]:
 def structural_problems(request: PlanRequest, layout: Layout) -> list[str]:
     """Why megatron (or our trainer) cannot run this layout at all."""
     work, m = request.workload, request.workload.model
+    shared = layout_problems(heads=m.num_attention_heads, kv_groups=work.kv_groups, layers=m.num_layers,
+                             seq_length=work.seq_length, global_batch_size=work.global_batch_size,
+                             micro_batch_size=layout.micro_batch_size, tp=layout.tp, pp=layout.pp, cp=layout.cp,
+                             dp=layout.dp, ranks=request.gpus)  # the rules `train` checks before it starts ranks
     checks = [
-        (layout.gpus == request.gpus,
-         f"TP x PP x CP x DP = {layout.gpus}, not the {request.gpus} GPUs asked for"),
         (layout.tp <= request.gpu.gpus_per_node,
          f"TP {layout.tp} spans nodes: keep TP within the {request.gpu.gpus_per_node} GPUs of a node"),
-        (m.num_attention_heads % layout.tp == 0,
-         f"TP {layout.tp} must divide the {m.num_attention_heads} attention heads"),
-        (work.kv_groups % layout.tp == 0,
-         f"TP {layout.tp} must divide the {work.kv_groups} KV groups (megatron splits KV heads over TP)"),
-        (m.num_layers % layout.pp == 0, f"PP {layout.pp} must divide the {m.num_layers} layers"),
-        (layout.cp == 1 or work.seq_length % (2 * layout.cp) == 0,
-         f"the sequence length {work.seq_length} must divide by 2 x CP = {2 * layout.cp} (zig-zag split)"),
         a2a_check(work, layout),
-        (work.global_batch_size % (layout.micro_batch_size * layout.dp) == 0,
-         f"the global batch {work.global_batch_size} must be a multiple of micro-batch x DP = "
-         f"{layout.micro_batch_size * layout.dp}"),
     ]
-    return [message for ok, message in checks if not ok]
+    return shared + [message for ok, message in checks if not ok]
 
 
 def a2a_check(work: Workload, layout: Layout) -> tuple[bool, str]:

@@ -38,6 +38,7 @@ def header(plan: Plan) -> str:
     nodes = -(-r.gpus // gpu.gpus_per_node)
     return "\n".join([
         f"workload: {r.workload.describe()} ({r.workload.tokens_per_step / 1e6:.2f} M tokens per step)",
+        f"model: {r.workload.describe_model()}",
         f"hardware: {r.gpus} x {gpu.name} ({nodes} node{'s' * (nodes > 1)} of {gpu.gpus_per_node}), "
         f"{gpu.memory_gib:.1f} GiB each of which {r.usable_bytes / GIB:.1f} usable ({r.reserve_gib:g} reserved), "
         f"{gpu.peak_tflops:g} TFLOP/s bf16 at an assumed {100 * r.mfu:g}% utilization",

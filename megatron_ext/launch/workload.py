@@ -4,11 +4,16 @@ Imports no megatron.
 """
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
+from megatron_ext.checkpoint.inherit import settle_architecture
+from megatron_ext.checkpoint.layout import CheckpointNotFound
+from megatron_ext.config import CHOICES, ConfigError, ModelConfig, TrainConfig, from_dict, read_raw, validate
 from megatron_ext.launch.errors import LaunchError
 from megatron_ext.launch.presets import METHODS
-from megatron_ext.config import CHOICES, ConfigError, ModelConfig, TrainConfig, load_config
+
+log = logging.getLogger("megatron_ext")
 
 RECOMPUTE = CHOICES["training.recompute"]  # none, selective, full
 CP_COMM_TYPES = CHOICES["parallel.cp_comm_type"]  # p2p, a2a, allgather, a2a+p2p
@@ -45,6 +50,11 @@ class Workload:
     def tokens_per_step(self) -> int:
         return self.seq_length * self.global_batch_size
 
+    def describe_model(self) -> str:
+        m = self.model
+        return (f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads in {self.kv_groups} KV "
+                f"groups, FFN {m.ffn_size}, vocabulary {m.vocab_size}")
+
     def describe(self) -> str:
         rope = "one RoPE base per KV group (HARPE)" if self.per_head_bases else "one RoPE base"
         if self.per_sample_positions:
@@ -68,16 +78,38 @@ def workload_from_preset(name: str, model: ModelConfig, seq_length: int, *, meth
                     seq_length, per_head_bases=method == "harpe")
 
 
+# the model sizes whose defaults are the tiny test model's: planned from the config only when it gives them
+PLANNED_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size")
+
+
 def read_train_config(path, overrides=()) -> TrainConfig:
-    """A training YAML checked like `megatron-ext train` does, but the dataset files need not exist here."""
-    return load_config(path, list(overrides), check_files=False)
+    """A training YAML checked like `megatron-ext train` does, the architecture, length and RoPE settled from
+    checkpoint.pretrained by train's rules (megatron_ext/checkpoint/inherit.py); the dataset files need not exist
+    here. Pretrained weights that are not on this machine leave the config's model block, which must then give
+    the sizes."""
+    given = read_raw(path, list(overrides), example="examples/configs/*.yaml")
+    config = from_dict(TrainConfig, given, prefix="")
+    try:
+        settled = settle_architecture(config, given)
+    except CheckpointNotFound as error:
+        missing = [f"model.{key}" for key in PLANNED_SIZES if (given.get("model") or {}).get(key) is None]
+        if missing:
+            raise LaunchError(f"{error}. Without it here, the config's model block is planned, but it leaves out "
+                              f"{', '.join(missing)}: plan where the checkpoint is, or give them") from None
+        log.warning(f"megatron_ext: checkpoint.pretrained ({config.checkpoint.pretrained}) is not on this machine: "
+                    "planning the config's model block as written (train checks it against the checkpoint)")
+        settled = None
+    if settled is not None:
+        log.info("megatron_ext: the model planned, from checkpoint.pretrained:\n" + "\n".join(settled.lines()))
+    validate(config, check_files=False)
+    return config
 
 
 def workload_from_config(config: TrainConfig, name: str) -> Workload:
     m = config.model
     if m.vocab_size is None:
-        raise ConfigError(f"model.vocab_size is null in {name}: the planner needs it; "
-                          "add --set model.vocab_size=32000 (or your tokenizer's size)")
+        raise ConfigError(f"model.vocab_size is null in {name}: the planner needs it; add --set "
+                          "model.vocab_size=32000 (or your tokenizer's size), or set checkpoint.pretrained")
     pose = config.pose
     return Workload(
         name=name, model=m, seq_length=m.seq_length, global_batch_size=config.training.global_batch_size,

@@ -36,9 +36,11 @@ def run_train(args) -> int:
     # every setting is checked before any process starts: the checkpoint it starts from first (it supplies the
     # architecture), then the whole config
     validate_checkpoint_dir(config.checkpoint.dir)
-    start = settle_start(config, given)
+    relaunching = args.nproc_per_node > 1 and "RANK" not in os.environ
+    start = settle_start(config, given, log_settings=not relaunching and first_rank())
     validate(config)
-    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+    check_ranks(config, *ranks_to_start(args.nproc_per_node))
+    if relaunching:
         return relaunch(args.argv, args.nproc_per_node)
     from megatron_ext.training.train import train
 
@@ -47,6 +49,38 @@ def run_train(args) -> int:
         print(f"checkpoint: {result.last_checkpoint}")
         print(f"metrics: {config.logging.metrics_file}  tensorboard: {config.logging.tensorboard_dir}")
     return 0
+
+
+def ranks_to_start(nproc_per_node: int) -> tuple[int, str]:
+    """(the world size this command will run in, where that number comes from): torchrun's or srun's
+    environment when there is one, else --nproc-per-node."""
+    from megatron_ext.distributed import distributed_env_from_slurm
+
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"]), "WORLD_SIZE"
+    slurm = distributed_env_from_slurm(os.environ)
+    if slurm:
+        return int(slurm["WORLD_SIZE"]), "the srun tasks"
+    return nproc_per_node, f"--nproc-per-node {nproc_per_node}"
+
+
+def check_ranks(config, ranks: int, source: str) -> None:
+    """The planner's layout rules (megatron_ext/config/layout.py) with the ranks about to start: one line, before
+    any process exists, instead of a failure inside every rank."""
+    from megatron_ext.config import ConfigError
+    from megatron_ext.config.layout import config_layout_problems
+
+    problems = config_layout_problems(config, ranks)
+    if problems:
+        raise ConfigError(f"{'; '.join(problems)} (ranks: {source})")
+
+
+def first_rank() -> bool:
+    """Whether this process is rank 0 (or the only one), under torchrun or srun."""
+    from megatron_ext.distributed import distributed_env_from_slurm
+
+    rank = os.environ.get("RANK") or distributed_env_from_slurm(os.environ).get("RANK", "0")
+    return int(rank) == 0
 
 
 def relaunch(argv: list[str], nproc: int) -> int:

@@ -1,43 +1,34 @@
 """What a run starts from, settled before any process group exists: the checkpoint to resume or the
 pretrained weights, and what they say about the model.
 
-The checkpoint is the source of truth for the architecture: a config may leave the architecture out
-(it is taken from the checkpoint) but may not contradict it. RoPE and PoSE are what an extension
-changes: a config's `rope` section wins (the change is logged), none keeps the checkpoint's. On a
-resume, everything that defines the model, its tokens or its data order must equal the checkpoint's;
-what may change (iterations, LR schedule, logging, saving, layout) is applied and listed. A config that
-names no tokenizer reads its data with the checkpoint's; a tokenizer with more ids than the model has
-embedding rows is refused.
+The architecture, the sequence length and the RoPE setup follow megatron_ext/checkpoint/inherit.py (shared with
+`plan` and `launch`): the checkpoint's architecture wins (a contradiction is refused), a length left out is the
+checkpoint's, a `rope` section changes only the keys it names. On a resume, everything that defines the model,
+its tokens or its data order must equal the checkpoint's; what may change (iterations, LR schedule, logging,
+saving, layout) is applied and listed. A config that names no tokenizer reads its data with the checkpoint's; a
+tokenizer with more ids than the model has embedding rows is refused. What the run took from where is logged
+once, as one block (`Start.log_settings`).
 Imports no megatron.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from megatron_ext.checkpoint.layout import CheckpointError, find_checkpoint, resolve_checkpoint
+from megatron_ext.checkpoint.inherit import (
+    ARCHITECTURE,
+    CONVERT_HINT,
+    Settled,
+    adopt_model,
+    pretrained_checkpoint,
+)
+from megatron_ext.checkpoint.layout import CheckpointError, find_checkpoint
 from megatron_ext.checkpoint.state import SavedCheckpoint, read_checkpoint
 from megatron_ext.config import ModelConfig, TrainConfig
 from megatron_ext.sizes import matmul_parameters
 
 log = logging.getLogger("megatron_ext")
-
-# model.<key> -> its effective value (None-valued defaults resolved), compared with the checkpoint's
-ARCHITECTURE = {
-    "num_layers": lambda m: m.num_layers,
-    "hidden_size": lambda m: m.hidden_size,
-    "ffn_hidden_size": lambda m: m.ffn_size,
-    "num_attention_heads": lambda m: m.num_attention_heads,
-    "num_query_groups": lambda m: m.num_query_groups or m.num_attention_heads,
-    "vocab_size": lambda m: m.vocab_size,
-    "normalization": lambda m: m.normalization,
-    "norm_epsilon": lambda m: m.norm_epsilon,
-    "swiglu": lambda m: m.swiglu,
-    "tie_embeddings": lambda m: m.tie_embeddings,
-    "qkv_bias": lambda m: m.qkv_bias,
-}
 
 # Settings a resumed run must share with its checkpoint: they define the model, its tokens, the positions
 # it sees and the order of its data (`section` = the whole section).
@@ -49,70 +40,59 @@ FIXED_ON_RESUME = ("model", "rope", "pose", "data.train_data", "data.train_data_
                    "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps")
 
 FROM_SCRATCH_LIMIT = 1e9  # parameters: a model this large is never trained from random weights by accident
-CONVERT_HINT = ("make one with `megatron-ext convert hf-to-mcore --hf <Hugging Face model dir> --out <dir>` and set "
-                "checkpoint.pretrained: <dir>/iter_0000000")
 
 
 @dataclass
 class Start:
-    """Where the run begins: a checkpoint to resume, pretrained weights, or random weights."""
+    """Where the run begins: a checkpoint to resume, pretrained weights, or random weights; and where each
+    setting that was not the config's own came from (`settled`)."""
 
     resume: SavedCheckpoint | None = None
     pretrained: SavedCheckpoint | None = None
+    settled: Settled = field(default_factory=Settled)
+
+    def log_settings(self) -> None:
+        """One block: the sequence length and every setting taken from the checkpoint, each with its source."""
+        where = ("resuming " + str(self.resume.path) if self.resume else
+                 "from the weights of " + str(self.pretrained.path) if self.pretrained else "from random weights")
+        log.info(f"megatron_ext: starting {where} with\n" + "\n".join(self.settled.lines()))
 
 
-def settle_start(config: TrainConfig, given: dict) -> Start:
+def settle_start(config: TrainConfig, given: dict, *, log_settings: bool = True) -> Start:
     """Resolve checkpoint.resume / checkpoint.pretrained and bring `config` in line with the checkpoint.
 
     `given` is the YAML mapping with the overrides applied: what the user set explicitly. Raises a
     CheckpointError naming the setting and both values on a contradiction; `config` is changed in place.
+    log_settings=False leaves the start block to another process (the `train` command logs it on rank 0 only).
     """
+    start = _settle(config, given)
+    if log_settings:
+        start.log_settings()
+    return start
+
+
+def _settle(config: TrainConfig, given: dict) -> Start:
     found = find_checkpoint(config.checkpoint.dir, config.checkpoint.resume, verify=config.checkpoint.verify)
     if found is not None:
         saved = read_checkpoint(found, setting="checkpoint.resume")
-        adopt_model(config, given, saved, "checkpoint.resume")
-        adopt_tokenizer(config, saved, "checkpoint.resume")
+        settled = adopt_model(config, given, saved, "checkpoint.resume")
+        adopt_tokenizer(config, saved, "checkpoint.resume", settled)
         check_resume(config, saved)
-        return Start(resume=saved)
+        return Start(resume=saved, settled=settled)
     if config.checkpoint.pretrained:
-        try:
-            path = resolve_checkpoint(config.checkpoint.pretrained, setting="checkpoint.pretrained")
-        except FileNotFoundError as error:
-            raise type(error)(f"{error}; {CONVERT_HINT}") from None
-        saved = read_checkpoint(path, setting="checkpoint.pretrained")
-        config.checkpoint.pretrained = str(saved.path)
-        adopt_model(config, given, saved, "checkpoint.pretrained")
-        adopt_tokenizer(config, saved, "checkpoint.pretrained")
-        return Start(pretrained=saved)
+        saved = pretrained_checkpoint(config)
+        settled = adopt_model(config, given, saved, "checkpoint.pretrained")
+        adopt_tokenizer(config, saved, "checkpoint.pretrained", settled)
+        return Start(pretrained=saved, settled=settled)
     check_from_scratch(config)
-    return Start()
+    settled = Settled()
+    length_given = (given.get("model") or {}).get("seq_length") is not None
+    settled.add("model.seq_length", "the config" if length_given else "the default (model.seq_length)",
+                config.model.seq_length)
+    return Start(settled=settled)
 
 
-def adopt_model(config: TrainConfig, given: dict, saved: SavedCheckpoint, setting: str) -> None:
-    """Architecture from the checkpoint (a contradicting explicit value is refused); RoPE from the config's
-    `rope` section if it has one, else from the checkpoint; the change, if any, logged in one line."""
-    source = saved.state.config
-    source_model = dataclasses.replace(source.model, vocab_size=source.model.vocab_size
-                                       or saved.state.tokenizer_vocab_size)
-    # a null (vocab_size, num_query_groups, ffn_hidden_size) means "the size it stands for": not a value given
-    explicit = {key: value for key, value in (given.get("model") or {}).items() if value is not None}
-    for key, value_of in ARCHITECTURE.items():
-        theirs = value_of(source_model)
-        if key in explicit and value_of(config.model) != theirs:
-            raise CheckpointError(
-                f"model.{key}: the config says {value_of(config.model)!r}, the checkpoint {setting} "
-                f"({saved.path}) says {theirs!r}: drop model.{key} from the config (the checkpoint's architecture "
-                f"is used) or start from another checkpoint")
-        setattr(config.model, key, getattr(source_model, key))
-    groups = config.model.num_query_groups or config.model.num_attention_heads
-    if "rope" not in given:
-        config.rope = copy.deepcopy(source.rope)
-        log.info(f"megatron_ext: RoPE from {setting}: {config.rope.describe(groups)}")
-    elif config.rope != source.rope:
-        log.info(f"megatron_ext: RoPE: {source.rope.describe(groups)} -> {config.rope.describe(groups)}")
-
-
-def adopt_tokenizer(config: TrainConfig, saved: SavedCheckpoint, setting: str) -> None:
+def adopt_tokenizer(config: TrainConfig, saved: SavedCheckpoint, setting: str, settled: Settled) -> None:
     """A config naming no tokenizer (and not the tiny corpus, which trains its own) takes the checkpoint's: a
     resume its run's settings, pretrained weights the tokenizer they record (a converted model's own files).
     Then the tokenizer must fit the model's embedding."""
@@ -128,7 +108,7 @@ def adopt_tokenizer(config: TrainConfig, saved: SavedCheckpoint, setting: str) -
             data.tokenizer = saved.state.tokenizer_model
         else:
             return  # validate asks for one
-        log.info(f"megatron_ext: tokenizer from {setting}: {data.tokenizer or data.tokenizer_model}")
+        settled.add("tokenizer", setting, data.tokenizer or data.tokenizer_model)
     check_tokenizer_fits(config, saved, setting)
 
 
