@@ -3,7 +3,9 @@ config, tokenizer, HARPE bases, data position, layout) and `SavedCheckpoint` (th
 adds: iteration, optimizer flavour, sharding format, the layout that saved it).
 
 `read_checkpoint` is the one way commands open a checkpoint argument (a run directory, a checkpoint
-root, `latest`, an iter_ directory); its errors name the setting the argument came from. Reads
+root, `latest`, an iter_ directory); its errors name the setting the argument came from.
+A checkpoint carries its tokenizer's files in its own `tokenizer/` and records that path relative to itself, so
+a copied or moved checkpoint reads its own copy (`SavedCheckpoint.tokenizer_path`). Reads
 megatron_ext.json only: no torch tensors, no megatron. Per-rank RNG states live in rng/ and are the
 store's business (megatron_ext/checkpoint/store.py).
 """
@@ -16,6 +18,8 @@ from pathlib import Path
 from megatron_ext.checkpoint.layout import JSON_FILE, CheckpointError, resolve_checkpoint
 from megatron_ext.config import ConfigError, TrainConfig, from_dict
 
+TOKENIZER_DIR = "tokenizer"  # inside an iter_ directory: the tokenizer's files the checkpoint carries
+
 
 @dataclass
 class CheckpointState:
@@ -24,8 +28,11 @@ class CheckpointState:
     config: TrainConfig  # the configuration it was trained with (or converted into)
     head_bases: list[float]  # one RoPE base per KV group, as trained (HARPE), else all equal
     padded_vocab_size: int  # rows of the embedding and output layer
-    tokenizer_model: str | None = None  # a sentencepiece .model or a tokenizer directory
+    # the tokenizer: TOKENIZER_DIR (its files inside the checkpoint, relative to it), or an absolute path
+    # (checkpoints written before they carried their tokenizer); read it through SavedCheckpoint.tokenizer_path
+    tokenizer_model: str | None = None
     tokenizer_vocab_size: int | None = None
+    tokenizer_fingerprint: str | None = None  # megatron_ext.data.tokenizer_files: sha256 of the files that decide ids
     iteration: int = 0
     consumed_samples: int = 0  # the data position: samples of the training stream used so far
     parallel: dict = field(default_factory=dict)  # tp, pp, cp, dp it was trained with or prepared for
@@ -33,12 +40,14 @@ class CheckpointState:
 
     @classmethod
     def of_run(cls, config: TrainConfig, *, iteration: int, padded_vocab_size: int, tokenizer_model: str | None,
-               tokenizer_vocab_size: int | None, parallel: dict, hf: dict | None = None) -> CheckpointState:
+               tokenizer_vocab_size: int | None, parallel: dict, hf: dict | None = None,
+               tokenizer_fingerprint: str | None = None) -> CheckpointState:
         """The state of a model built from `config`, after `iteration` steps of its training stream."""
         groups = config.model.num_query_groups or config.model.num_attention_heads
         return cls(config=config, head_bases=config.rope.group_bases(groups).tolist(),
                    padded_vocab_size=padded_vocab_size, tokenizer_model=tokenizer_model,
-                   tokenizer_vocab_size=tokenizer_vocab_size, iteration=iteration,
+                   tokenizer_vocab_size=tokenizer_vocab_size, tokenizer_fingerprint=tokenizer_fingerprint,
+                   iteration=iteration,
                    consumed_samples=iteration * config.training.global_batch_size, parallel=dict(parallel), hf=hf)
 
     def to_json(self) -> dict:
@@ -85,6 +94,31 @@ class SavedCheckpoint:
     parallel_layout: dict  # world size and TP/PP/CP/... of the ranks that saved it
     format_version: int
     saved_at: str | None = None
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """Where this checkpoint's tokenizer is, wherever the checkpoint now lies: its own copy (recorded relative
+        to it). An absolute record (older checkpoints) that points into an iter_ directory of this checkpoint's
+        name, e.g. /old/place/iter_0000000/tokenizer, is read from this checkpoint's own copy when it has one, so a
+        copy never reads the original's files; any other absolute path is used as it is."""
+        recorded = self.state.tokenizer_model
+        if not recorded:
+            return None
+        path = Path(recorded)
+        if not path.is_absolute():
+            return self.path / path
+        own = _own_copy(path, self.path)
+        return own if own is not None else path
+
+
+def _own_copy(recorded: Path, checkpoint: Path) -> Path | None:
+    """`checkpoint`/<rest> if `recorded` is <somewhere>/<checkpoint's iter_ name>/<rest> and that exists here."""
+    parts = recorded.parts
+    if checkpoint.name not in parts[:-1]:
+        return None
+    index = len(parts) - 1 - parts[::-1].index(checkpoint.name)
+    own = checkpoint.joinpath(*parts[index + 1:])
+    return own if own.exists() else None
 
 
 def read_checkpoint(argument: str | Path, *, setting: str) -> SavedCheckpoint:

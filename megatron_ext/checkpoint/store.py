@@ -276,7 +276,7 @@ def _save_rng(checkpoint: Path, states: dict) -> None:
 def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Module], optimizer=None,
                     scheduler=None, state: dict, keep_last: int | None = None,
                     optimizer_sharding: str = "fully_reshardable", sharded_strategy=None,
-                    background: BackgroundSaves | None = None) -> Path:
+                    background: BackgroundSaves | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Save model chunks, optimizer, scheduler, RNG and `state` as root/iter_XXXXXXX; return it.
 
     Collective: every rank calls it. `state` (config, HARPE bases, data position, ...) must be
@@ -293,6 +293,9 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
     `background` (checkpoint/writer.py's BackgroundSaves): the tensors are copied, the call returns, and
     the files are written while training goes on; the checkpoint is complete (and `latest` moves) when
     `background.poll()` or `background.wait()` finishes it. The returned path exists only from then on.
+
+    `extra_files` ({relative name: bytes}, e.g. the tokenizer the checkpoint carries) are written by rank 0 into
+    the checkpoint before its manifest, so they appear with it, atomically, and are verified with it.
     """
     from megatron_ext.checkpoint.writer import InProcessSaveStrategy
 
@@ -331,7 +334,7 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
 
     try:
         request = _write_files(staging, model, optimizer, common, rng_states, sharded_strategy,
-                               asynchronous=background is not None)
+                               asynchronous=background is not None, extra_files=extra_files)
     except BaseException as error:
         if took_lock:
             release_checkpoint_dir(root)
@@ -378,15 +381,19 @@ def _claim_root(root: Path, staging: Path) -> bool:
     return took
 
 
-def _write_files(staging, model, optimizer, common, rng_states, sharded_strategy, asynchronous: bool):
+def _write_files(staging, model, optimizer, common, rng_states, sharded_strategy, asynchronous: bool,
+                 extra_files: dict[str, bytes] | None = None):
     """Every rank's tensors (or, when `asynchronous`, the request that writes them), RNG file and, on rank 0,
-    megatron_ext.json into the staging directory."""
+    megatron_ext.json and the extra files into the staging directory."""
     _barrier()  # the staging directory exists
     request = _write_tensors(staging, model, optimizer, common, sharded_strategy, asynchronous)
     _save_rng(staging, rng_states)
     if _is_rank0():
         summary = {**common, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (staging / JSON_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        for name, contents in (extra_files or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(contents)
     return request
 
 

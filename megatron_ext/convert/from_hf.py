@@ -15,18 +15,16 @@ from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.hf_io import (
     DTYPE_NAMES,
     SafetensorsCheckpoint,
-    copy_tokenizer_files,
     present_tokenizer_files,
     read_config,
     staged_directory,
 )
+from megatron_ext.convert.hf_tokenizer import carried_tokenizer, has_tokenizer
 from megatron_ext.convert.rope import hf_rope_parameters
-from megatron_ext.checkpoint.state import CheckpointState
+from megatron_ext.checkpoint.state import TOKENIZER_DIR, CheckpointState
 from megatron_ext.config import TrainConfig
 
 log = logging.getLogger("megatron_ext")
-
-TOKENIZER_DIR = "tokenizer"  # inside the iter_ directory: the source model's tokenizer files
 
 
 def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None = None,
@@ -66,12 +64,13 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
         with staged_directory(out_dir) as staging:
             final = Path(out_dir).expanduser().absolute() / checkpoint_name(0)
             tokenizer_files = present_tokenizer_files(hf_dir)
-            state = checkpoint_state(config, padded, hf_dir, hf_config, adapter.architecture, source, final,
-                                     tokenizer_files, tp, pp, dropped)
+            carried, fingerprint = carried_tokenizer(hf_dir, tokenizer_files)
+            state = checkpoint_state(config, padded, hf_dir, hf_config, adapter.architecture, source,
+                                     tokenizer_files, tp, pp, dropped, fingerprint)
             with _Puller(plan, source, weights_dtype, progress) as pull:
-                saved = save_checkpoint(staging, 0, model=[skeleton], state=state.to_json(),
-                                        sharded_strategy=PullingSaveStrategy(pull))
-            copy_tokenizer_files(hf_dir, saved / TOKENIZER_DIR)
+                save_checkpoint(staging, 0, model=[skeleton], state=state.to_json(),
+                                sharded_strategy=PullingSaveStrategy(pull),
+                                extra_files={f"{TOKENIZER_DIR}/{name}": data for name, data in carried.items()})
     log.info(f"megatron_ext: converted {hf_dir} ({adapter.family}, {source.nbytes() / 2**30:.2f} GiB) -> {final} "
              f"in {time.perf_counter() - started:.1f} s")
     return final
@@ -128,18 +127,18 @@ def _ignorable(name: str, config: TrainConfig) -> bool:
 
 
 def checkpoint_state(config: TrainConfig, padded: int, hf_dir: Path, hf_config: dict, architecture: str,
-                     source: SafetensorsCheckpoint, final: Path, tokenizer_files: list[str], tp: int,
-                     pp: int, dropped: dict) -> CheckpointState:
+                     source: SafetensorsCheckpoint, tokenizer_files: list[str], tp: int,
+                     pp: int, dropped: dict, tokenizer_fingerprint: str | None = None) -> CheckpointState:
     """The checkpoint's state, as a training checkpoint's at iteration 0, plus the source model
     (its config.json as it was, and the settings of it the model does not have: `dropped`)."""
     main = source.main_dtype()
-    # the copied directory, whatever kind it holds: training and evaluation load it with
-    # megatron_ext.data.tokenizer.load_tokenizer (tokenizer.json first, else what tokenizer.model is)
-    tokenizer = str(final / TOKENIZER_DIR) if _has_tokenizer(tokenizer_files) else None
-    config.data.tokenizer = tokenizer
+    # the copied directory, relative to the checkpoint (it stays valid when the checkpoint is moved), whatever kind
+    # it holds: every command opens it with megatron_ext.data.tokenizer_files (the resolution preprocess uses)
+    tokenizer = TOKENIZER_DIR if has_tokenizer(tokenizer_files) else None
+    config.data.tokenizer = None  # the state records it; a path here would name this place only
     return CheckpointState.of_run(
         config, iteration=0, padded_vocab_size=padded, tokenizer_model=tokenizer,
-        tokenizer_vocab_size=config.model.vocab_size,
+        tokenizer_vocab_size=config.model.vocab_size, tokenizer_fingerprint=tokenizer_fingerprint,
         parallel=dict(tp=tp, pp=pp, cp=1, dp=1),  # the layout it was prepared for (it loads at any)
         hf=dict(source=str(hf_dir), architecture=architecture, config=hf_config,
                 dtype=_name(main), rope_form=hf_rope_parameters(hf_config)[1],
@@ -150,10 +149,6 @@ def checkpoint_state(config: TrainConfig, padded: int, hf_dir: Path, hf_config: 
 
 def _name(dtype) -> str | None:
     return str(dtype).removeprefix("torch.") if dtype is not None else None
-
-
-def _has_tokenizer(files: list[str]) -> bool:
-    return any(name != "generation_config.json" for name in files)
 
 
 class _Puller:

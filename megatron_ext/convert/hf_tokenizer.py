@@ -1,5 +1,7 @@
-"""A training tokenizer file -> the Hugging Face tokenizer files of an export (tokenizer.json +
-tokenizer_config.json), built with the `tokenizers` library so transformers tokenizes exactly as training did.
+"""Tokenizers across conversion: what a converted checkpoint carries (`carried_tokenizer`), and what an export
+gets (`export_tokenizer`): a Hugging Face directory as it is, a training tokenizer file as the Hugging Face
+tokenizer files (tokenizer.json + tokenizer_config.json), built with the `tokenizers` library so transformers
+tokenizes exactly as training did.
 
 sentencepiece BPE: the model's pieces and merges (every split of a piece into two pieces, ranked by the piece's
 score, sentencepiece's merge order), its whitespace handling as a normalizer, byte fallback. tiktoken (Llama-3):
@@ -13,6 +15,59 @@ from pathlib import Path
 log = logging.getLogger("megatron_ext")
 
 WORD_START = "\u2581"  # sentencepiece's escaped space, "▁"
+NOT_TOKENIZER_FILES = ("generation_config.json",)  # copied with the tokenizer for the export, but decide no ids
+
+
+def has_tokenizer(names: list[str]) -> bool:
+    """Whether these file names of a Hugging Face directory include a tokenizer."""
+    return any(name not in NOT_TOKENIZER_FILES for name in names)
+
+
+def carried_tokenizer(hf_dir: Path, names: list[str]) -> tuple[dict[str, bytes], str | None]:
+    """({file name: bytes}, fingerprint) of the tokenizer a checkpoint converted from `hf_dir` carries: the files
+    `names` as they are, plus the config.json keys by which AutoTokenizer picked its class in `hf_dir`
+    (megatron_ext.data.tokenizer_record.checkpoint_tokenizer_files), so the copy gives the ids `hf_dir` gives."""
+    from megatron_ext.convert.hf_io import require_inside
+    from megatron_ext.data.tokenizer_files import open_encoder
+    from megatron_ext.data.tokenizer_record import checkpoint_tokenizer_files
+    from megatron_ext.errors import UserError
+
+    files = {name: require_inside(hf_dir, hf_dir / name).read_bytes() for name in names}
+    if not has_tokenizer(names):
+        return files, None
+    try:
+        encoder = open_encoder(hf_dir, setting=f"the tokenizer of {hf_dir}")
+    except UserError as error:
+        log.warning(f"megatron_ext: {error}; its files are copied as they are (training or evaluating the converted "
+                    f"model will need a tokenizer that loads)")
+        return files, None
+    return {**files, **checkpoint_tokenizer_files(encoder)}, encoder.fingerprint()
+
+
+def export_tokenizer(tokenizer: Path, out: Path) -> None:
+    """Put the tokenizer at `tokenizer` (a file, or a directory as megatron_ext.data.tokenizer_files resolves it)
+    into the export `out`: a Hugging Face directory's files as they are (the export's own config.json, written
+    from the same model type, picks the same class), a sentencepiece or tiktoken file as Hugging Face files."""
+    import shutil
+
+    from megatron_ext.convert.hf_io import copy_tokenizer_files, require_inside
+    from megatron_ext.data.tokenizer_files import detect_tokenizer
+    from megatron_ext.errors import UserError
+
+    try:
+        kind, where = detect_tokenizer(tokenizer, setting="the checkpoint's tokenizer")
+    except UserError as error:
+        log.warning(f"megatron_ext: {error}; copied as tokenizer.model" if tokenizer.is_file() else
+                    f"megatron_ext: {error}; its files are copied as they are")
+        kind, where = None, tokenizer
+    if where.is_dir():
+        copy_tokenizer_files(where, out)
+        return
+    require_inside(where.parent, where)
+    if kind is None:
+        shutil.copy2(where, out / "tokenizer.model")
+        return
+    write_hf_tokenizer(kind, where, out)
 
 
 def write_hf_tokenizer(kind: str, path: Path, out: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from megatron_ext.rope.pose import pose_chunks, pose_document_position_ids, pose_position_ids
+from megatron_ext.data.tokenizer_record import check_data_tokenizer
 from megatron_ext.errors import InputError, MissingFile
 
 TRAINING_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -52,6 +53,7 @@ def build_gpt_dataset(
     answer_only_loss: bool = False,
     split: str = "100,0,0",
     part: int = 0,
+    setting: str = "data.train_data",
 ) -> torch.utils.data.Dataset:
     """`num_samples` samples of `seq_length` tokens from megatron-core's GPTDataset over the indexed datasets
     `data_prefixes` (`{prefix}.bin/.idx`, as `preprocess` writes them).
@@ -77,7 +79,9 @@ def build_gpt_dataset(
     `split` is megatron's "train,valid,test" weights over each source's documents (contiguous ranges of its
     document index); `part` (0 train, 1 valid, 2 test) picks the range the samples come from.
 
-    Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`).
+    Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`),
+    and it must have been made with `tokenizer`, no id beyond its vocabulary (`check_data_tokenizer`; `setting`
+    names where the prefixes came from in the refusal).
 
     Ranks: every rank builds its own copy (megatron's `is_built_on_rank` is always true here), so every TP,
     PP and CP rank can read its data locally. With torch.distributed initialized the call is collective (it
@@ -90,6 +94,8 @@ def build_gpt_dataset(
       that cannot find them raises an error saying so). The blend's own index is always built in memory.
     """
     _check_build_arguments(data_prefixes, seq_length, num_samples, weights)
+    for prefix in data_prefixes:  # made with this tokenizer, every id inside its vocabulary (data/tokenizer_record.py)
+        check_data_tokenizer(prefix, tokenizer, setting=setting)
     _check_compiled_helpers()
     if answer_only_loss:
         for prefix in data_prefixes:

@@ -88,7 +88,9 @@ def preprocess(
     progress: bool = True,
     overwrite: bool = False,
 ) -> PreprocessResult:
-    """Tokenize every document of `inputs` (see `read_documents`) into `{output_prefix}.bin/.idx`.
+    """Tokenize every document of `inputs` (see `read_documents`) into `{output_prefix}.bin/.idx`, and record the
+    tokenizer in `{output_prefix}.tokenizer.json` (megatron_ext.data.tokenizer_record), which training and
+    evaluation check against the model's tokenizer.
 
     Each document becomes one megatron document: [BOS if prepend_bos] + tokens + [EOD if append_eod]. The
     output order is the input order whatever `workers` is (1: tokenize in this process; more: a spawn
@@ -117,7 +119,8 @@ def preprocess(
         total=total, unit="doc", desc="preprocess", disable=not progress
     ) as bar:
         output = _output_documents(encoded, rules, bos_ids, eod_ids, result.sources, bar)
-        _write_atomically(output, bin_path, idx_path, tokenizer.vocab_size)
+        _write_atomically(output, bin_path, idx_path, tokenizer.vocab_size, tokenizer.encoder,
+                          prepend_bos=prepend_bos, append_eod=append_eod)
     return result
 
 
@@ -136,18 +139,34 @@ def _output_documents(encoded, rules, bos_ids, eod_ids, stats, bar) -> Iterator[
         bar.update()
 
 
-def _write_atomically(documents: Iterable[np.ndarray], bin_path: Path, idx_path: Path, vocab_size: int) -> None:
-    """Write `.partial` files, then rename them: an interrupted run leaves no dataset that looks complete."""
+def _write_atomically(documents: Iterable[np.ndarray], bin_path: Path, idx_path: Path, vocab_size: int,
+                      tokenizer=None, **settings) -> None:
+    """Write `.partial` files, then rename them: an interrupted run leaves no dataset that looks complete.
+
+    `tokenizer` (an encoder of megatron_ext.data.tokenizer_files): the sidecar `{prefix}.tokenizer.json` records it
+    (and `settings`, e.g. prepend_bos); it is written last, and an older one is removed before the data files are
+    replaced, so a sidecar never describes other data (without `tokenizer` the dataset has none)."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+    from megatron_ext.data.tokenizer_record import sidecar_contents, sidecar_path, write_sidecar
+
+    prefix = str(bin_path)[: -len(".bin")]
     partial_bin, partial_idx = Path(f"{bin_path}.partial"), Path(f"{idx_path}.partial")
     builder = IndexedDatasetBuilder(str(partial_bin), dtype=DType.optimal_dtype(vocab_size))
+    max_id = -1
     try:
         for document_ids in documents:
             builder.add_document(document_ids, [len(document_ids)])
+            if len(document_ids):
+                max_id = max(max_id, int(np.max(document_ids)))
         builder.finalize(str(partial_idx))
+        sidecar = None if tokenizer is None else sidecar_contents(
+            tokenizer, max_id=max_id, bin_bytes=partial_bin.stat().st_size, **settings)
+        sidecar_path(prefix).unlink(missing_ok=True)
         os.replace(partial_bin, bin_path)
         os.replace(partial_idx, idx_path)
+        if sidecar is not None:
+            write_sidecar(prefix, sidecar)
     finally:
         builder.data_file.close()
         partial_bin.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
-"""megatron-core's tokenizer interface over every tokenizer kind a model ships (`load_tokenizer`), and training
-a small sentencepiece model. Imports megatron-core (for the base class), so `megatron_ext.data` loads this module
-only on first use; the files themselves are read in megatron_ext/data/tokenizer_files.py."""
+"""megatron-core's tokenizer interface (for its datasets) over the encoders of megatron_ext/data/tokenizer_files.py,
+where every tokenizer is resolved and read (`load_tokenizer`), and training a small sentencepiece model. Imports
+megatron-core (for the base class), so `megatron_ext.data` loads this module only on first use."""
 
 import io
 from collections import OrderedDict
@@ -11,7 +11,14 @@ import sentencepiece
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from megatron_ext.data.documents import check_input_files, read_documents
-from megatron_ext.data.tokenizer_files import HuggingFaceFiles, SentencePieceFile, TiktokenFile, open_encoder
+from megatron_ext.data.tokenizer_files import (
+    HuggingFaceFiles,
+    SentencePieceFile,
+    TiktokenFile,
+    TokenizerFiles,
+    open_encoder,
+    require_eod,
+)
 
 # Llama's layout: <unk>=0, <s>=1, </s>=2, no pad piece. Byte fallback and an identity normalizer make every
 # string round-trip exactly (code keeps its indentation, "ﬁ" is not folded to "fi").
@@ -33,7 +40,7 @@ def load_tokenizer(path, kind: str | None = None, *, setting: str = "data.tokeni
     """The tokenizer at `path`: a sentencepiece .model, a Hugging Face tokenizer directory or a tiktoken BPE file
     (Llama-3's tokenizer.model); `kind` ('sentencepiece' | 'huggingface' | 'tiktoken') names it instead of
     detecting it. Errors (a megatron_ext UserError) name `setting`, where the path came from."""
-    encoder = open_encoder(path, kind, setting=setting)
+    encoder = require_eod(open_encoder(path, kind, setting=setting), setting)
     return _CLASSES[encoder.kind]._of(encoder)
 
 
@@ -42,7 +49,8 @@ class TextTokenizer(MegatronTokenizerBase):
 
     `tokenize` adds no BOS/EOS; the end of a document (`eod`) is the EOS token, as in megatron's Llama
     tokenizers. `bos`/`pad` are -1 when the tokenizer has none (Qwen2 has no BOS; Llama no pad).
-    `kind` and `model_path` (the file or directory) say what it is; it pickles as them.
+    `kind` and `model_path` (the file or directory) say what it is; it pickles as them. `encoder` is the
+    tokenizer itself (megatron_ext.data.tokenizer_files), what preprocess workers and evaluation use.
     """
 
     kind: str
@@ -53,7 +61,7 @@ class TextTokenizer(MegatronTokenizerBase):
         TextTokenizer.__init__(tokenizer, encoder)
         return tokenizer
 
-    def __init__(self, encoder) -> None:
+    def __init__(self, encoder: TokenizerFiles) -> None:
         super().__init__(str(encoder.path), config={})
         self.encoder = encoder
         self.kind = encoder.kind
@@ -120,7 +128,7 @@ class HuggingFaceTokenizer(TextTokenizer):
     """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json: Qwen2, Mistral v0.3, Llama-3)."""
 
     def __init__(self, directory: str | Path) -> None:
-        super().__init__(HuggingFaceFiles(directory))
+        super().__init__(require_eod(HuggingFaceFiles(directory), f"tokenizer '{directory}'"))
 
 
 class TiktokenTokenizer(TextTokenizer):

@@ -1,9 +1,12 @@
-"""Tokenizer files of every kind a model ships, read by their own libraries: which kind a path is, and one
-encoder per kind (sentencepiece `.model`, Hugging Face `tokenizer.json` directory, tiktoken BPE file).
+"""The one tokenizer resolution of megatron_ext: which kind a path is (`detect_tokenizer`) and one encoder per kind
+(sentencepiece `.model`, Hugging Face tokenizer directory, tiktoken BPE file), each read by its own library.
+`preprocess`, training (through data/tokenizer.py's megatron interface), evaluation and conversion all open a
+tokenizer here, so the same path gives the same ids everywhere.
 Imports no megatron and no torch at module level: `preprocess`'s spawned workers and the config check use it.
 """
 
 import base64
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -12,6 +15,17 @@ from megatron_ext.errors import InputError, MissingFile
 
 KINDS = ("sentencepiece", "huggingface", "tiktoken")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The files of a Hugging Face tokenizer directory that decide its ids (the fingerprint hashes them; a copy takes them)
+HF_DEFINING_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                     "vocab.json", "merges.txt", "tokenizer.model")
+# What transformers' AutoTokenizer reads from a model directory's config.json to pick the tokenizer class: with
+# model_type "qwen2" a directory whose tokenizer_config.json says PreTrainedTokenizerFast loads as Qwen2Tokenizer,
+# which rebuilds the pre-tokenizer (other ids). A copy of the tokenizer carries these keys in its own config.json.
+AUTO_TOKENIZER_CONFIG_KEYS = ("model_type", "model_name", "tokenizer_class")
+# Before `convert mcore-to-hf` wrote tokenizer.json it exported a sentencepiece model as tokenizer.model with a
+# LlamaTokenizer config; transformers 5 rebuilds that as a Metaspace tokenizer, which drops the word-start piece of
+# text that begins with a space: such a directory is read with sentencepiece, as training read it.
+_SENTENCEPIECE_CONFIG_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 
 # Llama-3's tiktoken layout (meta-llama's tokenizer.py): the special tokens are the 256 ids right after the
 # BPE ranks, <|begin_of_text|> (BOS) first, <|end_of_text|> (end of a document) second.
@@ -70,6 +84,8 @@ def detect_tokenizer(path, kind: str | None = None, *, setting: str = "data.toke
 def _detect_in_directory(directory: Path, kind: str | None, setting: str) -> tuple[str, Path]:
     has_hf = any((directory / name).is_file() for name in HF_TOKENIZER_FILES)
     model = directory / "tokenizer.model"
+    if kind is None and _is_bare_sentencepiece_export(directory):
+        return detect_tokenizer(model, setting=setting)
     if has_hf and kind in (None, "huggingface"):
         return "huggingface", directory
     if model.is_file() and kind != "huggingface":
@@ -78,6 +94,21 @@ def _detect_in_directory(directory: Path, kind: str | None, setting: str) -> tup
         "tokenizer.json, tokenizer_config.json or tokenizer.model"
     raise TokenizerError(f"{setting}: tokenizer directory '{directory}' has no {wanted}: pass the directory a "
                          "model's tokenizer files are in, or the tokenizer file itself")
+
+
+def _is_bare_sentencepiece_export(directory: Path) -> bool:
+    if not (directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").is_file():
+        return False
+    config = _json_or_empty(directory / "tokenizer_config.json")
+    return config.get("tokenizer_class") in _SENTENCEPIECE_CONFIG_CLASSES
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def sniff_tokenizer_file(path: Path) -> str | None:
@@ -94,11 +125,67 @@ def sniff_tokenizer_file(path: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- one encoder per kind
-# Each: encode(text) -> ids (no BOS/EOS added), decode(ids), vocab_size, bos/eos/pad (-1: none), path, kind;
-# it pickles as its file path, so a worker process rebuilds it.
 
 
-class SentencePieceFile:
+class TokenizerFiles:
+    """What every encoder offers, whoever uses it (preprocess, training's megatron interface, evaluation):
+    encode(text) -> ids (no BOS/EOS added), decode(ids), vocab_size, bos/eos/pad (-1: none) and bos_id/eos_id
+    (None: none), `path`, `kind`, `resolved_class` (how it was read) and `fingerprint()` (of the files that decide
+    its ids). It pickles as its file path, so a worker process rebuilds it."""
+
+    kind: str
+    path: Path
+    vocab_size: int
+    bos: int
+    eos: int
+    pad: int
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.bos if self.bos >= 0 else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eos if self.eos >= 0 else None
+
+    @property
+    def eod(self) -> int:
+        """The end of a document: the EOS token, as in megatron's Llama tokenizers."""
+        return self.eos
+
+    @property
+    def resolved_class(self) -> str:
+        return self.kind
+
+    def decode(self, ids) -> str:
+        """Text of `ids`; ids beyond the vocabulary (a model's padding rows) are left out."""
+        return self._decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def _decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def defining_files(self) -> dict[str, Path]:
+        """{name: file} of the files that decide the ids (a file kind: the file itself, as tokenizer.model)."""
+        return {"tokenizer.model": self.path}
+
+    def fingerprint(self) -> str:
+        """sha256 over the kind, how it was read and the bytes of its defining files (not their paths): a copy
+        of the files has the fingerprint of the original."""
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256(f"{self.kind}\n{self.resolved_class}\n".encode())
+            for name, file in sorted(self.defining_files().items()):
+                digest.update(f"{name}\n{hashlib.sha256(file.read_bytes()).hexdigest()}\n".encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def describe(self) -> str:
+        """One phrase for messages: path, kind, vocabulary and special ids."""
+        bos = self.bos if self.bos >= 0 else "none"
+        how = f"{self.kind}, {self.resolved_class}" if self.resolved_class != self.kind else self.kind
+        return f"'{self.path}' ({how}; {self.vocab_size} tokens, EOD {self.eos}, BOS {bos})"
+
+
+class SentencePieceFile(TokenizerFiles):
     kind = "sentencepiece"
 
     def __init__(self, path) -> None:
@@ -125,15 +212,16 @@ class SentencePieceFile:
     def encode(self, text: str) -> list[int]:
         return self.processor.encode(text)
 
-    def decode(self, ids) -> str:
-        return self.processor.decode([int(i) for i in ids])
+    def _decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
 
     def vocab(self) -> dict[str, int]:
         return {self.processor.id_to_piece(i): i for i in range(self.vocab_size)}
 
 
-class HuggingFaceFiles:
-    """A Hugging Face tokenizer directory, loaded by transformers' AutoTokenizer; ids are AutoTokenizer's with
+class HuggingFaceFiles(TokenizerFiles):
+    """A Hugging Face tokenizer directory, loaded by transformers' AutoTokenizer as that directory gives it (its
+    config.json's model_type included: it picks the tokenizer class); ids are AutoTokenizer's with
     add_special_tokens=False. Workers rebuild it from the fast tokenizer's JSON (no transformers, no torch)."""
 
     kind = "huggingface"
@@ -144,7 +232,7 @@ class HuggingFaceFiles:
             from tokenizers import Tokenizer
 
             self._backend, self._auto = Tokenizer.from_str(_backend_json), None
-            self.vocab_size, self.bos, self.eos, self.pad = _ids
+            self.vocab_size, self.bos, self.eos, self.pad, self._class = _ids
             return
         try:
             from transformers import AutoTokenizer
@@ -158,32 +246,42 @@ class HuggingFaceFiles:
             raise TokenizerError(f"tokenizer directory '{self.path}' does not load in transformers: {first_line}") \
                 from error
         self._backend = getattr(self._auto, "backend_tokenizer", None)
-        if self._auto.eos_token_id is None:
-            raise TokenizerError(f"tokenizer directory '{self.path}' names no eos_token, which marks document ends "
-                                 "(eod): set eos_token in its tokenizer_config.json")
+        self._class = type(self._auto).__name__
         self.vocab_size = len(self._auto)
         self.bos = _id_or_none(self._auto.bos_token_id)
-        self.eos = self._auto.eos_token_id
+        self.eos = _id_or_none(self._auto.eos_token_id)
         self.pad = _id_or_none(self._auto.pad_token_id)
 
     def __reduce__(self):
         if self._backend is None:
             return (type(self), (self.path,))
-        return (_rebuilt_hf, (self.path, self._backend.to_str(), (self.vocab_size, self.bos, self.eos, self.pad)))
+        return (_rebuilt_hf, (self.path, self._backend.to_str(),
+                              (self.vocab_size, self.bos, self.eos, self.pad, self._class)))
+
+    @property
+    def resolved_class(self) -> str:
+        return self._class
 
     def encode(self, text: str) -> list[int]:
         if self._backend is not None:
             return self._backend.encode(text, add_special_tokens=False).ids
         return self._auto.encode(text, add_special_tokens=False)
 
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
+    def _decode(self, ids: list[int]) -> str:
         if self._auto is None:
             return self._backend.decode(ids, skip_special_tokens=False)
         return self._auto.decode(ids)
 
     def vocab(self) -> dict[str, int]:
         return self._auto.get_vocab() if self._auto is not None else self._backend.get_vocab()
+
+    def defining_files(self) -> dict[str, Path]:
+        return {name: self.path / name for name in HF_DEFINING_FILES if (self.path / name).is_file()}
+
+    def auto_tokenizer_config(self) -> dict:
+        """The keys of the directory's config.json that AutoTokenizer reads to pick the class (empty: none)."""
+        config = _json_or_empty(self.path / "config.json")
+        return {key: config[key] for key in AUTO_TOKENIZER_CONFIG_KEYS if config.get(key) is not None}
 
 
 def _rebuilt_hf(path, backend_json: str, ids: tuple) -> HuggingFaceFiles:
@@ -194,7 +292,7 @@ def _id_or_none(token_id) -> int:
     return -1 if token_id is None else int(token_id)
 
 
-class TiktokenFile:
+class TiktokenFile(TokenizerFiles):
     """A tiktoken BPE file (Llama-3's tokenizer.model: lines of `base64(token bytes) rank`) read by tiktoken,
     with Llama-3's pre-tokenizer pattern and special tokens (`llama3_special_tokens`): BOS <|begin_of_text|>,
     end of document <|end_of_text|>. The file must hold the ranks 0 .. n-1 exactly, else where the special
@@ -222,8 +320,8 @@ class TiktokenFile:
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)  # special-token names in a document are plain text
 
-    def decode(self, ids) -> str:
-        return self.encoding.decode([int(i) for i in ids])
+    def _decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)
 
     def vocab(self) -> dict[str, int]:
         tokens = {token.decode("utf-8", errors="replace"): rank for token, rank in self._ranks.items()}
@@ -254,7 +352,33 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 ENCODERS = {"sentencepiece": SentencePieceFile, "huggingface": HuggingFaceFiles, "tiktoken": TiktokenFile}
 
 
-def open_encoder(path, kind: str | None = None, *, setting: str = "data.tokenizer"):
-    """The encoder of the tokenizer at `path` (kind detected unless named)."""
+def open_encoder(path, kind: str | None = None, *, setting: str = "data.tokenizer") -> TokenizerFiles:
+    """The encoder of the tokenizer at `path` (kind detected unless named): the one way every command opens one."""
     kind, where = detect_tokenizer(path, kind, setting=setting)
     return ENCODERS[kind](where)
+
+
+def require_eod(encoder: TokenizerFiles, setting: str) -> TokenizerFiles:
+    """Training data needs an end-of-document token: a tokenizer without EOS is refused by name."""
+    if encoder.eos < 0:
+        raise TokenizerError(f"{setting}: tokenizer '{encoder.path}' names no eos_token, which marks document ends "
+                             "(eod): set eos_token in its tokenizer_config.json")
+    return encoder
+
+
+# ----------------------------------------------------------------------------- tokens in running text
+
+_ANCHOR = "x"  # a one-token word that text with a leading separator can follow without merging
+
+
+def encode_continuation(tokenizer: TokenizerFiles, text: str) -> list[int]:
+    """Ids of `text` as it tokenizes after other text (`text` starts with its separator, e.g. " The" or "\\n").
+
+    sentencepiece prefixes a fresh string with a word-start marker and BPE tokenizers do not; encoding
+    "x" + text and dropping the ids of "x" gives the in-context form for both.
+    """
+    anchor = tokenizer.encode(_ANCHOR)
+    joined = tokenizer.encode(_ANCHOR + text)
+    if joined[: len(anchor)] == anchor:
+        return joined[len(anchor):]
+    return tokenizer.encode(text)  # the anchor merged with the text: fall back to a plain encoding

@@ -138,9 +138,9 @@ class MegatronExtModel:
                              seed=saved.state.config.training.seed)
         device = _current_device()
         model, _, state = load_model(saved.path, device, precision_override=precision, setting=setting)
-        tokenizer_path = tokenizer_model or state.tokenizer_model
+        tokenizer_path = tokenizer_model or saved.tokenizer_path  # its own copy, wherever the checkpoint lies
         if not tokenizer_model and not (tokenizer_path and Path(tokenizer_path).exists()):
-            raise MissingFile(f"the checkpoint's tokenizer {state.tokenizer_model} is gone: pass its new path "
+            raise MissingFile(f"the checkpoint's tokenizer {tokenizer_path} is gone: pass its new path "
                               "(--tokenizer / tokenizer_model)")
         tokenizer = load_eval_tokenizer(tokenizer_path, setting="--tokenizer" if tokenizer_model else
                                         f"the tokenizer of {saved.path}")

@@ -49,7 +49,7 @@ def passkey_documents(tokenizer, *, length: int, count: int, seed: int, key_max:
     ("... {key}. Remember it. {key} is ..."), a copy over a few tokens that teaches the copying the answer
     needs over many."""
     from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
-    from megatron_ext.eval.tokenizers import encode_continuation
+    from megatron_ext.data.tokenizer_files import encode_continuation
 
     allowed = key_max - sum(1 for key in held_out_keys if 1 <= key <= key_max)
     if allowed < max(1, count // 100):
@@ -104,7 +104,8 @@ def write_passkey_dataset(prefix, tokenizer, *, length: int, count: int, seed: i
                                   shortest=shortest)
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    write_with_loss_mask(prefix, [d.tokens for d in documents], [d.targets for d in documents], tokenizer.vocab_size)
+    write_with_loss_mask(prefix, [d.tokens for d in documents], [d.targets for d in documents], tokenizer.vocab_size,
+                         tokenizer=tokenizer)
     staging = prefix.with_name(f".{prefix.name}.keys.jsonl.tmp")
     staging.write_text("".join(json.dumps(dict(key=d.key, depth=d.depth, filler_seed=d.filler_seed,
                                                           prompt_length=d.prompt_length)) + "\n"

@@ -156,9 +156,13 @@ def _token_documents(sources, tokenizer, json_key):
 
 
 def _indexed_documents(prefix, tokenizer):
-    """Documents of a megatron indexed dataset, without the BOS/EOD that preprocessing may have added."""
+    """Documents of a megatron indexed dataset, without the BOS/EOD that preprocessing may have added; data made
+    with another tokenizer than the model's is refused (megatron_ext.data.tokenizer_record)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from megatron_ext.data.tokenizer_record import check_data_tokenizer
+
+    check_data_tokenizer(prefix, tokenizer, setting="perplexity.data (--data)")
     dataset = IndexedDataset(prefix)
     starts = dataset.document_indices
     for first, last in zip(starts[:-1], starts[1:]):

@@ -13,7 +13,8 @@ No torch, no megatron.
 
 from dataclasses import dataclass
 
-from megatron_ext.eval.tokenizers import EvalTokenizer, encode_continuation
+from megatron_ext.data.tokenizer_files import encode_continuation
+from megatron_ext.eval.tokenizers import EvalTokenizer
 
 # The passkey template of the PoSE paper (its src/eval_passkey.py, after Mohtashami & Jaggi 2023).
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

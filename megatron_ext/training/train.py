@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.checkpoint.lock import CheckpointDirLocked, lock_checkpoint_dir, release_checkpoint_dir
-from megatron_ext.checkpoint.state import CheckpointState
+from megatron_ext.checkpoint.state import TOKENIZER_DIR, CheckpointState
 from megatron_ext.config import ConfigError, TrainConfig
 from megatron_ext.distributed import setup_distributed
 from megatron_ext.errors import UserError
@@ -198,10 +198,10 @@ def prepare_data(config: TrainConfig):
         if data.tiny_corpus_passkey_prompts:  # train on passkey prompts; the corpus trained the tokenizer
             prefix = str(Path(prefix).parent / f"passkey{data.tiny_corpus_passkey_prompts}x{config.model.seq_length}")
             if torch.distributed.get_rank() == 0 and not Path(f"{prefix}.keys.jsonl").is_file():
+                from megatron_ext.data.tokenizer_files import SentencePieceFile
                 from megatron_ext.eval.passkey_data import write_passkey_dataset
-                from megatron_ext.eval.tokenizers import load_eval_tokenizer
 
-                write_passkey_dataset(prefix, load_eval_tokenizer(tokenizer_model, "sentencepiece"),
+                write_passkey_dataset(prefix, SentencePieceFile(tokenizer_model),
                                       length=config.model.seq_length, count=data.tiny_corpus_passkey_prompts,
                                       seed=config.training.seed, key_max=50_000)
             torch.distributed.barrier()
@@ -446,7 +446,8 @@ def checkpoint_state(config: TrainConfig, model, tokenizer, iteration) -> Checkp
 
     return CheckpointState.of_run(
         config, iteration=iteration, padded_vocab_size=unwrap_model(model[0]).vocab_size,
-        tokenizer_model=str(Path(tokenizer.model_path).resolve()), tokenizer_vocab_size=tokenizer.vocab_size,
+        tokenizer_model=TOKENIZER_DIR, tokenizer_vocab_size=tokenizer.vocab_size,  # the copy Checkpointing saves
+        tokenizer_fingerprint=tokenizer.encoder.fingerprint(),
         parallel=dict(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
                       cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size()))
 
@@ -487,9 +488,13 @@ class Checkpointing:
     def __init__(self, config: TrainConfig, model, optimizer, scheduler, tokenizer, result: TrainResult,
                  nonfinite: "NonFiniteGuard"):
         from megatron_ext.checkpoint.writer import BackgroundSaves
+        from megatron_ext.data.tokenizer_record import checkpoint_tokenizer_files
 
         self.config, self.model, self.optimizer, self.scheduler = config, model, optimizer, scheduler
         self.tokenizer, self.result, self.nonfinite = tokenizer, result, nonfinite
+        # every checkpoint carries the tokenizer's files as this run read them (a moved checkpoint keeps its own)
+        self.tokenizer_files = {f"{TOKENIZER_DIR}/{name}": contents
+                                for name, contents in checkpoint_tokenizer_files(tokenizer.encoder).items()}
         self.background = BackgroundSaves() if config.checkpoint.async_save else None
         self.seconds = 0.0
 
@@ -501,7 +506,8 @@ class Checkpointing:
         state = checkpoint_state(self.config, self.model, self.tokenizer, iteration)
         path = save_checkpoint(self.config.checkpoint.dir, iteration, model=self.model, optimizer=self.optimizer,
                                scheduler=self.scheduler, state=state.to_json(),
-                               keep_last=self.config.checkpoint.keep_last, background=self.background)
+                               keep_last=self.config.checkpoint.keep_last, background=self.background,
+                               extra_files=self.tokenizer_files)
         if self.background is None:
             self.result.last_checkpoint = str(path)
         self.seconds += time.perf_counter() - started
