@@ -1,7 +1,8 @@
 """The YAML reader every config of megatron_ext uses: a file plus `key.sub=value` overrides -> a dataclass.
 
-Unknown keys and values of the wrong type are refused by name, with the closest known key. Imports
-nothing of ours but megatron_ext.errors: the training, eval-suite and reproduction configs build on it.
+Unknown keys and values of the wrong type are refused by name, with the known key it is a slip of (never a
+merely similar other setting). Imports nothing of ours but megatron_ext.errors: the training, eval-suite and
+reproduction configs build on it.
 """
 
 import dataclasses
@@ -84,9 +85,9 @@ def from_dict(cls, raw: dict, prefix: str):
     renamed = getattr(cls, RENAMED, {})
     for key in raw:
         if key not in known:
-            close = difflib.get_close_matches(str(key), [*known, *renamed], n=1)
-            close = [renamed.get(name, name) for name in close]
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(sorted(known))}"
+            close = likely_meant(str(key), [*known, *renamed])
+            close = renamed.get(close, close)
+            hint = f"did you mean '{prefix}{close}'?" if close else f"known keys: {', '.join(sorted(known))}"
             raise ConfigError(f"unknown key '{prefix}{key}': {hint}")
     values = {}
     for key, value in raw.items():
@@ -114,6 +115,30 @@ def _rename_old_keys(cls, raw: dict, prefix: str) -> dict:
                     "refused: rename it in your config", prefix, old, prefix, new)
         raw[new] = raw.pop(old)
     return raw
+
+
+def likely_meant(key: str, known) -> str | None:
+    """The known key that `key` is a slip of: at most two edits away (one for short keys; swapping neighbours
+    is one edit), or cut short of it; None otherwise. A merely similar name is another setting
+    (training.test_interval is not training.exit_interval), and following such a hint would change the run."""
+    budget = 2 if len(key) > 4 else 1
+    slips = [name for name in known
+             if _edit_distance(key, name) <= budget or (len(key) >= 4 and name.startswith(key))]
+    close = difflib.get_close_matches(key, slips, n=1, cutoff=0)
+    return close[0] if close else None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of neighbouring characters that turn a into b."""
+    rows = [list(range(len(b) + 1))]
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _coerce(value, kind, key):
