@@ -26,6 +26,10 @@ TEMPLATE = """\
 #   CONTAINER_MOUNTS   host:container,... besides this directory [{{container_mounts}}]
 #   CONTAINER_RUNTIME  pyxis (srun --container-image), apptainer (apptainer exec --nv) or none (the
 #                      job's own environment: megatron-ext and python on PATH) [{{container_runtime}}]
+#   HF_HOME            the Hugging Face cache the tasks see (models; the datasets lm-eval reads: compute nodes
+#                      are often offline, so fetch them first on a login node with the same HF_HOME)
+#                      [$PWD/.cache/huggingface]; HF_DATASETS_CACHE [$HF_HOME/datasets]
+#   TRITON_CACHE_DIR   compiled Triton kernels, kept across requeues [$PWD/.cache/triton]
 #SBATCH --job-name={{job_name}}
 #SBATCH --nodes={{nodes}}
 #SBATCH --ntasks-per-node={{tasks_per_node}}
@@ -54,10 +58,20 @@ CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-$(( ${SLURM_CPUS_ON_NODE:-$(nproc)} / ${SLU
 export OMP_NUM_THREADS=$CPUS_PER_TASK
 export PYTHONUNBUFFERED=1
 export PYTHONSAFEPATH=1  # python -m runs the installed megatron_ext, not a checkout in the submit directory
+# Caches: the container has no home directory (--no-container-mount-home), so they are named here; one outside
+# the submit directory is mounted too.
+export HF_HOME=${HF_HOME:-$PWD/.cache/huggingface}
+export HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-$HF_HOME/datasets}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.cache/triton}
+cache_mounts=
+for cache in "$HF_HOME" "$HF_DATASETS_CACHE" "$TRITON_CACHE_DIR"; do
+  mkdir -p "$cache"
+  [[ $cache == "$PWD"/* || $cache == "$HF_HOME"/* ]] || cache_mounts+=",$cache:$cache"
+done
 # Fabric settings (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ...) are site-specific: see your cluster's guide.
 
 launcher=(srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS_PER_TASK")
-mounts="$PWD:$PWD${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+mounts="$PWD:$PWD$cache_mounts${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
 case ${CONTAINER_RUNTIME:-{{container_runtime}}} in
   pyxis)
     launcher+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$PWD"
