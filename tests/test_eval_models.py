@@ -35,7 +35,7 @@ def checkpoint(single_rank, sp_tokenizer, tmp_path_factory):
     model = build_gpt(config, 640, torch.device("cpu")).eval()
     root = tmp_path_factory.mktemp("checkpoints")
     state = CheckpointState.of_run(config, iteration=7, padded_vocab_size=640, tokenizer_vocab_size=None,
-                                   tokenizer_model=str(sp_tokenizer._tokenizer.model_path), parallel={})
+                                   tokenizer_model=str(sp_tokenizer.path), parallel={})
     save_checkpoint(root, 7, model=[model], state=state.to_json())
     return root, model
 

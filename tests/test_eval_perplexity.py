@@ -87,14 +87,14 @@ def test_perplexity_equals_a_hand_computation(tiny_megatron, tmp_path, stride, t
 
 def test_jsonl_and_indexed_dataset_give_the_same_perplexity(tiny_megatron, tmp_path):
     """The indexed dataset's EOD (and no BOS) are dropped: the same documents, the same number."""
-    from megatron_ext.data import preprocess
+    from megatron_ext.data import load_tokenizer, preprocess
 
     rng = random.Random(0)
     words = "alpha beta gamma river stone green blue yellow magic number hidden text".split()
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(4)]
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    preprocess([jsonl], tmp_path / "docs", tiny_megatron.tokenizer._tokenizer, workers=1, progress=False)
+    preprocess([jsonl], tmp_path / "docs", load_tokenizer(tiny_megatron.tokenizer.path), workers=1, progress=False)
 
     settings = dict(lengths=[16, 64], stride=8, num_documents=3, min_document_tokens=30)
     from_jsonl = evaluate_perplexity(tiny_megatron, PerplexitySettings(data=[str(jsonl)], **settings))

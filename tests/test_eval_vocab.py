@@ -40,7 +40,7 @@ def save_padded_checkpoint(root, tokenizer, rope: RopeConfig):
         output = model.output_layer.weight  # [PADDED, hidden]
         output[VOCAB:] = output[:VOCAB].std() * torch.randn_like(output[VOCAB:]) + output[:VOCAB].mean(0)
     state = CheckpointState.of_run(config, iteration=5, padded_vocab_size=PADDED, parallel=dict(tp=2, pp=1),
-                                   tokenizer_model=str(tokenizer._tokenizer.model_path),
+                                   tokenizer_model=str(tokenizer.path),
                                    tokenizer_vocab_size=tokenizer.vocab_size)
     save_checkpoint(root / "ckpt", 5, model=[model], state=state.to_json())
     return root / "ckpt", mcore_to_hf(root / "ckpt", root / "hf")
