@@ -48,6 +48,7 @@ def add_preprocess_args(subparsers) -> argparse.ArgumentParser:
 def run_preprocess(args: argparse.Namespace) -> int:
     """Run the `preprocess` command parsed by `add_preprocess_args`; print the statistics table."""
     from megatron_ext.data.tokenizer import load_tokenizer
+    from megatron_ext.data.tokenizer_record import sidecar_path
 
     if args.tokenizer_model is not None:
         if not Path(args.tokenizer_model).is_file():
@@ -78,7 +79,8 @@ def run_preprocess(args: argparse.Namespace) -> int:
         upsample=upsample,
         overwrite=args.overwrite,
     )
-    print(f"wrote {result.bin_path} and {result.idx_path}")
+    print(f"wrote {result.bin_path} and {result.idx_path}; the tokenizer they were made with is recorded in "
+          f"{sidecar_path(args.output_prefix)}")
     print(result.table())
     return 0
 
