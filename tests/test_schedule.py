@@ -203,3 +203,42 @@ def test_wsd_learning_rate_is_warmup_stable_then_anneal(runs):
 
     # the metrics row of iteration i holds the LR after its scheduler step: megatron's lr at step i
     assert column(runs["dp2"], "lr") == pytest.approx({i: by_hand(i) for i in range(1, 5)})
+
+
+# --- the planner -------------------------------------------------------------------------------------------
+
+
+def planned(virtual_stages, pp, layers=32, global_batch_size=32):
+    import dataclasses
+
+    from megatron_ext.config.train import ModelConfig
+    from megatron_ext.launch.memory import stage_memory
+    from megatron_ext.launch.planner import PlanRequest, evaluate, structural_problems
+    from megatron_ext.launch.presets import GPUS
+    from megatron_ext.launch.workload import Layout, Workload
+
+    model = ModelConfig(num_layers=layers, hidden_size=4096, num_attention_heads=32, seq_length=8192, vocab_size=32000)
+    work = Workload("w", model, seq_length=8192, global_batch_size=global_batch_size, position_range=8192,
+                    virtual_pipeline_stages=virtual_stages)
+    request = PlanRequest(work, dataclasses.replace(GPUS["h100-80gb"]), 8 * pp)
+    layout = Layout(tp=8, pp=pp, cp=1, dp=1, micro_batch_size=1, recompute="full")
+    first_stage = stage_memory(work, layout, 0).terms["activations"]
+    return evaluate(request, layout), structural_problems(request, layout), first_stage
+
+
+def test_planner_divides_the_bubble_by_the_chunks_and_counts_their_activations():
+    """Narayanan et al. 2021 (Sec. 2.2.2): interleaving v chunks cuts the bubble (p - 1) / m to (p - 1) / (v m) and
+    makes stage 1 hold 1 + (p - 1) / (p v) times 1F1B's activations (here m = 32 >= the warm-up)."""
+    plain, _, plain_activations = planned(None, pp=4)
+    for v in (2, 4):
+        interleaved, problems, activations = planned(v, pp=4)
+        assert problems == []
+        assert interleaved.time.pipeline_bubble == pytest.approx(plain.time.pipeline_bubble / v)
+        assert interleaved.time.compute == pytest.approx(plain.time.compute)
+        assert activations == pytest.approx(plain_activations * (1 + 3 / (4 * v)))
+
+
+def test_planner_refuses_interleaving_that_megatron_cannot_run():
+    assert any("interleaving 2 chunks" in p for p in planned(2, pp=1)[1])
+    assert any("interleaving 4 chunks" in p for p in planned(4, pp=4, layers=24)[1])  # 24 % 16
+    assert any("interleaving 2 chunks" in p for p in planned(2, pp=4, global_batch_size=6)[1])  # 6 % 4

@@ -183,6 +183,12 @@ def stage_memory(work: Workload, layout: Layout, stage: int, *, distributed_opti
                  for r in RECOMPUTE}
     layers = work.model.num_layers // layout.pp
     in_flight = min(layout.pp - stage, layout.micro_batches(work.global_batch_size))
+    chunks = work.virtual_pipeline_stages or 1
+    if chunks > 1 and layout.pp > 1:  # interleaved: megatron's warm-up runs (pp - i - 1) x 2 + (v - 1) x pp chunk
+        # forwards before the first backward, each of layers / v layers (so stage 0 holds about 1 + 1/v x 1F1B's)
+        passes = min((layout.pp - stage - 1) * 2 + (chunks - 1) * layout.pp + 1,
+                     chunks * layout.micro_batches(work.global_batch_size))
+        in_flight = passes / chunks
     # The layer being recomputed in the backward holds what recompute dropped, once.
     recomputed = {"none": 0.0, "selective": per_layer["none"] - per_layer["selective"],
                   "full": per_layer["none"]}[layout.recompute]

@@ -128,6 +128,7 @@ def structural_problems(request: PlanRequest, layout: Layout) -> list[str]:
         (layout.tp <= request.gpu.gpus_per_node,
          f"TP {layout.tp} spans nodes: keep TP within the {request.gpu.gpus_per_node} GPUs of a node"),
         a2a_check(work, layout),
+        interleaving_check(work, layout),
     ]
     return shared + [message for ok, message in checks if not ok]
 
@@ -138,6 +139,18 @@ def a2a_check(work: Workload, layout: Layout) -> tuple[bool, str]:
     heads, kv = work.model.num_attention_heads // layout.tp, work.kv_groups // layout.tp
     return (heads % group == 0 and kv % group == 0,
             f"{layout.cp_comm_type} scatters the {heads} query and {kv} KV heads of a TP rank over {group} ranks")
+
+
+def interleaving_check(work: Workload, layout: Layout) -> tuple[bool, str]:
+    """parallel.virtual_pipeline_model_parallel_size: v chunks of layers / (PP x v) layers on each of >= 2 stages,
+    micro-batches in groups of PP (megatron-core's interleaved schedule; training/batches.py checks it too)."""
+    v = work.virtual_pipeline_stages
+    if v is None:
+        return True, ""
+    micro_batches = layout.micro_batches(work.global_batch_size)
+    return (layout.pp >= 2 and work.model.num_layers % (layout.pp * v) == 0 and micro_batches % layout.pp == 0,
+            f"interleaving {v} chunks per stage needs PP >= 2 dividing the micro-batches ({micro_batches}) and "
+            f"PP x {v} dividing the {work.model.num_layers} layers")
 
 
 def memory_problem(request: PlanRequest, memory: StageMemory) -> str | None:

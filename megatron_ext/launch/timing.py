@@ -94,7 +94,9 @@ def step_time(work: Workload, layout: Layout, gpu: GPU, *, mfu: float, params_pe
         fp8_saved = work.tokens_per_step * fp8_flops_per_token(work, layout.recompute) * (1 - 1 / fp8_gemm_speedup)
     compute = (model + extra - fp8_saved) / (gpus * rate)
     micro_batches = layout.micro_batches(work.global_batch_size)
-    bubble = compute * (layout.pp - 1) / micro_batches  # 1F1B (Narayanan et al. 2021, Sec. 2.2)
+    # 1F1B (Narayanan et al. 2021, Sec. 2.2); interleaved over v chunks per rank, (p - 1) / (v m) (Sec. 2.2.2)
+    chunks = (work.virtual_pipeline_stages or 1) if layout.pp > 1 else 1
+    bubble = compute * (layout.pp - 1) / (chunks * micro_batches)
 
     def bandwidth(span: int) -> float:
         """Bytes/s of a group whose members lie within `span` consecutive ranks (megatron orders
@@ -119,7 +121,8 @@ def step_time(work: Workload, layout: Layout, gpu: GPU, *, mfu: float, params_pe
     # 1F1B sends each micro-batch's activations forward and their gradients back, blocking; neighbouring
     # stages are tp*cp*dp ranks apart. Sequence parallelism sends the scattered [s/t, b, h] tensor.
     stride = layout.tp * layout.cp * layout.dp
-    pp_bytes = 2 * micro_batches * activation / layout.tp if layout.pp > 1 else 0.0
+    # With v chunks per rank a micro-batch crosses v times as many stage boundaries.
+    pp_bytes = 2 * chunks * micro_batches * activation / layout.tp if layout.pp > 1 else 0.0
     pipeline_parallel = pp_bytes / bandwidth(stride + 1)
     return StepTime(compute, bubble, tensor_parallel, context_parallel, data_parallel, pipeline_parallel, model,
                     hidden)

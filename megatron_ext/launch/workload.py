@@ -37,6 +37,7 @@ class Workload:
     per_head_bases: bool = False
     per_sample_positions: bool = False
     rotary_dim: int | None = None  # None: the whole head
+    virtual_pipeline_stages: int | None = None  # parallel.virtual_pipeline_model_parallel_size: chunks per PP rank
 
     @property
     def head_dim(self) -> int:
@@ -116,6 +117,7 @@ def workload_from_config(config: TrainConfig, name: str) -> Workload:
         position_range=pose.target_length if pose.enabled else m.seq_length,
         per_head_bases=config.rope.per_head, per_sample_positions=pose.enabled,
         rotary_dim=config.rope.rotary_dim(m.hidden_size // m.num_attention_heads),
+        virtual_pipeline_stages=config.parallel.virtual_pipeline_model_parallel_size,
     )
 
 
