@@ -91,3 +91,31 @@ def test_under_torchrun_the_world_size_is_the_one_checked(tmp_path, capsys, monk
                                                      "change parallel.tensor_model_parallel_size / "
                                                      "pipeline_model_parallel_size / context_parallel_size "
                                                      "(ranks: WORLD_SIZE)")
+
+
+def test_ranks_this_command_starts_are_counted_even_with_a_stale_world_size(tmp_path, capsys, monkeypatch):
+    import megatron_ext.training.cli as train_cli
+
+    monkeypatch.setenv("WORLD_SIZE", "1")  # e.g. left by a one-process group earlier in the same script
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train_cli, "relaunch", lambda *a: pytest.fail("ranks were started"))
+    code = main(["train", "--config", str(TINY), "--set", f"checkpoint.dir={tmp_path / 'run'}",
+                 "--nproc-per-node", "3", "--set", "parallel.tensor_model_parallel_size=2"])
+    assert code == 2 and "does not divide the 3 ranks" in capsys.readouterr().err
+
+
+def test_srun_tasks_are_the_ranks_checked(tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "3")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu-node-01")
+    code = main(["train", "--config", str(TINY), "--set", f"checkpoint.dir={tmp_path / 'run'}",
+                 "--set", "parallel.tensor_model_parallel_size=2"])
+    assert code == 2
+    assert capsys.readouterr().err.rstrip().endswith("does not divide the 3 ranks: start a multiple of 2 ranks, or "
+                                                     "change parallel.tensor_model_parallel_size / "
+                                                     "pipeline_model_parallel_size / context_parallel_size "
+                                                     "(ranks: the srun tasks)")

@@ -39,7 +39,7 @@ def run_train(args) -> int:
     relaunching = args.nproc_per_node > 1 and "RANK" not in os.environ
     start = settle_start(config, given, log_settings=not relaunching and first_rank())
     validate(config)
-    check_ranks(config, *ranks_to_start(args.nproc_per_node))
+    check_ranks(config, *ranks_to_start(args.nproc_per_node, relaunching))
     if relaunching:
         return relaunch(args.argv, args.nproc_per_node)
     from megatron_ext.training.train import train
@@ -51,11 +51,13 @@ def run_train(args) -> int:
     return 0
 
 
-def ranks_to_start(nproc_per_node: int) -> tuple[int, str]:
-    """(the world size this command will run in, where that number comes from): torchrun's or srun's
-    environment when there is one, else --nproc-per-node."""
+def ranks_to_start(nproc_per_node: int, relaunching: bool) -> tuple[int, str]:
+    """(the world size this command will run in, where that number comes from): --nproc-per-node when this
+    process starts the ranks, else torchrun's or srun's environment, else one process."""
     from megatron_ext.distributed import distributed_env_from_slurm
 
+    if relaunching:
+        return nproc_per_node, f"--nproc-per-node {nproc_per_node}"
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"]), "WORLD_SIZE"
     slurm = distributed_env_from_slurm(os.environ)
