@@ -54,6 +54,11 @@ def add_plan_args(subparsers) -> argparse.ArgumentParser:
                         help="also list the N rejected layouts closest to fitting, each with why "
                              "(when none fits: 5 unless given)")
     parser.add_argument("--format", choices=("text", "markdown", "json"), default="text")
+    parser.add_argument("--simulate", action="store_true",
+                        help="with --config: also build one rank of every pipeline stage of row 1 on fake tensors "
+                             "(the real model, DDP and optimizer), run one step, report its measured peak memory")
+    parser.add_argument("--simulate-layers", type=int, metavar="N",
+                        help="with --simulate: N transformer layers instead of the model's (a quick check)")
     parser.set_defaults(func=run_plan)
     return parser
 
@@ -122,7 +127,12 @@ def run_plan(args) -> int:
 
     fixed = {key: getattr(args, key) for key in ("tp", "pp", "cp", "micro_batch_size", "recompute", "cp_comm_type")
              if getattr(args, key) is not None}
+    if args.simulate and not args.config:
+        raise LaunchError("--simulate needs --config (a training YAML: the simulation builds its model)")
     result = plan(plan_request(args), fixed)
+    if args.simulate:
+        from megatron_ext.launch.simulation_report import run_simulation
+        return run_simulation(args, result)
     if args.format == "json":
         print(report.json_report(result))
     elif args.format == "markdown":
