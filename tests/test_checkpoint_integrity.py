@@ -301,7 +301,7 @@ def test_real_metadata_reads_through_the_allow_list(tmp_path):
 
 def test_a_tokenizer_symlink_leaving_the_source_is_refused(tmp_path):
     from megatron_ext.convert.hf_io import copy_tokenizer_files
-    from megatron_ext.convert.to_hf import _copy_tokenizer
+    from megatron_ext.convert.hf_tokenizer import export_tokenizer
 
     secret = tmp_path / "secret.txt"
     secret.write_text("root:x:0:0")
@@ -312,7 +312,7 @@ def test_a_tokenizer_symlink_leaving_the_source_is_refused(tmp_path):
     with pytest.raises(ConversionError, match="outside"):
         copy_tokenizer_files(source, tmp_path / "out")
     with pytest.raises(ConversionError, match="outside"):
-        _copy_tokenizer(source / "tokenizer.json", tmp_path)
+        export_tokenizer(source / "tokenizer.json", tmp_path)
     assert not (tmp_path / "out").exists() and not (tmp_path / "tokenizer.model").exists()
     (source / "tokenizer.json").unlink()
     (source / "tokenizer.json").symlink_to(source / "tokenizer_config.json")  # inside: fine
