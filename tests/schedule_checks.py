@@ -2,7 +2,8 @@
 
 One launch (a launch costs ~8 s on CPU), several training runs, each writing its metrics file
 (WORKDIR/NAME.jsonl: loss, lr, validation loss) for the test to compare:
-DP=2 (the reference: DP=2 equals one process, tests/test_train.py), PP=2 x VPP=2 interleaved, CP=2,
+DP=2 (the reference: DP=2 equals one process, tests/test_train.py), PP=2 x VPP=2 interleaved (also with
+the distributed optimizer and overlapped gradient reduction), CP=2,
 interleaved stopped after 2 iterations and resumed, DP=2 resumed from the interleaved run's checkpoint, and a
 batch-size ramp-up uninterrupted and stopped + resumed.
 """
@@ -37,6 +38,8 @@ def main(workdir: str, base_json: str):
     base = json.loads(Path(base_json).read_text())
     run(base, "dp2", workdir, [])
     run(base, "interleaved", workdir, INTERLEAVED)
+    run(base, "interleaved_distributed_optimizer", workdir, [*INTERLEAVED, "parallel.use_distributed_optimizer=true",
+                                                             "parallel.overlap_grad_reduce=true"])
     run(base, "cp2", workdir, ["parallel.context_parallel_size=2"])
     run(base, "interleaved_resumed", workdir, [*INTERLEAVED, "training.exit_interval=2"])
     run(base, "interleaved_resumed_leg2", workdir, INTERLEAVED, checkpoint_dir="interleaved_resumed")

@@ -156,6 +156,8 @@ def same(a: dict, b: dict):
 def test_interleaved_pipeline_trains_and_validates_like_dp2(runs):
     same(column(runs["interleaved"], "loss"), column(runs["dp2"], "loss"))
     same(column(runs["interleaved"], "valid_loss"), column(runs["dp2"], "valid_loss"))
+    # each chunk its own DDP (the first bucketed), gradients reduced per chunk, the optimizer sharded over them
+    same(column(runs["interleaved_distributed_optimizer"], "loss"), column(runs["dp2"], "loss"))
 
 
 @pytest.mark.slow
