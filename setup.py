@@ -39,6 +39,7 @@ setup(
             "transformers>=5.0",
             "safetensors",
             "datasets",  # writes the Hugging Face datasets the preprocessing tests read
+            "gguf",  # transformers de-quantizes the real test model (SmolLM2-135M GGUF, megatron_ext/hf/real_model.py)
             "matplotlib",
             "triton",  # the fused rotary kernel's tests run in Triton's CPU interpreter
             *EVAL,  # the lm-eval tests also score exports with lm-eval's own `hf` model
