@@ -24,6 +24,7 @@ COMMANDS = {
     "plan": ("megatron_ext.launch.cli", "add_plan_args"),
     "launch": ("megatron_ext.launch.cli", "add_launch_args"),
     "repro": ("megatron_ext.repro.cli", "add_repro_args"),
+    "serve": ("megatron_ext.serve.cli", "add_serve_args"),
 }
 
 

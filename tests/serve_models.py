@@ -40,7 +40,7 @@ def training_batch(step: int, batch: int = 8) -> torch.Tensor:
 
 
 def build_export(root: Path, *, rope, family: str, qkv_bias: bool = False, pose_target: int | None = None,
-                 steps: int = 40, seed: int = 3) -> tuple[Path, torch.nn.Module]:
+                 steps: int = 150, seed: int = 3) -> tuple[Path, torch.nn.Module]:
     """A 2-layer GQA model (4 query heads, 2 KV groups, head_dim 32), `steps` Adam steps on WINDOW tokens,
     saved with save_checkpoint and exported with mcore_to_hf. Returns (export dir, the trained model)."""
     from megatron_ext.checkpoint.store import save_checkpoint
@@ -75,6 +75,28 @@ def build_export(root: Path, *, rope, family: str, qkv_bias: bool = False, pose_
     return mcore_to_hf(root / "ckpt", root / "hf", family=family), model
 
 
+def prompt(length: int, seed: int) -> list[int]:
+    """A repeated 5-token motif with random tokens mixed in: the model has learned motifs, not these prompts."""
+    generator = torch.Generator().manual_seed(seed)
+    motif = torch.randint(3, 300, (5,), generator=generator).repeat(length // 5 + 1)[:length]
+    noise = torch.rand(length, generator=generator) < 0.2
+    return torch.where(noise, torch.randint(3, 300, (length,), generator=generator), motif).tolist()
+
+
+def harpe_rope():
+    from megatron_ext.rope import RopeConfig
+
+    return RopeConfig(head_base_strategy="uniform", head_base_params={"b_min": 100.0, "b_max": 1e5},
+                      scaling="yarn", scaling_params={"factor": 4.0, "original_max_position_embeddings": WINDOW})
+
+
+def pose_yarn_rope():
+    from megatron_ext.rope import RopeConfig
+
+    return RopeConfig(base=10000.0, scaling="yarn",
+                      scaling_params={"factor": 4.0, "original_max_position_embeddings": WINDOW})
+
+
 def megatron_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     """The training model's own greedy decode: the whole sequence again at every step (no cache to trust)."""
     tokens = list(prompt)
@@ -105,6 +127,7 @@ def transformers_greedy(export: Path, prompts: list[list[int]], new_tokens: int)
 
 def run_engine(jobs: list[dict], work: Path, *, env: dict | None = None, timeout: int = 1200) -> list[dict]:
     """Run tests/serve_engine_checks.py in the serving env over `jobs` (one process); its reports, in order."""
+    work.mkdir(parents=True, exist_ok=True)
     job_file, out_file = work / "jobs.json", work / "engine_out.json"
     job_file.write_text(json.dumps(jobs))
     script = Path(__file__).with_name("serve_engine_checks.py")

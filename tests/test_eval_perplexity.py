@@ -10,7 +10,7 @@ import torch
 
 from megatron_ext.eval.perplexity import evaluate_perplexity, sliding_windows
 from megatron_ext.eval.settings import PerplexitySettings
-from test_eval_support import SP_VOCAB
+from test_eval_support import SP_VOCAB, network_logits
 
 pytest_plugins = ["test_eval_support"]
 
@@ -128,16 +128,6 @@ class WithoutBos:
         return self._tokenizer.decode(ids)
 
 
-def full_logits(eval_model, ids: torch.Tensor) -> torch.Tensor:
-    """Every position's logits [s, V] straight from the wrapped network (not through EvalModel.logits' rows)."""
-    with torch.no_grad():
-        if hasattr(eval_model.model, "output_layer"):  # megatron's LongContextGPTModel
-            logits = eval_model.model(ids, torch.arange(ids.size(1))[None], None)
-        else:
-            logits = eval_model.model(input_ids=ids).logits
-    return logits[0, :, :eval_model.vocab_size]
-
-
 def planned_nll(eval_model, document: list[int], plan) -> tuple[float, int]:
     """Sum of -log p(token) over a hand-written plan [(window start, token indices)]: the network reads
     [BOS] + document[start:...] (no BOS when the tokenizer has none) and the row before a token predicts it."""
@@ -145,7 +135,7 @@ def planned_nll(eval_model, document: list[int], plan) -> tuple[float, int]:
     total, count = 0.0, 0
     for start, indices in plan:
         ids = torch.tensor([bos + document[start:max(indices) + 1]])
-        log_probs = torch.log_softmax(full_logits(eval_model, ids).double(), dim=-1)
+        log_probs = torch.log_softmax(network_logits(eval_model, ids).double(), dim=-1)
         for index in indices:
             row = index - start + len(bos) - 1
             assert row >= 0, "the plan scores a token with nothing before it"
@@ -198,7 +188,7 @@ def test_one_window_over_the_whole_document_is_its_full_sequence_nll(request, tm
     data.write_text(json.dumps({"text": text}) + "\n")
     document = model.tokenizer.encode(text)
     ids = torch.tensor([([model.tokenizer.bos_id] if bos else []) + document])
-    log_probs = torch.log_softmax(full_logits(model, ids).double(), dim=-1)
+    log_probs = torch.log_softmax(network_logits(model, ids).double(), dim=-1)
     targets = ids[0, 1:]
     expected = -log_probs[:-1].gather(-1, targets[:, None]).sum().item() / len(targets)
 

@@ -84,9 +84,9 @@ def test_task_names_are_unique_and_not_suite():
 
 
 def test_the_built_in_tasks_are_registered_in_order():
-    assert list(TASKS) == [*BUILT_IN, "lm_eval"]  # lm_eval runs only when a suite lists it (in_default_suite)
-    assert [name for name, task in TASKS.items() if not task.in_default_suite] == ["lm_eval"]
-    assert [name for name, task in TASKS.items() if task.uses_reference] == ["attention"]
+    assert list(TASKS) == [*BUILT_IN, "compare", "lm_eval"]  # these two run only when a suite lists them
+    assert [name for name, task in TASKS.items() if not task.in_default_suite] == ["compare", "lm_eval"]
+    assert [name for name, task in TASKS.items() if task.uses_reference] == ["attention", "compare"]
 
 
 @pytest.mark.parametrize("name", list(TASKS))

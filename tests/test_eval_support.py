@@ -100,3 +100,14 @@ def tiny_llama(llama_dir):
     from megatron_ext.eval.models import HFCausalLM
 
     return HFCausalLM(llama_dir, name="tiny-llama")
+
+
+def network_logits(eval_model, ids: torch.Tensor) -> torch.Tensor:
+    """Every position's logits [s, V] straight from the network an EvalModel wraps (not through its `logits`, which
+    the tests check), over the model's vocabulary (no padding rows)."""
+    with torch.no_grad():
+        if hasattr(eval_model.model, "output_layer"):  # megatron's LongContextGPTModel
+            logits = eval_model.model(ids, torch.arange(ids.size(1))[None], None)
+        else:
+            logits = eval_model.model(input_ids=ids).logits
+    return logits[0, :, :eval_model.vocab_size]

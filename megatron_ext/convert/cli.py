@@ -12,7 +12,9 @@ def add_convert_args(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "convert", help="convert checkpoints: Hugging Face <-> megatron_ext (megatron-core)",
         description="Convert Llama / Mistral / Qwen2 checkpoints between Hugging Face safetensors and "
-                    "megatron_ext (megatron-core dist_checkpointing), keeping the RoPE settings and HARPE bases.")
+                    "megatron_ext (megatron-core dist_checkpointing), keeping the RoPE settings and HARPE bases. "
+                    "Check a conversion with `megatron-ext eval compare --model CHECKPOINT --reference HF_DIR "
+                    "--data TEXT`: max logit difference, top-1 agreement and perplexity of both.")
     _add_commands(parser)
     parser.set_defaults(func=run_convert)
     return parser
@@ -64,6 +66,7 @@ def run_convert(args) -> int:
         result = hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
                              progress=not args.no_progress)
         print(f"checkpoint: {result}  (train from it with checkpoint.pretrained: {result})")
+        print(_compare_hint(result, args.hf))
     else:
         from megatron_ext.convert.to_hf import mcore_to_hf
 
@@ -71,10 +74,19 @@ def run_convert(args) -> int:
                              rope_form=args.rope_format, max_shard_size=args.max_shard_size,
                              progress=not args.no_progress)
         print(f"model: {result}")
+        print(_compare_hint(args.ckpt, result))
     peak = _peak_rss_bytes()
     print(f"peak memory: {peak / 2**20:.0f} MiB max RSS, {(peak - baseline) / 2**20:.0f} MiB above the "
           f"{baseline / 2**20:.0f} MiB after imports")
     return 0
+
+
+def _compare_hint(checkpoint, hf_dir) -> str:
+    """The command that checks this conversion (megatron_ext/eval/compare.py): users ask for it after each one."""
+    import shlex
+
+    command = ["megatron-ext", "eval", "compare", "--model", str(checkpoint), "--reference", str(hf_dir)]
+    return f"check it: {shlex.join(command)} --data TEXT_FILE"
 
 
 def _return_freed_memory() -> None:

@@ -15,6 +15,7 @@ from types import ModuleType
 from megatron_ext.eval.harness.settings import LmEvalSettings
 from megatron_ext.eval.settings import (
     AttentionSettings,
+    CompareSettings,
     EvalSettingsError,
     NeedleSettings,
     PasskeySettings,
@@ -110,5 +111,8 @@ register(EvalTask("ruler", "RULER-style tasks: multi-key NIAH, multi-value NIAH,
                   "megatron_ext.eval.ruler"))
 register(EvalTask("attention", "attention entropy per layer/head, JS divergence to a reference", AttentionSettings,
                   "megatron_ext.eval.attention", uses_reference=True, pipeline_parallel=False))
+register(EvalTask("compare", "a model against a second one on the same token ids (a checkpoint and its Hugging Face "
+                  "export): max logit difference, top-1 agreement, perplexity of both", CompareSettings,
+                  "megatron_ext.eval.compare", uses_reference=True, in_default_suite=False))
 register(EvalTask("lm_eval", "EleutherAI lm-evaluation-harness tasks (short-context regression), offline",
                   LmEvalSettings, "megatron_ext.eval.harness.task", in_default_suite=False))

@@ -132,3 +132,26 @@ class AttentionSettings:
         if not self.lengths or self.trials < 1:
             raise EvalSettingsError(f"attention: lengths ({self.lengths}) must be non-empty and "
                                     f"trials ({self.trials}) >= 1")
+
+
+@dataclass
+class CompareSettings:
+    data: list[str] = field(default_factory=list, metadata=dict(
+        help="the text both models read: JSONL or text files (globs allowed; '{stdlib}' = this Python's standard "
+             "library) or indexed-dataset prefixes"))
+    num_documents: int = field(default=4, metadata=dict(help="documents compared (the first ones)"))
+    max_tokens: int = field(default=512, metadata=dict(
+        help="tokens per document read in one forward pass, BOS included"))
+    json_key: str = field(default="text", metadata=dict(help="the text field of JSONL records"))
+
+    def validate(self) -> None:
+        if not self.data:
+            raise EvalSettingsError("compare.data is empty: give the text to compare on (--data FILE: JSONL, text "
+                                    "files, a glob or an indexed-dataset prefix)")
+        if self.num_documents < 1 or self.max_tokens < 2:
+            raise EvalSettingsError(f"compare.num_documents ({self.num_documents}) must be >= 1 and max_tokens "
+                                    f"({self.max_tokens}) >= 2")
+        missing = [source for source in self.data if not perplexity_source_paths(source)]
+        if missing:
+            raise EvalSettingsError(f"compare.data {missing}: no such file, glob match or indexed dataset "
+                                    "(PREFIX.idx/.bin): give JSONL or text files, a glob, or an indexed-dataset prefix")

@@ -1,0 +1,110 @@
+"""`megatron-ext serve`: refusals before anything starts, and vLLM's OpenAI server answering with the model's tokens."""
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from serve_models import SERVE_PYTHON, build_export, harpe_rope, needs_serve_env, prompt, transformers_greedy
+
+from megatron_ext.cli import main
+
+
+def test_missing_vllm_is_one_line_naming_the_install_command(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("megatron-ext serve: vLLM is not installed") and "make serve-env" in error
+    assert len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "/no/such/model"], "--model ('/no/such/model') does not exist"),
+    (["--model", ".", "--port", "0"], "--port (0) must be a positive number"),
+])
+def test_bad_arguments_are_named(argv, message, capsys, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # as if vLLM were installed
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dynamic_ntk_harpe_export_is_refused_by_name(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    config = {"architectures": ["HarpeLlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 4,
+              "num_key_value_heads": 2, "hidden_size": 128, "max_position_embeddings": 32,
+              "rope_parameters": {"rope_type": "harpe", "rope_theta": 10000.0, "scaling": "dynamic",
+                                  "scaling_params": {"factor": 4.0, "original_max_position_embeddings": 32},
+                                  "head_bases": [100.0, 1e5]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "RoPE scaling 'dynamic' (dynamic NTK) cannot be served" in capsys.readouterr().err
+
+
+def test_stock_rope_named_as_harpe_is_refused(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    config = {"architectures": ["HarpeQwen2ForCausalLM"], "model_type": "qwen2", "num_attention_heads": 4,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "set architectures to ['Qwen2ForCausalLM']" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+@needs_serve_env
+def test_openai_server_completion_returns_the_models_greedy_tokens(tmp_path, single_rank):
+    """A checkpoint given to `megatron-ext serve` is exported, served on 127.0.0.1, and a completions request
+    returns transformers' greedy tokens for a prompt beyond the training window."""
+    export, _ = build_export(tmp_path / "model", rope=harpe_rope(), family="llama")
+    checkpoint = tmp_path / "model" / "ckpt"
+    port = _free_port()
+    command = [str(SERVE_PYTHON), "-m", "megatron_ext.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+               "--dtype", "float32", "--max-model-len", "256", "--export-dir", str(tmp_path / "exports"),
+               "--", "--enforce-eager", "--max-num-seqs", "4"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert server.poll() is None, server.stdout.read()[-5000:]
+            assert time.monotonic() < deadline, "the server did not answer in 15 minutes"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(3)
+        ids = prompt(80, 7)
+        served_name = str(tmp_path / "exports" / "iter_0000150")
+        answer = _post(f"http://127.0.0.1:{port}/v1/completions",
+                       {"model": served_name, "prompt": ids, "max_tokens": 8, "temperature": 0.0,
+                        "return_token_ids": True, "ignore_eos": True})
+        tokens = answer["choices"][0]["token_ids"]
+        assert tokens == transformers_greedy(tmp_path / "exports" / "iter_0000150", [ids], 8)[0]["tokens"]
+        assert (tmp_path / "exports" / "iter_0000150" / "config.json").is_file()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
