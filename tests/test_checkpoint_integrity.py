@@ -297,6 +297,28 @@ def test_real_metadata_reads_through_the_allow_list(tmp_path):
     assert ours.state_dict_metadata == torchs.state_dict_metadata
 
 
+def test_enum_members_pickled_by_name_read_through_the_allow_list():
+    """Python 3.11.2 (Debian 12, the CPU image) pickles WriteItemType.TENSOR as getattr(WriteItemType, 'TENSOR'):
+    such metadata loads, and getattr reaches nothing but members of allowed enums."""
+    from pathlib import PosixPath
+
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from megatron_ext.checkpoint.safe_metadata import load_dcp_metadata
+
+    class ByName:
+        def __init__(self, owner, name):
+            self.owner, self.name = owner, name
+
+        def __reduce__(self):
+            return getattr, (self.owner, self.name)
+
+    assert load_dcp_metadata(pickle.dumps([ByName(WriteItemType, "TENSOR")]), "m") == [WriteItemType.TENSOR]
+    for owner, name in ((PosixPath, "home"), (WriteItemType, "__class__"), (WriteItemType, "_missing_")):
+        with pytest.raises(UnsafeCheckpointMetadata, match="is not a member of an enum"):
+            load_dcp_metadata(pickle.dumps(ByName(owner, name)), "m")
+
+
 # --- tokenizer symlinks ------------------------------------------------------------------------------
 
 def test_a_tokenizer_symlink_leaving_the_source_is_refused(tmp_path):

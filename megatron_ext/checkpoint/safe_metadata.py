@@ -10,6 +10,7 @@ containers) is refused before megatron reads it; and every file `.metadata` poin
 """
 from __future__ import annotations
 
+import enum
 import io
 import pickle
 from pathlib import Path
@@ -38,10 +39,22 @@ class UnsafeCheckpointMetadata(UserError, ValueError):
     """A `.metadata` file that asks to build something other than checkpoint metadata."""
 
 
+def _enum_member(cls, name: str):
+    """Python 3.11.0 to 3.11.4 (Debian 12's 3.11.2: the CPU image) pickle an Enum member as getattr(its class,
+    its name), later ones as its class called with its value. The class came through the allow-list, so only
+    the members of allowed enums are reachable this way."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"getattr({getattr(cls, '__name__', cls)!r}, {name!r}) is not a member of an "
+                                 "enum of checkpoint metadata")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
