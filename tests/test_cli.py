@@ -20,6 +20,7 @@ BAD_INPUT = {  # subcommand -> (arguments, a phrase the message must contain)
     "plan": (["--config", f"{MISSING}/train.yaml", "--gpus", "8"], "--config"),
     "launch": (["--config", f"{MISSING}/train.yaml", "--nodes", "1"], "--config"),
     "repro": (["--config", f"{MISSING}/repro.yaml"], "--config"),
+    "serve": (["--model", f"{MISSING}/ckpt"], "--model"),
 }
 
 

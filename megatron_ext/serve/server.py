@@ -33,8 +33,6 @@ def export_dir_for(model: str, export_root: str | None) -> Path:
     """The Hugging Face directory to serve: `model` itself if it is one, else its checkpoint's export (made once,
     under EXPORT_ROOT/iter_XXXXXXX, by default <checkpoint root>/hf_exports)."""
     path = Path(model).expanduser()
-    if not path.exists():
-        raise MissingFile(f"--model ({model!r}) does not exist: give an exported model directory or a checkpoint")
     if (path / "config.json").is_file():
         return path.absolute()
     from megatron_ext.checkpoint.state import read_checkpoint
@@ -88,6 +86,8 @@ def gpu_present() -> bool:
 
 
 def run_serve(args) -> int:
+    if not Path(args.model).expanduser().exists():
+        raise MissingFile(f"--model ({args.model!r}) does not exist: give an exported model directory or a checkpoint")
     require_vllm()
     export = export_dir_for(args.model, args.export_dir)
     env = check_servable(export, args.max_model_len)
