@@ -244,3 +244,18 @@ def test_planner_refuses_interleaving_that_megatron_cannot_run():
     assert any("interleaving 2 chunks" in p for p in planned(2, pp=1)[1])
     assert any("interleaving 4 chunks" in p for p in planned(4, pp=4, layers=24)[1])  # 24 % 16
     assert any("interleaving 2 chunks" in p for p in planned(2, pp=4, global_batch_size=6)[1])  # 6 % 4
+
+
+@pytest.mark.parametrize("section, key, value", [("training", "rampup_batch_size", [4, 4, 64]),
+                                                 ("data", "split", "90,10,0")])
+def test_resuming_with_another_ramp_or_split_is_refused(tmp_path, section, key, value):
+    """Either changes which samples the remaining iterations read (the data position or the training documents)."""
+    from test_start import resumable_run, run_config
+
+    from megatron_ext.checkpoint.layout import CheckpointError
+    from megatron_ext.training.start import settle_start
+
+    given = resumable_run(tmp_path)
+    given[section][key] = value
+    with pytest.raises(CheckpointError, match=rf"{section}\.{key}: .* in the checkpoint"):
+        settle_start(run_config(given), given)

@@ -36,7 +36,9 @@ FIXED_ON_RESUME = ("model", "rope", "pose", "data.train_data", "data.train_data_
                    "data.tokenizer_type", "data.tokenizer_model", "data.document_mask", "data.mask_eod_loss",
                    "data.add_extra_token", "data.answer_only_loss",
                    "data.tiny_corpus", "data.tiny_corpus_documents", "data.tiny_corpus_passkey_prompts", "data.tokenizer_vocab_size", "data.upsample",
-                   "training.seed", "training.global_batch_size", "training.precision",
+                   "data.split",  # which documents train
+                   "training.seed", "training.global_batch_size", "training.rampup_batch_size",  # the data position
+                   "training.precision",
                    "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps")
 
 FROM_SCRATCH_LIMIT = 1e9  # parameters: a model this large is never trained from random weights by accident
