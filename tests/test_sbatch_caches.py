@@ -45,3 +45,14 @@ def test_a_cache_set_elsewhere_at_submission_is_mounted_once(tmp_path):
 def test_every_job_kind_has_a_time_limit():
     for script in (ROOT / "examples" / "slurm").glob("*.sbatch"):
         assert "#SBATCH --time=04:00:00" in script.read_text().splitlines(), script.name
+
+
+def test_validation_data_outside_the_submit_directory_is_mounted(tmp_path, capsys):
+    from megatron_ext.cli import main
+
+    assert main(["launch", "--config", str(ROOT / "examples" / "configs" / "llama2_7b_harpe_128k.yaml"), "--nodes",
+                 "8", "--set", "training.eval_interval=100", "--set", "data.valid_data=[/valid/held_out_text_document]",
+                 "--output", str(tmp_path / "job.sbatch")]) == 0
+    mounts = next(line for line in (tmp_path / "job.sbatch").read_text().splitlines()
+                  if line.startswith("CONTAINER_MOUNTS="))
+    assert "/valid:/valid" in mounts

@@ -248,8 +248,8 @@ def _plan_training_job(args, job) -> None:
         f"Starts from: {_starting_weights(config)}; later runs resume from the newest checkpoint",
     ]
     if not args.container_mounts:
-        job.container_mounts = mounts_for([*config.data.train_data, config.data.tokenizer_model,
-                                           config.data.cache_dir, config.checkpoint.dir,
+        job.container_mounts = mounts_for([*config.data.train_data, *config.data.valid_data,
+                                           config.data.tokenizer_model, config.data.cache_dir, config.checkpoint.dir,
                                            config.checkpoint.pretrained, config.logging.tensorboard_dir,
                                            config.logging.metrics_file])
 
