@@ -1,16 +1,15 @@
 """`megatron-ext serve`: vLLM's OpenAI-compatible server for an export (a checkpoint is exported first).
 
 Everything the user can get wrong is checked before vLLM starts: vLLM installed, the model found, its
-RoPE servable. The server itself is vLLM's (`python -m vllm.entrypoints.openai.api_server`), started in
-this Python (the serving environment) with the settings a CPU or GPU host needs; extra vLLM arguments pass
-through. Imports megatron_ext.convert/checkpoint only when a checkpoint must be exported.
+RoPE servable. The server itself is vLLM's (`python -m vllm.entrypoints.openai.api_server`): this process
+execs it, in this Python (the serving environment), with the settings a CPU or GPU host needs; extra vLLM
+arguments pass through. Imports megatron_ext.convert/checkpoint only when a checkpoint must be exported.
 """
 
 import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def run_serve(args) -> int:
                            tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, on_gpu=gpu_present(),
                            extra=list(args.vllm_args))
     log.info(f"megatron_ext: serving {export} at http://{args.host}:{args.port}/v1 (vLLM's OpenAI server)")
-    try:
-        return subprocess.run(command, env={**os.environ, **env}).returncode
-    except KeyboardInterrupt:
-        return 130
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    # This process becomes vLLM's server: signals (Ctrl-C, a scheduler's SIGTERM) reach it and its engine directly.
+    os.execve(command[0], command, {**os.environ, **env})
