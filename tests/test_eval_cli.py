@@ -32,7 +32,7 @@ def parse(argv):
 @pytest.mark.parametrize("task", list(TASKS))
 def test_every_setting_has_a_flag_and_unset_flags_keep_the_defaults(task):
     settings_class = TASKS[task].settings
-    args = parse([task, "--model", "m"])
+    args = parse([task, "--model", "m", *(["--reference", "r"] if TASKS[task].needs_reference else [])])
     assert settings_from_args(args, settings_class) == settings_class()
     assert all(hasattr(args, f"setting_{f.name}") for f in dataclasses.fields(settings_class))
 

@@ -135,6 +135,20 @@ def test_a_missing_reference_or_text_is_refused_before_anything_runs(tiny_megatr
         evaluate_compare(tiny_megatron, CompareSettings(data=[str(text_file)]))
     assert main(["eval", "compare", "--model", "/nonexistent", "--reference", "/nonexistent"]) == 2
     assert "compare.data is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "compare", "--model", "/nonexistent", "--data", str(text_file)])
+    assert stop.value.code == 2 and "the following arguments are required: --reference" in capsys.readouterr().err
+
+
+def test_a_suite_listing_compare_needs_its_reference():
+    from megatron_ext.config import ConfigError
+    from megatron_ext.eval.suite import suite_config_from_dict
+
+    raw = dict(models=[{"path": "ckpt"}, {"path": "hf"}], tasks=["compare"], compare=dict(data=["{stdlib}/os.py"]))
+    with pytest.raises(ConfigError, match=r"tasks \['compare'\] compare each model with a reference: set "
+                                          r"attention_reference"):
+        suite_config_from_dict(raw).validate()
+    suite_config_from_dict(dict(raw, attention_reference="hf")).validate()
 
 
 class Ids:

@@ -94,13 +94,15 @@ def test_every_registered_task_has_a_command_and_a_suite_section(name):
     task = TASKS[name]
     parser = argparse.ArgumentParser(prog="megatron-ext")
     add_eval_args(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", name, "--model", "m"])
+    reference = ["--reference", "r"] if task.needs_reference else []
+    args = parser.parse_args(["eval", name, "--model", "m", *reference])
     assert args.func is run_eval and settings_from_args(args, task.settings) == task.settings()
     assert hasattr(args, "reference") == task.uses_reference
 
     count = next(f.name for f in dataclasses.fields(task.settings) if f.type is int)  # trials, num_documents
     changed = {count: getattr(task.settings(), count) + 1}
-    config = suite_config_from_dict(dict(models=[{"path": "m"}], tasks=[name], **{name: changed}))
+    config = suite_config_from_dict(dict(models=[{"path": "m"}], tasks=[name], **{name: changed},
+                                         attention_reference="m" if task.needs_reference else None))
     assert config.settings[name] == task.settings(**changed)
     assert config.to_dict()[name] == dataclasses.asdict(task.settings(**changed))
     assert task.implementation().__name__ == task.module  # imports it and checks it defines the required hooks

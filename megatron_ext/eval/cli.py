@@ -25,7 +25,7 @@ def add_eval_args(subparsers) -> argparse.ArgumentParser:
     for task in TASKS.values():
         aliases = [task.name] if task.name != task.command else []
         task_parser = tasks.add_parser(task.command, aliases=aliases, help=task.help, description=task.help)
-        _add_model_args(task_parser, with_reference=task.uses_reference)
+        _add_model_args(task_parser, with_reference=task.uses_reference, reference_required=task.needs_reference)
         _add_settings_args(task_parser, task.settings)
         task_parser.add_argument("--output-dir", default="runs/eval",
                                  help="where the JSON (and PNG/CSV) results go (default: runs/eval)")
@@ -39,7 +39,7 @@ def add_eval_args(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_args(parser, with_reference: bool) -> None:
+def _add_model_args(parser, with_reference: bool, reference_required: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", required=True,
                        help="a megatron_ext checkpoint (root or iter_ directory) or a Hugging Face model directory")
@@ -52,8 +52,9 @@ def _add_model_args(parser, with_reference: bool) -> None:
                             "ranks; ranks beyond TP x PP x CP split the prompts (data parallel)")
     group.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
     if with_reference:
-        group.add_argument("--reference", help="a second model (same tokenizer) to compare with, e.g. the model "
-                                               "before extension")
+        group.add_argument("--reference", required=reference_required,
+                           help="a second model (same tokenizer) to compare with, e.g. the model before extension, "
+                                "or the conversion of --model")
         group.add_argument("--reference-name", help="the reference's name in tables")
 
 

@@ -44,6 +44,8 @@ class EvalTask:
     settings: type  # a dataclass: defaults for every field (they become flags) and validate()
     module: str  # the implementation, imported on first use; defines HOOKS
     uses_reference: bool = False  # compares with a second model: `--reference`, the suite's attention_reference
+    needs_reference: bool = False  # ... and means nothing without one: `--reference` required, and so is the
+    # suite's attention_reference when it lists the task
     in_default_suite: bool = True  # run by a suite whose config lists no `tasks` (False: needs settings or installs)
     pipeline_parallel: bool = True  # runs with pipeline_parallel_size > 1 (False: needs every layer on one rank)
 
@@ -113,6 +115,6 @@ register(EvalTask("attention", "attention entropy per layer/head, JS divergence 
                   "megatron_ext.eval.attention", uses_reference=True, pipeline_parallel=False))
 register(EvalTask("compare", "a model against a second one on the same token ids (a checkpoint and its Hugging Face "
                   "export): max logit difference, top-1 agreement, perplexity of both", CompareSettings,
-                  "megatron_ext.eval.compare", uses_reference=True, in_default_suite=False))
+                  "megatron_ext.eval.compare", uses_reference=True, needs_reference=True, in_default_suite=False))
 register(EvalTask("lm_eval", "EleutherAI lm-evaluation-harness tasks (short-context regression), offline",
                   LmEvalSettings, "megatron_ext.eval.harness.task", in_default_suite=False))

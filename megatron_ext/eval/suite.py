@@ -65,6 +65,9 @@ class SuiteConfig:
         check(len(set(names)) == len(names), f"model names {names} repeat: give each model a distinct name")
         check(self.attention_reference is None or self.attention_reference in names,
               f"attention_reference ({self.attention_reference!r}) is not one of the models {names}")
+        needing = [t for t in self.tasks if TASKS[t].needs_reference]
+        check(self.attention_reference is not None or not needing,
+              f"tasks {needing} compare each model with a reference: set attention_reference to one of {names}")
         check(self.precision in (None, "bf16", "fp32"), f"precision ({self.precision!r}) must be bf16, fp32 or null")
         for task in self.tasks:
             self.settings[task].validate()
