@@ -197,3 +197,13 @@ def test_one_window_over_the_whole_document_is_its_full_sequence_nll(request, tm
                                                             stride=stride)).rows[0]
         assert (row.windows, row.tokens) == (1, len(targets))
         assert row.nll == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_window_cannot_score_a_token_it_has_no_row_for(tiny_megatron):
+    from megatron_ext.eval.perplexity import window_nll
+
+    model = copy.copy(tiny_megatron)
+    model.tokenizer = WithoutBos(model.tokenizer)
+    with pytest.raises(ValueError, match="cannot score 5 of 5 tokens read without BOS: at most 4"):
+        window_nll(model, [11, 12, 13, 14, 15], 5)
+    assert window_nll(model, [11, 12, 13, 14, 15], 4) > 0
