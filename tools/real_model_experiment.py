@@ -95,6 +95,7 @@ class Results:
 
     def record(self, name: str, seconds: float, value) -> None:
         self.parts[name] = {"seconds": round(seconds, 1), "value": value}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.parts, indent=1))
         temporary.replace(self.path)

@@ -34,17 +34,20 @@ def ppl(rows: list[dict]) -> str:
 
 
 def harm_table(parts: dict, methods: list[str], kinds: list[str]) -> tuple[list[str], dict]:
-    lines = ["| method | point | step | " + " | ".join(f"{k} ppl [95% CI]" for k in kinds) + " | both [95% CI] |",
-             "|---|---|---:|" + "---:|" * (len(kinds) + 1)]
+    lines = ["| method | point | step | " + " | ".join(f"{k} ppl [95% CI]" for k in kinds)
+             + " | both [95% CI] | Δ nll/token vs original |", "|---|---|---:|" + "---:|" * (len(kinds) + 2)]
+    original = next(iter(parts.get("original/harm", {}).get("value", {}).values()), None)
     curve = {}
     for method in methods:
         points = parts.get(f"{method}/harm", {}).get("value", {})
         for label, point in points.items():
             cells = [ppl([point[k]]) for k in kinds]
             both = perplexity_interval([pooled([point[k] for k in kinds])])
+            delta = "—" if method == "original" or original is None else difference_interval(
+                [per_document_nll([point[k] for k in kinds])], [per_document_nll([original[k] for k in kinds])]).text(3)
             curve.setdefault(method, []).append((label, point["step"], both.mean))
             lines.append(f"| {NAMES[method]} | {label} | {point['step']} | " + " | ".join(cells)
-                         + f" | {both.text(2)} |")
+                         + f" | {both.text(2)} | {delta} |")
     return lines, curve
 
 
@@ -116,14 +119,24 @@ def training_table(parts: dict, methods: list[str]) -> list[str]:
     return lines
 
 
-def rope_lines(ropes: dict, methods: list[str]) -> list[str]:
+def rope_lines(ropes: dict, methods: list[str], num_groups: int = 3) -> list[str]:
+    from megatron_ext.rope.bases import head_bases
+
     lines = []
     for method in methods:
         rope, pose = ropes[method]
-        settings = ", ".join(f"{k}: {v:.0f}" if isinstance(v, float) else f"{k}: {v}" for k, v in rope.items()) \
-            or "the checkpoint's (base 100000)"
-        pose_text = f"; PoSE ids up to {pose['target_length']}" if pose else ""
-        lines.append(f"- **{NAMES[method]}**: RoPE {settings}{pose_text}")
+        parts = []
+        if "head_base_strategy" in rope:
+            bases = head_bases(rope["head_base_strategy"], num_groups, **rope["head_base_params"])
+            parts.append(f"HARPE {rope['head_base_strategy']}, one base per KV group: "
+                         + ", ".join(f"{b:,.0f}" for b in bases.tolist()))
+        elif "base" in rope:
+            parts.append(f"base {rope['base']:,.0f}")
+        if "scaling" in rope:
+            parts.append(f"scaling {rope['scaling']} {rope.get('scaling_params', {})}")
+        if pose:
+            parts.append(f"PoSE position ids up to {pose['target_length']} in each window")
+        lines.append(f"- **{NAMES[method]}**: " + ("; ".join(parts) or "the checkpoint's RoPE (base 100,000)"))
     return lines
 
 
@@ -155,7 +168,9 @@ def plot(png: Path, harm: dict, long: dict, passkey: dict, window: int) -> None:
     plt.close(figure)
 
 
-def write_report(out: Path, results_dir: Path, reading: str = "") -> Path:
+def write_report(out: Path, results_dir: Path, notes: str = "") -> Path:
+    """Writes real_model.md (+ .json, .png) in `results_dir`; `notes` (Markdown with its own headings: the reading of
+    the numbers, the chain's and the tests' numbers) goes after the tables."""
     parts = json.loads((out / "results.json").read_text())
     experiment = json.loads((out / "experiment.json").read_text())
     ropes = json.loads((out / "ropes.json").read_text())
@@ -192,8 +207,10 @@ def write_report(out: Path, results_dir: Path, reading: str = "") -> Path:
         "", *rope_lines(ropes, methods), "",
         "## Do no harm: held-out perplexity at the training window", "",
         f"Held-out documents ({', '.join(f'{n} {k}' for k, n in e['harm_documents'].items())}), each cut to "
-        f"{e['harm_document_tokens']} tokens and read in windows of {window} (stride {window}, BOS first). "
-        "*switched*: the converted weights with the method's RoPE, before any step.", "", *harm_lines, "",
+        f"{e['harm_document_tokens']} tokens and read in windows of {window} (BOS + {window - 1} document tokens, "
+        "no overlap). "
+        "*switched*: the converted weights with the method's RoPE, before any step. Δ: paired over documents, mean NLL "
+        "per token minus the original's (negative = better).", "", *harm_lines, "",
         f"## Beyond the window: long held-out documents at {', '.join(f'{m}x' for m in e['long_multiples'])}", "",
         f"One window per document (its first tokens), {', '.join(f'{n} {k}' for k, n in e['long_documents'].items())}"
         " documents, after the budget. Δ: paired over documents, mean NLL per token minus the original's "
@@ -205,8 +222,8 @@ def write_report(out: Path, results_dir: Path, reading: str = "") -> Path:
         "## Training", "", *training_table(parts, methods), "",
         "## Wall time of each part (2 shared CPU cores)", "", *times_table(parts), "",
     ]
-    if reading:
-        lines += ["## Reading", "", reading.strip(), ""]
+    if notes:
+        lines += [notes.strip(), ""]
     lines += ["![do no harm, long documents, passkey](real_model.png)", ""]
     results_dir.mkdir(parents=True, exist_ok=True)
     report = results_dir / "real_model.md"
@@ -225,10 +242,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("runs/real_model_experiment"))
     parser.add_argument("--results-dir", type=Path, default=Path("docs/results"))
-    parser.add_argument("--reading", type=Path, help="a markdown file with the reading of the numbers")
+    parser.add_argument("--notes", type=Path, help="Markdown put after the tables (the reading of the numbers)")
     args = parser.parse_args()
-    reading = args.reading.read_text() if args.reading else ""
-    print(write_report(args.output_dir, args.results_dir, reading))
+    print(write_report(args.output_dir, args.results_dir, args.notes.read_text() if args.notes else ""))
 
 
 if __name__ == "__main__":
