@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test bench gpu-check serve-env test-serve
+.PHONY: install quickstart test test-fast bench gpu-check serve-env test-serve
 
 $(BIN)/.installed: setup.py requirements-cpu.txt constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,7 @@ gpu-check:
 .PHONY: real-model
 real-model: install
 	$(BIN)/python tools/real_model_chain.py
+
+# The developer's loop: unit tests only (no end-to-end `slow` runs, no multi-rank `distributed` launches).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not distributed" tests

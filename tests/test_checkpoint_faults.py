@@ -15,6 +15,8 @@ import pytest
 from megatron_ext.checkpoint.integrity import verify_checkpoint
 from megatron_ext.checkpoint.layout import find_checkpoint
 
+pytestmark = pytest.mark.slow  # end to end: real runs in child processes (make test-fast skips them)
+
 WORKER = Path(__file__).with_name("checkpoint_fault_worker.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 

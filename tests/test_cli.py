@@ -64,6 +64,7 @@ def _parser_with(func):
     return parser
 
 
+@pytest.mark.slow
 def test_the_installed_entry_point_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "megatron_ext.cli", "train", "--config", str(tmp_path / "none.yaml")],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -14,6 +14,8 @@ import yaml
 
 from megatron_ext.cli import main
 
+pytestmark = pytest.mark.slow  # end to end: real runs in child processes (make test-fast skips them)
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]

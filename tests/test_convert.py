@@ -494,6 +494,7 @@ def test_existing_output_is_not_overwritten(models, tmp_path):
 
 # --- command line, memory, inspection ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_streams_a_sharded_model_in_a_fraction_of_its_size(tmp_path):
     """hf-to-mcore in a fresh process: peak RSS above the imports stays well under the model's size."""
     config = transformers.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408,

@@ -172,6 +172,7 @@ def test_indexed_dataset_holds_each_document_tokens_plus_eod_in_order(corpus, co
     assert sum(s.tokens_out for s in result.sources.values()) == sum(map(len, expected))
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_same_files_as_one(corpus_path, tokenizer, tmp_path):
     for workers in (1, 2):
         preprocess([corpus_path], tmp_path / f"w{workers}", tokenizer, workers=workers, progress=False)
@@ -276,6 +277,7 @@ def test_malformed_upsample_flag_is_rejected_by_the_parser(capsys):
     assert "'stdlib_code:many:3' is not SOURCE:MIN_TOKENS:FACTOR" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_worker_imports_stay_free_of_megatron_core():
     # Spawned workers import megatron_ext.data; megatron-core there would cost each ~4 s and ~300 MB.
     probe = "import sys, megatron_ext.data.encode_worker; print('megatron.core' in sys.modules)"

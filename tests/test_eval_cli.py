@@ -48,6 +48,7 @@ def test_a_bad_setting_stops_before_the_model_loads(capsys):
     assert "trials (0)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_bad_setting_is_one_line_on_stderr_and_exit_code_2():
     run = subprocess.run([sys.executable, "-m", "megatron_ext.cli", "eval", "passkey", "--model", "/nonexistent",
                           "--trials", "0"], capture_output=True, text=True, timeout=120)

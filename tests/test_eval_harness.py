@@ -24,6 +24,8 @@ from megatron_ext.eval.scoring import greedy_generate
 from megatron_ext.rope import RopeConfig
 from test_eval_vocab import HARPE, save_padded_checkpoint
 
+pytestmark = pytest.mark.slow  # end to end: real runs in child processes (make test-fast skips them)
+
 pytest_plugins = ["test_eval_support"]
 
 QUESTIONS = [  # words the tiny tokenizer knows (test_eval_support.training_text)

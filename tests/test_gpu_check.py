@@ -10,6 +10,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
 
+@pytest.mark.slow
 def test_without_cuda_it_says_so_in_one_line_and_exits_0():
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120,
                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
@@ -18,6 +19,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0():
         "gpu-check: needs a CUDA GPU (none found here); nothing run. The CPU checks are `make test`."]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_cpu_smoke_runs_the_stages_and_writes_the_report(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--only", "environment", "te_vs_local",
@@ -34,6 +36,7 @@ def test_cpu_smoke_runs_the_stages_and_writes_the_report(tmp_path):
     assert "| te_vs_local | ok |" in text and "## rotary" in text and "| case |" in text
 
 
+@pytest.mark.slow
 def test_a_budget_too_short_keeps_the_report_with_stages_out_of_time(tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--budget-s", "1", "--only", "rotary", "mfu",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)

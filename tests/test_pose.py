@@ -40,6 +40,7 @@ def test_target_equal_to_seq_length_gives_arange(variant, num_chunks):
     assert ids.tolist() == list(range(16))
 
 
+@pytest.mark.slow
 def test_same_ids_in_another_process():
     cases = list(itertools.product((0, 12345), (0, 1, 987654321), POSE_VARIANTS))  # (seed, sample_index, variant)
     script = (
@@ -181,6 +182,7 @@ def test_each_document_draws_its_own_skips_whatever_its_neighbours():
     assert torch.equal(documents([64])[0], pose_position_ids(64, 4096, **draw))
 
 
+@pytest.mark.slow
 def test_same_document_ids_in_another_process():
     lengths = [100, 3, 1, 152]
     script = (

@@ -15,6 +15,8 @@ import pytest
 
 from megatron_ext.config import ConfigError, TrainConfig, from_dict, validate
 
+pytestmark = pytest.mark.slow  # end to end: real runs in child processes (make test-fast skips them)
+
 WINDOW = dict(start_iter=2, end_iter=3, ranks=[0])
 SLOW_S = 0.2
 MICRO_BATCHES_PER_RANK = 2  # test_train's global batch 4, micro-batch 1, DP 2

@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end to end: real runs in child processes (make test-fast skips them)
+
 ROOT = Path(__file__).parent.parent
 
 

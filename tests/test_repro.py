@@ -134,6 +134,7 @@ def smoke_run(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), done.stdout
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_every_method_with_finite_numbers(smoke_run):
     out, results, stdout = smoke_run
     config = load_repro_config(CONFIG, SMOKE_OVERRIDES)
@@ -220,6 +221,7 @@ def test_smoke_abf_multi_runs_its_stages_in_order(smoke_run):
     assert sum(s["iterations"] for s in stages) == load_repro_config(CONFIG, SMOKE_OVERRIDES).extend.iters
 
 
+@pytest.mark.slow
 def test_changed_settings_in_a_used_output_dir_fail_before_any_work(smoke_run):
     out, _, _ = smoke_run
     command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",
@@ -239,6 +241,7 @@ def test_a_bad_generated_training_setting_is_named_before_any_work(tmp_path):
     assert not (tmp_path / "settings.json").exists()
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_reused(smoke_run):
     out, _, _ = smoke_run
     command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",
@@ -312,6 +315,7 @@ def test_retrieval_evaluation_prompts_are_held_out_of_training(smoke_run):
     assert not {key for key, _, _ in training} & {key for key, _, _ in evaluation}  # not even a key
 
 
+@pytest.mark.slow
 def test_retrieval_pretraining_that_does_not_retrieve_stops_the_run(tmp_path):
     command = [sys.executable, "-m", "megatron_ext.cli", "repro", "--config", str(CONFIG), "--smoke",
                "--set", f"output_dir={tmp_path}", "--set", "tracks=[retrieval]",

@@ -177,6 +177,7 @@ def test_bos_and_eod_of_each_kind(kinds):
 # ----------------------------------------------------------------------------- preprocess
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama3", "qwen2", "tiktoken", "sentencepiece"])
 def test_preprocess_with_one_and_four_workers_writes_the_same_dataset(kinds, name, tmp_path):
     inputs = tmp_path / "docs.jsonl"
@@ -279,6 +280,7 @@ def converted_qwen2(kinds, single_rank):
     return dict(work=work, converted=converted, config=config, vocab_size=vocab_size)
 
 
+@pytest.mark.slow
 def test_converted_qwen2_trains_with_its_own_tokenizer_and_exports_it(kinds, converted_qwen2):
     from megatron_ext.checkpoint.state import read_checkpoint
     from megatron_ext.convert import mcore_to_hf

@@ -187,6 +187,7 @@ def test_kernel_allocates_only_its_outputs_on_gpu():
     assert math.isfinite(outs[0].float().sum().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_compiles_for_a100_and_h100_with_16_byte_accesses(dtype):
     """No GPU needed: Triton's own specialization of a Llama-shaped call, compiled to cubin for
