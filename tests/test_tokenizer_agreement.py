@@ -304,25 +304,16 @@ def test_a_copied_checkpoint_does_not_read_the_originals_tokenizer(moved_convers
 def test_training_from_a_moved_checkpoint_uses_and_carries_its_tokenizer(tokenizers, moved_conversion):
     """Train 2 steps from the moved conversion: the copy's tokenizer is used, the trained checkpoint carries the
     tokenizer itself (same fingerprint), and after moving the run its export still has the tokenizer."""
-    import yaml
-
     from megatron_ext.checkpoint.state import read_checkpoint
     from megatron_ext.convert import mcore_to_hf
     from megatron_ext.data.tokenizer_files import open_encoder
     from test_continual import train
+    from test_tokenizers import extension_config
 
     work, moved = moved_conversion["work"], moved_conversion["moved"]
     preprocess([write_docs(work / "docs.jsonl", TEXTS * 4)], work / "data", load_tokenizer(moved / "tokenizer"),
                workers=1, progress=False)
-    config = work / "extend.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"seq_length": 32},
-        "data": {"train_data": [str(work / "data")], "cache_dir": str(work / "cache")},
-        "training": {"train_iters": 2, "micro_batch_size": 1, "global_batch_size": 2},
-        "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 1},
-        "checkpoint": {"dir": str(work / "run"), "save_interval": 2, "pretrained": str(moved)},
-        "logging": {"tensorboard_dir": None, "metrics_file": str(work / "metrics.jsonl"), "progress_bar": False},
-    }))
+    config = extension_config(work, moved, seq_length=32, iters=2, micro_batch=1, global_batch=2)
     result = train(config)
     assert result.returncode == 0, (result.stderr + result.stdout)[-4000:]
     assert f"tokenizer from checkpoint.pretrained: {moved / 'tokenizer'}" in result.stderr + result.stdout

@@ -268,16 +268,23 @@ def converted_qwen2(kinds, single_rank):
     inputs = work / "docs.jsonl"
     inputs.write_text("".join(json.dumps({"text": text * 4}) + "\n" for text in TEXTS * 4))
     preprocess([inputs], work / "data", load_tokenizer(converted / "tokenizer"), workers=1, progress=False)
+    config = extension_config(work, converted, seq_length=64, iters=3, micro_batch=2, global_batch=4)
+    return dict(work=work, converted=converted, config=config, vocab_size=vocab_size)
+
+
+def extension_config(work: Path, pretrained: Path, *, seq_length: int, iters: int, micro_batch: int,
+                     global_batch: int) -> Path:
+    """work/extend.yaml: train on work/data from `pretrained` (no tokenizer named: the checkpoint's), saving at the end."""
     config = work / "extend.yaml"
     config.write_text(yaml.safe_dump({
-        "model": {"seq_length": 64},
+        "model": {"seq_length": seq_length},
         "data": {"train_data": [str(work / "data")], "cache_dir": str(work / "cache")},
-        "training": {"train_iters": 3, "micro_batch_size": 2, "global_batch_size": 4},
+        "training": {"train_iters": iters, "micro_batch_size": micro_batch, "global_batch_size": global_batch},
         "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 1},
-        "checkpoint": {"dir": str(work / "run"), "save_interval": 3, "pretrained": str(converted)},
+        "checkpoint": {"dir": str(work / "run"), "save_interval": iters, "pretrained": str(pretrained)},
         "logging": {"tensorboard_dir": None, "metrics_file": str(work / "metrics.jsonl"), "progress_bar": False},
     }))
-    return dict(work=work, converted=converted, config=config, vocab_size=vocab_size)
+    return config
 
 
 @pytest.mark.slow
