@@ -5,7 +5,6 @@ The output directory appears only once complete: weights, config.json, tokenizer
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,12 +16,11 @@ from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.hf_io import (
     DTYPE_NAMES,
     SafetensorsWriter,
-    copy_tokenizer_files,
     parse_size,
     read_config,
-    require_inside,
     staged_directory,
 )
+from megatron_ext.convert.hf_tokenizer import export_tokenizer
 
 log = logging.getLogger("megatron_ext")
 
@@ -52,7 +50,7 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
                adapter_for_hf(source, f"{hf_base or path}'s source config") if source else
                adapter_for_family("qwen2" if config.model.qkv_bias else "llama"))
     padded = state.padded_vocab_size
-    tokenizer = _tokenizer_source(path, state, hf_base)
+    tokenizer = _tokenizer_source(saved, hf_base)
 
     from megatron_ext.convert.mcore_io import ParameterReader, build_skeleton
     from megatron_ext.distributed import single_process_group
@@ -78,7 +76,8 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
         with staged_directory(out_dir) as staging:
             files = _write_weights(staging, plan, reader, groups, layout, parse_size(max_shard_size), progress)
             (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-            _copy_tokenizer(tokenizer, staging)
+            if tokenizer is not None:
+                export_tokenizer(tokenizer, staging)
     out = Path(out_dir).expanduser().absolute()
     log.info(f"megatron_ext: exported {path} ({adapter.family}, {len(files)} shard(s)) -> {out} "
              f"in {time.perf_counter() - started:.1f} s")
@@ -129,17 +128,18 @@ def _layer_groups(names: list[str], num_layers: int) -> list[list[str]]:
     return [first, *layers, [n for n in rest if n not in first]]
 
 
-def _tokenizer_source(path: Path, state, hf_base) -> Path | None:
-    """Where the model's tokenizer files are: --hf-base, the converted model's copy, or what training recorded."""
+def _tokenizer_source(saved, hf_base) -> Path | None:
+    """Where the model's tokenizer files are: --hf-base, else the checkpoint's own copy (a converted or trained
+    checkpoint carries one), else what an older checkpoint recorded."""
     if hf_base:
         return Path(hf_base)
-    copied = (state.hf or {}).get("tokenizer_dir")
-    if copied and (path / copied).is_dir():
-        return path / copied
-    recorded = state.tokenizer_model
-    if recorded and Path(recorded).exists():
-        return Path(recorded)
-    log.warning(f"megatron_ext: {path} records no tokenizer that exists here ({recorded}); the export has "
+    copied = (saved.state.hf or {}).get("tokenizer_dir")
+    if copied and (saved.path / copied).is_dir():
+        return saved.path / copied
+    recorded = saved.tokenizer_path
+    if recorded is not None and recorded.exists():
+        return recorded
+    log.warning(f"megatron_ext: {saved.path} records no tokenizer that exists here ({recorded}); the export has "
                 f"weights and config only: pass --hf-base DIR to copy a tokenizer")
     return None
 
@@ -157,23 +157,3 @@ def _special_tokens(tokenizer: Path | None) -> dict:
         log.warning(f"megatron_ext: config.json gets Llama's BOS/EOS ids: {error}")
         return dict(DEFAULT_SPECIAL_TOKENS)
     return {"bos_token_id": encoder.bos if encoder.bos >= 0 else None, "eos_token_id": encoder.eos}
-
-
-def _copy_tokenizer(tokenizer: Path | None, out: Path) -> None:
-    """A tokenizer directory is copied as it is; a training tokenizer file (sentencepiece, tiktoken) goes with
-    a tokenizer.json that tokenizes as training did (megatron_ext/convert/hf_tokenizer.py)."""
-    from megatron_ext.convert.hf_tokenizer import write_hf_tokenizer
-    from megatron_ext.data.tokenizer_files import sniff_tokenizer_file
-
-    if tokenizer is None:
-        return
-    if tokenizer.is_dir():
-        copy_tokenizer_files(tokenizer, out)
-        return
-    require_inside(tokenizer.parent, tokenizer)
-    kind = sniff_tokenizer_file(tokenizer)
-    if kind is None:
-        log.warning(f"megatron_ext: {tokenizer} is no tokenizer file megatron_ext knows; copied as tokenizer.model")
-        shutil.copy2(tokenizer, out / "tokenizer.model")
-        return
-    write_hf_tokenizer(kind, tokenizer, out)

@@ -40,6 +40,7 @@ def run_train(args) -> int:
     start = settle_start(config, given, log_settings=not relaunching and first_rank())
     validate(config)
     check_ranks(config, *ranks_to_start(args.nproc_per_node, relaunching))
+    check_data(config)
     if relaunching:
         return relaunch(args.argv, args.nproc_per_node)
     from megatron_ext.training.train import train
@@ -49,6 +50,16 @@ def run_train(args) -> int:
         print(f"checkpoint: {result.last_checkpoint}")
         print(f"metrics: {config.logging.metrics_file}  tensorboard: {config.logging.tensorboard_dir}")
     return 0
+
+
+def check_data(config) -> None:
+    """The data was made with the run's tokenizer and no id exceeds the vocabulary (megatron_ext/data/
+    tokenizer_record.py): one line before any process starts, not an IndexError inside the first step."""
+    from megatron_ext.data.tokenizer_record import check_training_data
+
+    if not config.data.tiny_corpus:  # the tiny corpus is made, with its own tokenizer, by the ranks
+        check_training_data(config.data.train_data, *config.data.tokenizer_source(),
+                            model_vocab_size=config.model.vocab_size)
 
 
 def ranks_to_start(nproc_per_node: int, relaunching: bool) -> tuple[int, str]:

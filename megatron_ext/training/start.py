@@ -106,8 +106,8 @@ def adopt_tokenizer(config: TrainConfig, saved: SavedCheckpoint, setting: str, s
         if setting == "checkpoint.resume" and (recorded.tokenizer or recorded.tokenizer_model):
             data.tokenizer, data.tokenizer_model = recorded.tokenizer, recorded.tokenizer_model
             data.tokenizer_type = recorded.tokenizer_type
-        elif saved.state.tokenizer_model:
-            data.tokenizer = saved.state.tokenizer_model
+        elif saved.tokenizer_path is not None:
+            data.tokenizer = str(saved.tokenizer_path)  # its own copy, wherever the checkpoint now lies
         else:
             return  # validate asks for one
         settled.add("tokenizer", setting, data.tokenizer or data.tokenizer_model)
