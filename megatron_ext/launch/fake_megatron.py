@@ -15,7 +15,14 @@ optimizer, runs its pipeline schedule and the optimizer step this way once these
 - `all_gather_object` (the optimizer's parameter-group check) would unpickle fake bytes: every rank of the
   simulated job builds the same groups, so each rank's object stands for all.
 - DDP coalesces its reduce-scatters/all-gathers; the coalesced ops have no fake kernel: issued one by one.
+- Sequence parallelism (which this machine's torch norms refuse, so the CPU patches never needed it) gathers
+  and scatters into buffers on torch.cuda.current_device(): those modules get compat's CPU stand-in `torch`;
+  its embedding and transformer block fork the CUDA RNG tracker (for dropout, which draws nothing on fake
+  tensors): a tracker whose fork does nothing.
 - torch.compile'd fusions (megatron's jit_fuser) run eagerly (dynamo disabled).
+- The rotation (megatron_ext.rope.apply) runs its torch path in GPU-sized chunks (CHUNK_ELEMENTS, not the
+  CPU's cache-sized ones): the cos/sin temporaries of the GPU's torch path (an upper bound: the Triton kernel
+  has none), and 30x fewer fake ops.
 - The position ids of a micro-batch are compared (`torch.equal`) to share one RoPE table; fake tensors
   have no values, so the simulation says whether they are shared (PoSE: per sample).
 
@@ -23,6 +30,7 @@ Imports torch and megatron-core (lazily) and megatron_ext.models.
 """
 
 import contextlib
+import importlib
 from unittest import mock
 
 import torch
@@ -40,6 +48,17 @@ def _issue_one_by_one(group=None, device=None, async_ops=False):
     yield _NoCoalescing()
 
 
+class _NoRngTracker:
+    """megatron's CUDA RNG tracker as the simulation needs it: dropout on fake tensors draws nothing."""
+
+    def fork(self, name=None):
+        return contextlib.nullcontext()
+
+
+def _no_rng_tracker():
+    return _NoRngTracker()
+
+
 def _each_rank_has_the_same(objects, obj, group=None):
     objects[:] = [obj] * len(objects)
 
@@ -51,16 +70,21 @@ def fake_rank(rank: int, world_size: int, *, shared_positions: bool = True, fuse
     fused_norms: the final norm is the fused-RMSNorm stand-in (the layers' norms come from the layer spec)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
     from megatron.core.distributed import param_and_grad_buffer
     from megatron.core.transformer import transformer_block
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from megatron_ext.compat import prepare_megatron
+    from megatron_ext.compat.cpu_torch import CPU_TORCH
     from megatron_ext.launch.gpu_standins import FusedRMSNormStandIn
     from megatron_ext.models import gpt, provider
+    from megatron_ext.rope import apply
 
     prepare_megatron()
+    sequence_parallel_modules = [importlib.import_module(f"megatron.core.{name}")
+                                 for name in ("tensor_parallel.mappings", "tensor_parallel.layers", "utils")]
     if dist.is_initialized():
         raise RuntimeError("the memory simulation needs a process without a torch.distributed group")
     create_group = ps.create_group
@@ -87,6 +111,9 @@ def fake_rank(rank: int, world_size: int, *, shared_positions: bool = True, fuse
                 *([(transformer_block, "LayerNormImpl", FusedRMSNormStandIn)] if fused_norms else []),
                 (gpt, "shared_positions", positions),
                 (torch._dynamo.config, "disable", True),
+                (apply, "CPU_CHUNK_ELEMENTS", apply.CHUNK_ELEMENTS),
+                *[(module, "torch", CPU_TORCH) for module in sequence_parallel_modules],
+                (tensor_parallel, "get_cuda_rng_tracker", _no_rng_tracker),
             ]:
                 stack.enter_context(mock.patch.object(target, name, value))
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))

@@ -107,12 +107,13 @@ class LiveStorages(TorchDispatchMode):
                 self._move(record, ACTIVATIONS)
         return tensor
 
-    def _update_peak(self, op: str) -> None:
+    def _update_peak(self, op) -> None:
+        """op: the torch op that just allocated (named in the report when it set the peak)."""
         if self.total > self.phase_peaks.get(self.phase, -1):
             self.phase_peaks[self.phase] = self.total
         if self.total > self.peak_total:
             self.peak_total, self.peak = self.total, dict(self.live)
-            self.peak_phase, self.peak_op = self.phase, op
+            self.peak_phase, self.peak_op = self.phase, str(op)
 
     def reset_peak(self) -> None:
         """Forget the peaks so far (after a warm-up), keep what lives."""
@@ -133,7 +134,7 @@ class LiveStorages(TorchDispatchMode):
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
                 self.track(value)
-        self._update_peak(str(func))
+        self._update_peak(func)
         return out
 
     @contextmanager

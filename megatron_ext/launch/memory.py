@@ -117,11 +117,15 @@ def rope_bytes(work: Workload, tokens: int, micro_batch: int, tp: int) -> float:
 
 
 def output_activations(work: Workload, tokens: int, micro_batch: int, tp: int) -> float:
-    """Last stage: final norm input and output-layer input (split by SP), fp32 logits kept by the
-    vocabulary-parallel cross entropy (Korthikanti Sec. 4.3)."""
+    """Last stage: final norm input and output-layer input (split by SP), the fp32 logits kept by the
+    vocabulary-parallel cross entropy (its softmax; Korthikanti Sec. 4.3), and the bf16 logits the output layer
+    returned, alive next to them: GPTModel.forward holds them until the loss returns, while the cross entropy
+    makes its fp32 copy; in the backward the bf16 gradient of the logits meets the fp32 one the same way. So
+    6 bytes per logit at the stage's peak, not 4 (measured by `plan --simulate`:
+    docs/results/memory_simulation.md)."""
     m = work.model
     sb = tokens * micro_batch
-    return (2 * BF16 * sb * m.hidden_size + FP32 * sb * padded_vocab_size(m.vocab_size, tp)) / tp
+    return (2 * BF16 * sb * m.hidden_size + (FP32 + BF16) * sb * padded_vocab_size(m.vocab_size, tp)) / tp
 
 
 def cp_exchange_tensors(work: Workload, tokens: int, micro_batch: int, tp: int) -> tuple[float, float]:
