@@ -334,3 +334,28 @@ def test_training_from_a_moved_checkpoint_uses_and_carries_its_tokenizer(tokeniz
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-3000:]
     assert lines[0].startswith("megatron-ext train: data.train_data: data prefix") and "was tokenized with" in lines[0]
     assert "Traceback" not in refused.stderr and not (work / "run2").exists()
+
+
+@pytest.mark.slow
+def test_a_moved_run_resumes_with_the_tokenizer_its_checkpoint_carries(moved_conversion, tmp_path):
+    """Train 2 steps from a converted checkpoint, then move the run and remove the converted checkpoint whose
+    tokenizer path the run's config recorded: the resume reads the trained checkpoint's own copy (same files,
+    another path: accepted) and trains on."""
+    from megatron_ext.checkpoint.state import read_checkpoint
+    from test_continual import train
+    from test_tokenizers import extension_config
+
+    work = tmp_path
+    pretrained = shutil.copytree(moved_conversion["moved"].parent, work / "pretrained") / moved_conversion["moved"].name
+    preprocess([write_docs(work / "docs.jsonl", TEXTS * 4)], work / "data", load_tokenizer(pretrained / "tokenizer"),
+               workers=1, progress=False)
+    config = extension_config(work, pretrained, seq_length=32, iters=2, micro_batch=1, global_batch=2)
+    first = train(config)
+    assert first.returncode == 0, (first.stderr + first.stdout)[-4000:]
+    shutil.rmtree(work / "pretrained")
+    shutil.move(work / "run", work / "run-moved")
+    resumed = train(config, "--set", f"checkpoint.dir={work / 'run-moved'}", "--set", "training.train_iters=3")
+    logs = resumed.stderr + resumed.stdout
+    assert resumed.returncode == 0, logs[-4000:]
+    assert "is gone; reading the copy" in logs and "the same tokenizer files at another path" in logs
+    assert read_checkpoint(work / "run-moved", setting="--ckpt").iteration == 3

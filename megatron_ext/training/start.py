@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from megatron_ext.checkpoint.inherit import (
     ARCHITECTURE,
@@ -40,6 +41,9 @@ FIXED_ON_RESUME = ("model", "rope", "pose", "data.train_data", "data.train_data_
                    "training.seed", "training.global_batch_size", "training.rampup_batch_size",  # the data position
                    "training.precision",
                    "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps")
+
+# Where the tokenizer is, not which it is: a resume may name another path to the same files (check_resume)
+TOKENIZER_SETTINGS = ("data.tokenizer", "data.tokenizer_type", "data.tokenizer_model")
 
 FROM_SCRATCH_LIMIT = 1e9  # parameters: a model this large is never trained from random weights by accident
 
@@ -106,12 +110,32 @@ def adopt_tokenizer(config: TrainConfig, saved: SavedCheckpoint, setting: str, s
         if setting == "checkpoint.resume" and (recorded.tokenizer or recorded.tokenizer_model):
             data.tokenizer, data.tokenizer_model = recorded.tokenizer, recorded.tokenizer_model
             data.tokenizer_type = recorded.tokenizer_type
+            _own_copy_if_gone(config, saved)
         elif saved.tokenizer_path is not None:
             data.tokenizer = str(saved.tokenizer_path)  # its own copy, wherever the checkpoint now lies
         else:
             return  # validate asks for one
         settled.add("tokenizer", setting, data.tokenizer or data.tokenizer_model)
     check_tokenizer_fits(config, saved, setting)
+
+
+def _own_copy_if_gone(config: TrainConfig, saved: SavedCheckpoint) -> None:
+    """A resumed run whose recorded tokenizer path is gone (the run was moved) reads the copy its checkpoint
+    carries; check_resume accepts the other path because the files are the same (the fingerprint)."""
+    _, path, _ = config.data.tokenizer_source()
+    own = saved.tokenizer_path
+    if path is not None and not Path(path).exists() and own is not None and own.exists():
+        log.info(f"megatron_ext: the run's tokenizer {path} is gone; reading the copy {own} its checkpoint carries")
+        config.data.tokenizer, config.data.tokenizer_model, config.data.tokenizer_type = str(own), None, None
+
+
+def _same_tokenizer_files(config: TrainConfig, saved: SavedCheckpoint) -> bool:
+    """Whether the run's tokenizer has the files the checkpoint recorded (its fingerprint), wherever they are."""
+    from megatron_ext.data.tokenizer_files import open_encoder
+
+    name, path, kind = config.data.tokenizer_source()
+    recorded = saved.state.tokenizer_fingerprint
+    return recorded is not None and path is not None and open_encoder(path, kind, setting=name).fingerprint() == recorded
 
 
 def check_tokenizer_fits(config: TrainConfig, saved: SavedCheckpoint, setting: str) -> None:
@@ -135,6 +159,11 @@ def check_resume(config: TrainConfig, saved: SavedCheckpoint) -> None:
     now, then = _flat(config, vocab), _flat(saved.state.config, vocab)
     fixed = [key for key in now if any(key == f or key.startswith(f + ".") for f in FIXED_ON_RESUME)]
     differing = [key for key in fixed if now[key] != then.get(key)]
+    tokenizer_paths = [key for key in differing if key in TOKENIZER_SETTINGS]
+    if tokenizer_paths and _same_tokenizer_files(config, saved):  # the same tokenizer, at another path
+        differing = [key for key in differing if key not in tokenizer_paths]
+        log.info("megatron_ext: resuming with the same tokenizer files at another path: " + "; ".join(
+            f"{key} {then.get(key)!r} -> {now[key]!r}" for key in tokenizer_paths))
     if differing:
         shown = "; ".join(f"{key}: {then.get(key)!r} in the checkpoint, {now[key]!r} now" for key in differing[:4])
         more = f" (and {len(differing) - 4} more)" if len(differing) > 4 else ""
