@@ -359,3 +359,27 @@ def test_a_moved_run_resumes_with_the_tokenizer_its_checkpoint_carries(moved_con
     assert resumed.returncode == 0, logs[-4000:]
     assert "is gone; reading the copy" in logs and "the same tokenizer files at another path" in logs
     assert read_checkpoint(work / "run-moved", setting="--ckpt").iteration == 3
+
+
+def test_a_resume_accepts_the_same_tokenizer_files_elsewhere_and_refuses_other_ones(tokenizers, tmp_path):
+    import copy
+
+    from megatron_ext.checkpoint.layout import CheckpointError
+    from megatron_ext.checkpoint.state import CheckpointState, SavedCheckpoint
+    from megatron_ext.config import TrainConfig
+    from megatron_ext.training.start import check_resume
+
+    then = TrainConfig()
+    then.data.tiny_corpus, then.data.train_data, then.data.tokenizer = False, ["/data/x"], str(tokenizers["qwen2"])
+    state = CheckpointState.of_run(then, iteration=2, padded_vocab_size=512, tokenizer_model="tokenizer",
+                                   tokenizer_vocab_size=423, parallel={},
+                                   tokenizer_fingerprint=load_tokenizer(tokenizers["qwen2"]).encoder.fingerprint())
+    saved = SavedCheckpoint(path=tmp_path / "iter_0000002", iteration=2, state=state, optimizer=None,
+                            sharding_metadata={}, parallel_layout={}, format_version=1)
+    elsewhere = copy.deepcopy(then)
+    elsewhere.data.tokenizer = str(shutil.copytree(tokenizers["qwen2"], tmp_path / "moved-tokenizer"))
+    check_resume(elsewhere, saved)  # the same files at another path
+    other = copy.deepcopy(then)
+    other.data.tokenizer = str(tokenizers["llama3"])
+    with pytest.raises(CheckpointError, match="was trained with other settings: data.tokenizer"):
+        check_resume(other, saved)
