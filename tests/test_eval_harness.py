@@ -13,12 +13,7 @@ import torch
 import yaml
 
 from megatron_ext.cli import main
-from megatron_ext.eval.harness.decoding import (
-    HFCachedDecoder,
-    MegatronCachedDecoder,
-    greedy_tokens,
-    incremental_decoder,
-)
+from megatron_ext.eval.harness.decoding import HFCachedDecoder, greedy_tokens, incremental_decoder
 from megatron_ext.eval.models import load_eval_model
 from megatron_ext.eval.scoring import greedy_generate
 from megatron_ext.rope import RopeConfig
@@ -169,6 +164,8 @@ def test_generate_until_gives_the_greedy_loop_over_the_logits(harpe, tasks, tmp_
 def test_kv_cached_decoding_gives_the_logits_of_a_full_forward_pass(harpe, kind):
     """Our HARPE checkpoint through megatron-core's static inference context, its export through transformers'
     cache: every step's logits are those of the whole sequence, and the tokens those of the plain loop."""
+    from megatron_ext.models.decoding import MegatronCachedDecoder
+
     model = load_eval_model(harpe[0] if kind == "checkpoint" else harpe[1])
     prompt = model.tokenizer.encode(" The grass is green. The sky is blue. Here we go.")
     with incremental_decoder(model, capacity=len(prompt) + 12) as decoder:
@@ -180,6 +177,27 @@ def test_kv_cached_decoding_gives_the_logits_of_a_full_forward_pass(harpe, kind)
             sequence.append(int(logits.argmax()))
             logits = decoder.step(sequence[-1])
     assert greedy_tokens(model, prompt, 12) == greedy_generate(model, prompt, 12) == sequence[len(prompt):]
+
+
+def test_the_model_side_cache_runs_on_the_bare_model_and_puts_its_attention_back(harpe):
+    """megatron_ext.models.decoding needs only the GPT model (no evaluation wrapper): its cached steps give the
+    model's own forward logits over the real vocabulary, and every layer gets its core attention back after."""
+    from megatron_ext.models.decoding import megatron_cache_works, megatron_cached_decoder
+
+    model = load_eval_model(harpe[0])
+    gpt, vocab = model.model, model.vocab_size
+    cores = [layer.self_attention.core_attention for layer in gpt.decoder.layers]
+    assert megatron_cache_works(gpt) and vocab < gpt.vocab_size  # megatron pads the output layer's rows
+    sequence = [5, 17, 42, 8, 99, 3]
+    with torch.no_grad(), megatron_cached_decoder(gpt, capacity=len(sequence) + 4, vocab_size=vocab) as decoder:
+        logits = decoder.start(sequence)
+        for token in (11, 12, 13, 14):
+            full = gpt(torch.tensor([sequence]), torch.arange(len(sequence))[None], None)[0, -1, :vocab]
+            assert logits.shape == (vocab,)
+            torch.testing.assert_close(logits, full.float(), rtol=1e-4, atol=1e-4)
+            sequence.append(token)
+            logits = decoder.step(token)
+    assert [layer.self_attention.core_attention for layer in gpt.decoder.layers] == cores
 
 
 def test_an_export_through_lm_evals_own_hf_model_scores_as_the_checkpoint(plain, tasks, tmp_path):

@@ -8,8 +8,8 @@ harness's own command (`eval lm_eval` works too). Modules:
   command line is built from it at every start.
 - tasks.py: which harness tasks a setting names, checked and built offline before any model loads.
 - lm.py: `EvalModelLM`, the harness's `LM` over an `EvalModel` (our checkpoints with their own RoPE, HF dirs).
-- decoding.py: greedy generation with a KV cache (megatron-core's static inference context, transformers'
-  cache), for `generate_until`.
+- decoding.py: greedy generation with a KV cache for `generate_until`: which cache a model gets (our checkpoints:
+  megatron-core's static inference context, in megatron_ext/models/decoding.py; transformers' cache; else none).
 - task.py: the registry's hooks (prepare, evaluate, report_section, output_files) and the result.
 
 Importing this package imports nothing: lm-eval, torch and megatron load when a run starts.
