@@ -72,6 +72,20 @@ def test_rows_outside_the_tokens_are_refused_not_wrapped(request, model_fixture)
             model.logits(tokens, rows=rows)
 
 
+def test_a_checkpoint_argument_is_resolved_once_on_the_way_in(checkpoint, monkeypatch):
+    """load_eval_model resolves `--model` once (the root's newest checkpoint, verified) and passes what it found to
+    the model loader, which neither resolves nor reads it again."""
+    from megatron_ext.checkpoint import state
+
+    resolved = []
+    resolve = state.resolve_checkpoint
+    monkeypatch.setattr(state, "resolve_checkpoint", lambda argument, **kw: resolved.append(argument) or
+                        resolve(argument, **kw))
+    root, _ = checkpoint
+    loaded = load_eval_model(root)
+    assert resolved == [root] and loaded.source == str(root / "iter_0000007")
+
+
 def test_a_directory_that_is_no_model_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a megatron_ext checkpoint .* nor a Hugging Face"):
         load_eval_model(tmp_path)

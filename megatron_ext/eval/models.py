@@ -60,15 +60,28 @@ def load_eval_model(path, *, name: str | None = None, precision: str | None = No
                              "set tensor/pipeline/context parallel sizes to 1")
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
         return HFCausalLM(path, dtype=dtype, name=name)
-    if not any(where.is_dir() and (where.name.startswith("iter_") or any(where.glob("iter_*")))
-               for where in (path, path / "checkpoints", path.parent if path.name == "latest" else path)):
-        raise MissingFile(f"{setting} {path} is neither a megatron_ext checkpoint (an iter_ directory, a root holding "
-                          "them, or a run directory with checkpoints/) nor a Hugging Face model directory "
-                          "(config.json): pass one of those")
-    return MegatronExtModel.from_checkpoint(path, tensor_parallel_size=tensor_parallel_size, precision=precision,
+    saved = _read_checkpoint_argument(path, setting)  # the one resolution; what it found is passed along
+    return MegatronExtModel.from_checkpoint(saved, tensor_parallel_size=tensor_parallel_size, precision=precision,
                                             pipeline_parallel_size=pipeline_parallel_size,
                                             context_parallel_size=context_parallel_size, name=name,
                                             tokenizer_model=tokenizer_model, setting=setting)
+
+
+def _read_checkpoint_argument(path: Path, setting: str):
+    """The SavedCheckpoint `path` names (run dir, root, `latest`, iter_ dir); a path holding no checkpoint at all
+    is told it may be a Hugging Face directory too."""
+    from megatron_ext.checkpoint.layout import CheckpointError
+    from megatron_ext.checkpoint.state import read_checkpoint
+
+    try:
+        return read_checkpoint(path, setting=setting)
+    except CheckpointError:
+        if any(where.is_dir() and (where.name.startswith("iter_") or any(where.glob("iter_*")))
+               for where in (path, path / "checkpoints", path.parent if path.name == "latest" else path)):
+            raise  # a checkpoint, but not a usable one: the resolver's own reason
+        raise MissingFile(f"{setting} {path} is neither a megatron_ext checkpoint (an iter_ directory, a root holding "
+                          "them, or a run directory with checkpoints/) nor a Hugging Face model directory "
+                          "(config.json): pass one of those") from None
 
 
 def causal_row_softmax(query_rows: torch.Tensor, key: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
@@ -122,22 +135,24 @@ class MegatronExtModel:
     def from_checkpoint(cls, checkpoint, *, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                         context_parallel_size: int = 1, precision: str | None = None, tokenizer_model=None,
                         name: str | None = None, setting: str = "--model"):
-        """Load a run directory, checkpoint root (its newest checkpoint) or iter_ directory at the given TP/PP/CP.
+        """Load a run directory, checkpoint root (its newest checkpoint) or iter_ directory at the given TP/PP/CP;
+        `checkpoint` may be the SavedCheckpoint one of those resolved to (`load_eval_model` passes it: not resolved
+        or read again).
 
         Without a process group this starts a one-process one (gloo on CPU, NCCL on GPU); under torchrun or srun,
         pass the TP/PP/CP to evaluate with. Precision: the checkpoint's rule (bf16 on GPU, fp32 on CPU) unless given.
         """
-        from megatron_ext.checkpoint.state import read_checkpoint
+        from megatron_ext.checkpoint.state import SavedCheckpoint, read_checkpoint
         from megatron_ext.config import ParallelConfig
         from megatron_ext.models.builder import load_model
 
-        saved = read_checkpoint(checkpoint, setting=setting)
+        saved = checkpoint if isinstance(checkpoint, SavedCheckpoint) else read_checkpoint(checkpoint, setting=setting)
         _join_parallel_state(ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
                                             pipeline_model_parallel_size=pipeline_parallel_size,
                                             context_parallel_size=context_parallel_size),
                              seed=saved.state.config.training.seed)
         device = _current_device()
-        model, _, state = load_model(saved.path, device, precision_override=precision, setting=setting)
+        model, _, state = load_model(saved, device, precision_override=precision, setting=setting)
         tokenizer_path = tokenizer_model or saved.tokenizer_path  # its own copy, wherever the checkpoint lies
         if not tokenizer_model and not (tokenizer_path and Path(tokenizer_path).exists()):
             raise MissingFile(f"the checkpoint's tokenizer {tokenizer_path} is gone: pass its new path "

@@ -139,14 +139,15 @@ def build_gpt(config: TrainConfig, vocab_size: int, device, *, pre_process=None,
 
 
 def load_model(checkpoint, device, *, precision_override: str | None = None, setting: str = "--model"):
-    """(model, TrainConfig, CheckpointState) from a checkpoint argument (run dir, root, iter_ dir), built for
-    whatever TP/PP/CP megatron's parallel state has now (dist_checkpointing reshards). Weights only; eval mode."""
+    """(model, TrainConfig, CheckpointState) from a checkpoint argument (run dir, root, iter_ dir, or the
+    SavedCheckpoint one resolved to, which is not resolved again), built for whatever TP/PP/CP megatron's parallel
+    state has now (dist_checkpointing reshards). Weights only; eval mode."""
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.checkpoint.state import read_checkpoint
+    from megatron_ext.checkpoint.state import SavedCheckpoint, read_checkpoint
     from megatron_ext.checkpoint.store import load_checkpoint
 
-    saved = read_checkpoint(checkpoint, setting=setting)
+    saved = checkpoint if isinstance(checkpoint, SavedCheckpoint) else read_checkpoint(checkpoint, setting=setting)
     config = saved.state.config
     if precision_override:
         config.training.precision = precision_override
