@@ -78,7 +78,7 @@ def test_methods_differ_as_claimed():
     ("methods=[vanilla]", "must include 'original'"),
     ("scale=6", "scale .6. must be a power of two"),
     ("extend.tokens_per_iter=3000", "extend.tokens_per_iter .3000. must be a multiple of the target length"),
-    ("seeds=[]", "seeds is empty"),
+    ("seeds=[]", r"seeds \(\[\]\) must be distinct and non-empty"),
     ("extend.iters=2", "extend.iters .2. must give each of up to 3 stages"),
     ("data.pretrain_passkey_chars=[50,10]", r"data.pretrain_passkey_chars .\[50, 10\]."),
     ("eval.perplexity_data=[/nowhere/*.txt]", "eval.perplexity_data: '/nowhere/.*' .* matches no file"),
@@ -139,7 +139,7 @@ def test_smoke_run_reports_every_method_with_finite_numbers(smoke_run):
     out, results, stdout = smoke_run
     config = load_repro_config(CONFIG, SMOKE_OVERRIDES)
     names = [r["method"] for r in results["results"]]
-    assert names == list(config.method_table())
+    assert names == list(config.method_table(config.model))
     lengths = [str(n) for n in config.eval_lengths()]
     for result in results["results"]:
         assert sorted(result["perplexity"], key=int) == lengths and sorted(result["passkey"], key=int) == lengths
@@ -191,7 +191,7 @@ def test_smoke_pose_batches_are_short_with_long_position_ids(smoke_run, single_r
 def test_smoke_harpe_checkpoints_hold_the_requested_bases(smoke_run):
     out, results, _ = smoke_run
     config = load_repro_config(CONFIG, SMOKE_OVERRIDES)
-    methods = config.method_table()
+    methods = config.method_table(config.model)
     heads = config.model.num_attention_heads
     for name in ("harpe_uniform", "harpe_peak_valley", "harpe_pose"):
         (stage,) = _stages(results, name)
@@ -267,7 +267,7 @@ def test_smoke_retrieval_track_reports_every_method_and_budget_with_intervals(sm
     retrieval = _retrieval(out)
     rows = {(r["method"], r["budget"]) for r in retrieval["results"]}
     pose_family = {"pose", "pose_linear", "pose_yarn", "harpe_pose"}
-    expected = {("original", "none")} | {(m, b) for m in config.method_table() if m != "original"
+    expected = {("original", "none")} | {(m, b) for m in config.method_table(config.model) if m != "original"
                                          for b in ("small", "large")} | {(m, "large_equal_tokens") for m in pose_family}
     assert rows == expected
     lengths = [str(n) for n in track.eval_lengths()]
@@ -341,6 +341,54 @@ def test_retrieval_pretraining_that_does_not_retrieve_stops_the_run(tmp_path):
 def test_bad_retrieval_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         load_repro_config(CONFIG, ["tracks=[perplexity,retrieval]", override])
+
+
+@pytest.mark.parametrize("section", ["", "retrieval."])
+@pytest.mark.parametrize("override, message", [
+    ("scale=6", r"{section}scale \(6\) must be a power of two >= 2"),
+    ("seeds=[1,1]", r"{section}seeds \(\[1, 1\]\) must be distinct and non-empty"),
+    ("methods=[original,nope]", r"{section}methods: unknown 'nope'; choose from \['original', "),
+    ("pretrain.global_batch_size=20", r"{section}pretrain.global_batch_size \(20\) must be a multiple of "
+                                      r"{section}pretrain.micro_batch_size"),
+    ("pretrain.warmup_iters=5000", r"{section}pretrain.warmup_iters \(5000\) must be below {section}pretrain.iters"),
+    ("base_length=72", r"{section}base_length \(72\) must be a multiple of 16 and >= "),
+])
+def test_both_tracks_follow_one_set_of_rules_each_naming_its_own_keys(section, override, message):
+    """The settings both tracks have (L, scale, seeds, methods, the pretraining optimizer) are checked by one
+    path, the same mistake refused in either track with the key as the YAML spells it."""
+    with pytest.raises(ConfigError, match=message.format(section=section.replace(".", r"\."))):
+        load_repro_config(CONFIG, ["tracks=[perplexity,retrieval]", section + override])
+
+
+def test_a_track_that_does_not_run_is_not_checked():
+    config = load_repro_config(CONFIG, ["tracks=[retrieval]", "extend.tokens_per_iter=3000"])
+    assert config.track("retrieval") is config.retrieval and config.track("perplexity") is config
+    with pytest.raises(ConfigError, match="retrieval.scale"):
+        load_repro_config(CONFIG, ["tracks=[retrieval]", "retrieval.scale=6"])
+
+
+def test_shipped_configs_read_as_the_results_files_record_them():
+    """The YAML keys people have, and what the results files record of a run's settings, stay as they were:
+    cpu_8x.yaml gives the settings docs/results/reproduction/results.json was made with, and the retrieval
+    section of cpu_study.yaml (docs/results/reproduction/retrieval_results.json) the same nested keys."""
+    from dataclasses import asdict
+
+    recorded = json.loads((CONFIG.parents[2] / "docs/results/reproduction/results.json").read_text())["config"]
+    settings = asdict(load_repro_config(CONFIG))
+    assert {key: settings[key] for key in recorded if key != "output_dir"} == {
+        key: value for key, value in recorded.items() if key != "output_dir"}
+    study = load_repro_config(CONFIG.parent / "cpu_study.yaml")
+    retrieval = asdict(study.retrieval)
+    assert retrieval == dict(
+        base_length=128, scale=8, seeds=[1, 2, 3, 4], methods=None, max_failed_seeds=1, min_accuracy=0.95,
+        check_trials=200,
+        pretrain=dict(iters=1200, global_batch_size=32, micro_batch_size=32, lr=2e-3, min_lr=2e-4, warmup_iters=30,
+                      extra_iters=300, max_extra_rounds=2),
+        extend=dict(micro_batch_tokens=8192, lr=3e-4, min_lr=3e-4, warmup_iters=5, budgets={"small": 10, "large": 40},
+                    sequences_per_iter=8, equal_tokens=True),
+        eval=dict(batch_size=16, trials=100, longest_trials=256, depth_bins=5, key_max=50_000, bootstrap=2000))
+    assert study.tracks == ["perplexity", "retrieval"] and study.eval_lengths() == [256, 512, 1024, 2048]
+    assert study.retrieval.eval_lengths() == [128, 256, 512, 1024]
 
 
 @pytest.mark.slow

@@ -15,122 +15,13 @@ Layout under `<output_dir>/retrieval/`:
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_ext.config import ConfigError
+from megatron_ext.repro.config import RetrievalTrack
 
 PASSKEY_SEED_OFFSET = 7_919  # evaluation prompts: seed + this; the pretraining check: seed + 2 * this
-
-
-@dataclass
-class RetrievalPretrain:
-    iters: int = 1200
-    global_batch_size: int = 32  # prompts of base_length tokens
-    micro_batch_size: int = 32
-    lr: float = 2.0e-3
-    min_lr: float = 2.0e-4
-    warmup_iters: int = 30
-    # a seed below min_accuracy after `iters` continues at min_lr for extra_iters, checked again, at most
-    # max_extra_rounds times (the seed's pretraining ends at its first passing check)
-    extra_iters: int = 300
-    max_extra_rounds: int = 2
-
-
-@dataclass
-class RetrievalExtend:
-    # optimizer steps per budget: a small one (speed of adaptation) and a large one (the ceiling)
-    budgets: dict = field(default_factory=lambda: {"small": 10, "large": 40})
-    sequences_per_iter: int = 8  # prompts per step, at the stage's length (PoSE: at base_length)
-    micro_batch_tokens: int = 8_192
-    lr: float = 3.0e-4
-    min_lr: float = 3.0e-4  # constant after warm-up
-    warmup_iters: int = 5
-    equal_tokens: bool = True  # PoSE-family rows at the largest budget's tokens (scale x its steps)
-
-
-@dataclass
-class RetrievalEval:
-    trials: int = 100  # passkey prompts per length ...
-    longest_trials: int = 256  # ... and at the longest length
-    depth_bins: int = 5  # rows of the needle heatmap (depth x length), from the same prompts
-    key_max: int = 50_000
-    batch_size: int = 16
-    bootstrap: int = 2_000  # resamples for the 95% intervals
-
-
-@dataclass
-class RetrievalTrack:
-    base_length: int = 128  # L
-    scale: int = 8
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])  # pretraining seeds (init and data order)
-    # seeds whose pretraining may miss min_accuracy (after its extra rounds): each is reported and left out; one
-    # more stops the run. The extension study is about models that retrieve at L.
-    max_failed_seeds: int = 0
-    min_accuracy: float = 0.95  # passkey exact match at L the pretrained model must reach
-    check_trials: int = 200
-    methods: list[str] | None = None  # None: every method of the perplexity track
-    pretrain: RetrievalPretrain = field(default_factory=RetrievalPretrain)
-    extend: RetrievalExtend = field(default_factory=RetrievalExtend)
-    eval: RetrievalEval = field(default_factory=RetrievalEval)
-
-    @property
-    def target_length(self) -> int:
-        return self.base_length * self.scale
-
-    def eval_lengths(self) -> list[int]:
-        return [self.base_length * 2 ** i for i in range(self.scale.bit_length())]
-
-    def trials_at(self, length: int) -> int:
-        return self.eval.longest_trials if length == self.target_length else self.eval.trials
-
-
-def validate_track(track: RetrievalTrack, known_methods: list[str]) -> None:
-    from megatron_ext.repro.methods import build_methods
-    def check(ok, message):
-        if not ok:
-            raise ConfigError(f"retrieval.{message}")
-
-    check(track.base_length >= 96 and track.base_length % 16 == 0,
-          f"base_length ({track.base_length}) must be a multiple of 16 and >= 96 (the passkey template alone takes "
-          "about 70 tokens), e.g. 128")
-    check(track.scale >= 2 and track.scale & (track.scale - 1) == 0,
-          f"scale ({track.scale}) must be a power of two >= 2, e.g. 8")
-    check(bool(track.seeds) and len(set(track.seeds)) == len(track.seeds),
-          f"seeds ({track.seeds}) must be distinct and non-empty, e.g. [1, 2, 3]")
-    check(0 <= track.max_failed_seeds < len(track.seeds),
-          f"max_failed_seeds ({track.max_failed_seeds}) must lie in [0, number of seeds - 1]")
-    check(0.0 <= track.min_accuracy <= 1.0, f"min_accuracy ({track.min_accuracy}) must lie in [0, 1], e.g. 0.95")
-    check(track.check_trials >= 1, f"check_trials ({track.check_trials}) must be >= 1")
-    for name in track.methods or ():
-        check(name in known_methods, f"methods: unknown {name!r}; choose from {known_methods}")
-    p, e, ev = track.pretrain, track.extend, track.eval
-    check(p.extra_iters >= 2 and p.max_extra_rounds >= 0,
-          f"pretrain: extra_iters ({p.extra_iters}) >= 2 and max_extra_rounds ({p.max_extra_rounds}) >= 0")
-    check(p.iters >= 1 and p.global_batch_size % p.micro_batch_size == 0 and p.warmup_iters < max(p.iters, 2),
-          f"pretrain: iters ({p.iters}) >= 1, global_batch_size ({p.global_batch_size}) a multiple of "
-          f"micro_batch_size ({p.micro_batch_size}), warmup_iters ({p.warmup_iters}) below iters")
-    stages = max(len(method.stages) for method in build_methods(base_length=track.base_length, scale=track.scale,
-                                                                 head_dim=32).values())
-    check(bool(e.budgets) and all(isinstance(v, int) and v >= stages for v in e.budgets.values())
-          and not any(name.endswith("_equal_tokens") or name == "none" for name in e.budgets),
-          f"extend.budgets ({e.budgets}) must map names (not 'none' nor '*_equal_tokens') to optimizer steps >= "
-          f"{stages} (ABF-multi's stages), e.g. {{small: 10, large: 40}}")
-    check(e.sequences_per_iter >= 1 and e.micro_batch_tokens >= track.target_length,
-          f"extend: sequences_per_iter ({e.sequences_per_iter}) >= 1 and micro_batch_tokens ({e.micro_batch_tokens}) "
-          f">= the target length ({track.target_length})")
-    check(0 <= e.warmup_iters < min(e.budgets.values(), default=1),
-          f"extend.warmup_iters ({e.warmup_iters}) must be below the smallest budget")
-    check(ev.trials >= 1 and ev.longest_trials >= 1 and ev.depth_bins >= 1 and ev.bootstrap >= 100,
-          "eval: trials, longest_trials, depth_bins >= 1 and bootstrap >= 100")
-
-
-def selected_methods(config, track: RetrievalTrack) -> list:
-    from megatron_ext.repro.methods import build_methods
-
-    table = build_methods(base_length=track.base_length, scale=track.scale, head_dim=config.head_dim,
-                          base=config.model.rope_base)
-    return [table[name] for name in (track.methods or list(table))]
 
 
 def budgets_of(track: RetrievalTrack, method) -> list[tuple[str, int, int]]:
@@ -158,16 +49,12 @@ def stage_plan(track: RetrievalTrack, method, steps: int, sequences: int) -> lis
     return planned
 
 
-def pretrain_plan(track: RetrievalTrack) -> dict:
-    p = track.pretrain
-    return dict(seq_length=track.base_length, rope={}, pose={}, iters=p.iters, global_batch=p.global_batch_size,
-                micro_batch=p.micro_batch_size, lr=p.lr, min_lr=p.min_lr, warmup=min(p.warmup_iters, p.iters - 1))
-
-
 def planned_runs(config, track: RetrievalTrack) -> list[tuple[str, dict]]:
     """(label, settings) of every training run the track makes: checked before any work."""
-    runs = [("retrieval pretraining (retrieval.pretrain.*)", pretrain_plan(track))]
-    for method in selected_methods(config, track):
+    from megatron_ext.repro.runner import pretrain_settings
+
+    runs = [("retrieval pretraining (retrieval.pretrain.*)", pretrain_settings(track))]
+    for method in track.selected_methods(config.model):
         for budget, steps, sequences in budgets_of(track, method):
             runs += [(f"retrieval {method.name} {budget} stage {i + 1} (retrieval.extend.*)", settings)
                      for i, (_, settings) in enumerate(stage_plan(track, method, steps, sequences))]
@@ -217,7 +104,7 @@ def prepare_retrieval_data(root: Path, tokenizer_model: str, config, track: Retr
     from megatron_ext.eval.tokenizers import load_eval_tokenizer
 
     needed = {("pretrain", track.base_length): track.pretrain.iters * track.pretrain.global_batch_size}
-    for method in selected_methods(config, track):
+    for method in track.selected_methods(config.model):
         for _, steps, sequences in budgets_of(track, method):
             for _, settings in stage_plan(track, method, steps, sequences):
                 key = ("extend", settings["seq_length"])
@@ -298,7 +185,7 @@ def pretrain_seed(config, track: RetrievalTrack, data: RetrievalData, seed: int,
     checked at L on held-out prompts; the first check that reaches `min_accuracy` ends the pretraining. Returns
     the summary; a seed that never gets there stops the run."""
     from megatron_ext.checkpoint.layout import find_checkpoint
-    from megatron_ext.repro.runner import run_training, write_json
+    from megatron_ext.repro.runner import pretrain_settings, run_training, write_json
 
     p, run_dir = track.pretrain, out / f"pretrain_seed{seed}"
     summary_file = run_dir / "summary.json"
@@ -309,7 +196,7 @@ def pretrain_seed(config, track: RetrievalTrack, data: RetrievalData, seed: int,
         log(f"retrieval pretraining seed {seed} at {track.base_length}: {p.iters} iterations of "
             f"{p.global_batch_size} prompts, loss on the answer only (log: {run_dir / 'train.log'})")
         raw = retrieval_yaml(config, data, "pretrain", seed=seed, run_dir=run_dir, pretrained=None,
-                             **pretrain_plan(track))
+                             **pretrain_settings(track))
         summary = run_training(raw, run_dir)
         summary.update(iterations=p.iters, checks=[])
     summary.setdefault("iterations", p.iters)
@@ -334,7 +221,7 @@ def pretrain_seed(config, track: RetrievalTrack, data: RetrievalData, seed: int,
             f"lr {p.min_lr:g} (round {rounds + 1} of at most {p.max_extra_rounds})")
         raw = retrieval_yaml(config, data, "pretrain", seed=seed + 1000 * (rounds + 1), run_dir=more_dir,
                              pretrained=summary["checkpoint"], **dict(
-                                 pretrain_plan(track), iters=p.extra_iters, lr=p.min_lr, min_lr=p.min_lr,
+                                 pretrain_settings(track), iters=p.extra_iters, lr=p.min_lr, min_lr=p.min_lr,
                                  warmup=min(10, p.extra_iters - 1)))
         more = run_training(raw, more_dir)
         summary.update(checkpoint=more["checkpoint"], seconds=summary["seconds"] + more["seconds"],
@@ -373,7 +260,7 @@ def run_track(config, track: RetrievalTrack, tokenizer_model: str, out: Path, lo
 
     out = out / "retrieval"
     data = prepare_retrieval_data(out / "data", tokenizer_model, config, track, log)
-    methods = selected_methods(config, track)
+    methods = track.selected_methods(config.model)
     pretrained, failed = {}, {}  # each seed is pretrained (and checked) right before its own extensions
     results = []
     jobs = [(seed, method, served, steps) for seed in track.seeds for method in methods

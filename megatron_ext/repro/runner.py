@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from megatron_ext.errors import UserError
-from megatron_ext.repro.config import ReproConfig
+from megatron_ext.repro.config import ReproConfig, Track
 from megatron_ext.repro.data import prepare_repro_data
 
 
@@ -100,11 +100,11 @@ def write_json(path: Path, value) -> None:
     staging.replace(path)
 
 
-def pretrain_settings(config: ReproConfig) -> dict:
-    """The pretraining run's `train_yaml` settings (paths, seed and init aside)."""
-    p = config.pretrain
-    return dict(seq_length=config.base_length, rope={}, pose={}, iters=p.iters, global_batch=p.global_batch_size,
-                micro_batch=p.micro_batch_size, lr=p.lr, min_lr=p.min_lr, warmup=p.warmup_iters)
+def pretrain_settings(track: Track) -> dict:
+    """A track's pretraining run's `train_yaml` settings (paths, seed and init aside)."""
+    p = track.pretrain
+    return dict(seq_length=track.base_length, rope={}, pose={}, iters=p.iters, global_batch=p.global_batch_size,
+                micro_batch=p.micro_batch_size, lr=p.lr, min_lr=p.min_lr, warmup=min(p.warmup_iters, p.iters - 1))
 
 
 def stage_settings(config: ReproConfig, method) -> list[tuple]:
@@ -129,7 +129,7 @@ def check_settings(config: ReproConfig, out: Path) -> None:
     runs = []
     if "perplexity" in config.tracks:
         runs.append(("pretraining (pretrain.*)", pretrain_settings(config)))
-        for method in config.selected_methods():
+        for method in config.selected_methods(config.model):
             runs += [(f"{method.name} stage {index + 1} (extend.*)", settings)
                      for index, (_, settings) in enumerate(stage_settings(config, method))]
     if "retrieval" in config.tracks:
@@ -243,7 +243,7 @@ def evaluate(config: ReproConfig, checkpoint: str, name: str, assets: Path) -> d
 
 def run_perplexity_track(config: ReproConfig, data, out: Path, log, fresh: bool) -> tuple[dict, dict]:
     """Pretrain on text at L, extend with every method per extension seed, evaluate; (pretraining, results)."""
-    methods = config.selected_methods()
+    methods = config.selected_methods(config.model)
     base = pretrain(config, data, out, log)
     results = {}  # (seed, method) -> result
     total = len(config.seeds) * len(methods)
