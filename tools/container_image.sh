@@ -34,7 +34,8 @@ need_tools() {  # buildah/podman/debootstrap from Debian's packages when root wi
   ((${#missing[@]} == 0)) && return 0
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} (apt-get)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null) \
+      || { say "apt-get could not install buildah podman debootstrap"; return 3; }
   else
     say "needs ${missing[*]}: apt-get install buildah podman debootstrap (as root), or build with Docker"
     return 3
@@ -53,6 +54,7 @@ make_base() {
   mkdir -p "$CACHE"
   exec 9>"$CACHE/base.lock"
   flock 9  # one bootstrap at a time on a shared machine; the second caller finds the image made
+  trap 'exec 9>&-' RETURN
   podman image exists "$BASE_IMAGE" && return 0
   local tarball="$CACHE/base-$BASE_SUITE-py311.tar"
   if [[ ! -s $tarball ]]; then
