@@ -160,6 +160,14 @@ def fp8_weight_bytes(work: Workload, layout: Layout) -> float:
     return 2 * FP8 * (work.model.num_layers // layout.pp) * split / layout.tp
 
 
+# What lives only while one layer runs (its forward or its backward), and the term that says the last stage's
+# output layer and loss never live at the same time as it: the loss runs after the last layer's forward and its
+# tensors are freed before the last layer's backward starts. So the stage peaks at all activations plus the larger
+# of the two, which the negative NOT_TOGETHER term makes the sum of the terms (measured by `plan --simulate`).
+LAYER_TRANSIENTS = ("recomputed layer (backward)", "RoPE tables (transient)", "context-parallel K/V buffers")
+NOT_TOGETHER = "layer transients and the loss never together"
+
+
 @dataclass
 class StageMemory:
     """Memory of one GPU of one pipeline stage, by term (bytes)."""
@@ -208,6 +216,9 @@ def stage_memory(work: Workload, layout: Layout, stage: int, *, distributed_opti
     }
     if fp8 != "off":
         terms["FP8 weight copies (Transformer Engine)"] = fp8_weight_bytes(work, layout)
+    apart = min(terms["output layer and loss"], sum(terms[name] for name in LAYER_TRANSIENTS))
+    if apart:
+        terms[NOT_TOGETHER] = -apart
     return StageMemory(stage, params, terms, optimizer, per_layer)
 
 
