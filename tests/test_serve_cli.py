@@ -16,7 +16,8 @@ def test_missing_vllm_is_one_line_naming_the_install_command(tmp_path, capsys, m
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
     assert main(["serve", "--model", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("megatron-ext serve: vLLM is not installed") and "make serve-env" in error
@@ -103,8 +104,27 @@ def test_openai_server_completion_returns_the_models_greedy_tokens(tmp_path, sin
         assert tokens == transformers_greedy(tmp_path / "exports" / "iter_0000150", [ids], 8)[0]["tokens"]
         assert (tmp_path / "exports" / "iter_0000150" / "config.json").is_file()
     finally:
+        import psutil
+
+        try:
+            spawned = [server.pid] + [child.pid for child in psutil.Process(server.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:  # it died on its own: the assertion above says why
+            spawned = []
         server.terminate()
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+    assert _still_running(spawned, within_s=60) == [], "SIGTERM left vLLM's server or its engine running"
+
+
+def _still_running(pids: list[int], within_s: float) -> list[int]:
+    """Which of `pids` still run after waiting up to within_s for them to end."""
+    import psutil
+
+    deadline = time.monotonic() + within_s
+    while True:
+        left = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(2)

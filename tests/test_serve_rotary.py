@@ -98,6 +98,21 @@ def test_tensor_parallel_ranks_hold_slices_of_the_full_tables(tp, case):
         assert torch.equal(local_q, full_q[:, q_cols]) and torch.equal(local_k, full_k[:, k_cols])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cos_sin_table_rotates_exactly_as_angles_from_the_positions(dtype):
+    """What the plugin serves with (a table of max_model_len rows in the model's dtype, gathered per step) equals
+    the table-free rotation bit for bit: the rotation casts cos/sin to the heads' dtype either way."""
+    rope, positions = harpe("yarn"), torch.tensor([0, 1, 2, 31, 32, 33, 1000, 4095, 17, 17])
+    query = torch.randn(len(positions), HEADS * HEAD_DIM).to(dtype)
+    key = torch.randn(len(positions), KV_HEADS * HEAD_DIM).to(dtype)
+    plain = GroupedRotary(rope, head_dim=HEAD_DIM, num_heads=HEADS, num_kv_heads=KV_HEADS)
+    tabled = GroupedRotary(rope, head_dim=HEAD_DIM, num_heads=HEADS, num_kv_heads=KV_HEADS, max_position=4096,
+                           dtype=dtype)
+    assert tabled.table.shape == (4096, KV_HEADS, HEAD_DIM) and tabled.table.dtype == dtype
+    for ours, reference in zip(tabled(positions, query, key), plain(positions, query, key)):
+        assert torch.equal(ours, reference)
+
+
 def test_kv_heads_split_in_blocks_or_replicated_like_vllm():
     assert [local_kv_groups(8, 4, r) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert [local_kv_groups(2, 8, r) for r in range(8)] == [[0]] * 4 + [[1]] * 4
@@ -130,8 +145,9 @@ positions = torch.arange(0, 256)  # vLLM's YaRN table ends at original length x 
 query, key = torch.randn(len(positions), heads * head_dim), torch.randn(len(positions), kv_heads * head_dim)
 errors = {}
 for name, vllm_params in cases.items():
-    ours = GroupedRotary(RopeConfig(scaling=name, scaling_params={k: v for k, v in vllm_params.items() if k != "rope_type"},
-                                    head_base_strategy="explicit", head_base_params={"bases": bases}),
+    params = {k: v for k, v in vllm_params.items() if k != "rope_type"}
+    ours = GroupedRotary(RopeConfig(scaling=name, scaling_params=params, head_base_strategy="explicit",
+                                    head_base_params={"bases": bases}),
                          head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads)
     q, k = ours(positions, query.clone(), key.clone())
     worst = 0.0
@@ -161,5 +177,5 @@ def test_each_group_equals_vllms_own_rotary_at_that_base():
     errors = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(errors) == set(VLLM_SCALINGS)
     # vLLM derives its frequencies in fp32, megatron_ext (like training) in fp64 then casts: at position 255
-    # that moves an angle by ~1e-5 (measured worst 6e-5 on unit-variance heads). A wrong base or scaling moves it by O(1).
+    # that moves an angle by ~1e-5 (measured worst 6e-5 on unit-variance heads). A wrong base or scaling: O(1).
     assert all(error < 2e-4 for error in errors.values()), errors

@@ -10,6 +10,7 @@ from megatron_ext.convert.errors import ConversionError
 from megatron_ext.convert.rope import needs_megatron_ext, rope_from_hf
 from megatron_ext.errors import UserError
 from megatron_ext.rope.config import RopeConfig
+from megatron_ext.rope.scaling import follows_sequence_length
 
 # The stock vLLM model each HARPE architecture runs on (vLLM's registry names; Mistral runs on Llama's code).
 HARPE_ARCHITECTURES = {
@@ -33,11 +34,11 @@ def serving_rope(hf_config: dict) -> RopeConfig:
         rope = rope_from_hf(hf_config)
     except ConversionError as error:
         raise ServeError(f"cannot serve this export's RoPE settings: {error}") from None
-    if rope.scaling == "dynamic":
+    if follows_sequence_length(rope.scaling):
         raise ServeError(
-            "RoPE scaling 'dynamic' (dynamic NTK) cannot be served: its frequencies change with each sequence's "
-            "current length, which keys already in the KV cache cannot follow. Re-export the model with a fixed "
-            "scaling (ntk, yarn, linear) that it was trained or evaluated with")
+            f"RoPE scaling {rope.scaling!r} (dynamic NTK) cannot be served: its frequencies change with each "
+            "sequence's current length, which keys already in the KV cache cannot follow. Re-export the model "
+            "with a fixed scaling (ntk, yarn, linear) that it was trained or evaluated with")
     heads = hf_config["num_attention_heads"]
     groups = hf_config.get("num_key_value_heads") or heads
     try:

@@ -37,13 +37,14 @@ def local_kv_groups(num_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
 class GroupedRotary(torch.nn.Module):
     """Rotates one rank's queries and keys, each KV group (and its query heads) by its own base.
 
-    Built once per model and shared by every layer (all layers use the same bases). The inverse
-    frequencies [g_local, r/2] are the only state; angles come from the positions of each step, so
-    there is no table of max_position rows, and a position beyond the training window costs nothing.
+    With `max_position`, a table of cos and sin for positions 0 .. max_position - 1 is built once (in `dtype`,
+    what the rotation casts to anyway, so the result is the same) and every step gathers its rows, as vLLM's own
+    rotary modules do; one module then serves every layer. Without it, angles come from each step's positions.
     """
 
     def __init__(self, rope: RopeConfig, *, head_dim: int, num_heads: int, num_kv_heads: int,
-                 tp_size: int = 1, tp_rank: int = 0):
+                 tp_size: int = 1, tp_rank: int = 0, max_position: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
@@ -58,6 +59,11 @@ class GroupedRotary(torch.nn.Module):
         bases = rope.group_bases(num_kv_heads)[self.groups]  # float64 [g_local]
         inv_freq, self.attention_factor = rope.inv_freq(bases, rotary_dim)  # fp32 [g_local, r/2]
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # not a weight: nothing to load
+        table = None
+        if max_position is not None:
+            cos, sin = self.cos_sin(torch.arange(max_position, device=inv_freq.device))
+            table = torch.cat((cos, sin), dim=-1).to(dtype)  # [max_position, g_local, r]
+        self.register_buffer("table", table, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rank's tables at `positions` [T]: cos and sin [T, g_local, r/2] (attention factor included)."""
@@ -79,5 +85,9 @@ class GroupedRotary(torch.nn.Module):
         The layer calls it between the q/k/v projection and attention, so keys are rotated before the
         attention backend writes them into the KV cache.
         """
-        cos, sin = self.cos_sin(positions.flatten())
+        positions = positions.flatten()
+        if self.table is None:
+            cos, sin = self.cos_sin(positions)
+        else:
+            cos, sin = self.table.index_select(0, positions).chunk(2, dim=-1)
         return self.rotate(query, cos, sin), (None if key is None else self.rotate(key, cos, sin))

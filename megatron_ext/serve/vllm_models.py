@@ -31,16 +31,19 @@ def stock_rope_while_building(hf_config, base: float):
         hf_config.rope_parameters = exported
 
 
-def use_grouped_rotary(model: torch.nn.Module, rope: RopeConfig) -> int:
-    """Give every attention layer of a built vLLM model the per-KV-group rotation; returns how many."""
+def use_grouped_rotary(model: torch.nn.Module, rope: RopeConfig, *, max_position: int, dtype: torch.dtype) -> int:
+    """Give every attention layer of a built vLLM model the per-KV-group rotation (one module, one cos/sin table
+    of max_position rows, shared by the layers); returns how many layers."""
     tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
-    swapped = 0
+    swapped, shared = 0, None
     for attention in model.modules():
         if not hasattr(attention, "rotary_emb") or not hasattr(attention, "total_num_kv_heads"):
             continue
-        attention.rotary_emb = GroupedRotary(
-            rope, head_dim=attention.head_dim, num_heads=attention.total_num_heads,
-            num_kv_heads=attention.total_num_kv_heads, tp_size=tp_size, tp_rank=tp_rank)
+        if shared is None:
+            shared = GroupedRotary(rope, head_dim=attention.head_dim, num_heads=attention.total_num_heads,
+                                   num_kv_heads=attention.total_num_kv_heads, tp_size=tp_size, tp_rank=tp_rank,
+                                   max_position=max_position, dtype=dtype)
+        attention.rotary_emb = shared
         swapped += 1
     if swapped == 0:
         raise RuntimeError(f"{type(model).__name__}: no attention layer with a rotary_emb found; this vLLM "
@@ -58,7 +61,8 @@ class HarpeModelMixin:
         rope = serving_rope(config_dict)
         with stock_rope_while_building(hf_config, rope.base):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-        use_grouped_rotary(self, rope)
+        model_config = vllm_config.model_config
+        use_grouped_rotary(self, rope, max_position=model_config.max_model_len, dtype=model_config.dtype)
 
 
 class HarpeLlamaForCausalLM(HarpeModelMixin, LlamaForCausalLM):
