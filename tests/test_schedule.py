@@ -259,3 +259,23 @@ def test_resuming_with_another_ramp_or_split_is_refused(tmp_path, section, key, 
     given[section][key] = value
     with pytest.raises(CheckpointError, match=rf"{section}\.{key}: .* in the checkpoint"):
         settle_start(run_config(given), given)
+
+
+def test_a_split_part_without_sequences_is_refused_instead_of_hanging(tmp_path):
+    """megatron's GPTDataset counts epochs forever for a part without tokens (measured with the tiny corpus and
+    data.split=99,1,0: a hang); with 40 sequences a 1% part is sequences 40 to 40."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megatron_ext.training.batches import TRAIN, VALID, check_split_part
+
+    prefix = tmp_path / "docs"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(100))
+    for document in range(40):
+        builder.add_document(np.arange(5) + document, [5])
+    builder.finalize(f"{prefix}.idx")
+    with pytest.raises(ConfigError, match=r"data.split=99,1,0 leaves the validation part no sequence of the 40 .* "
+                                          r"sequences 40 to 40\): give that part at least 3%"):
+        check_split_part([str(prefix)], "99,1,0", VALID)
+    check_split_part([str(prefix)], "97,3,0", VALID)  # sequences 39 to 40
+    check_split_part([str(prefix)], "99,1,0", TRAIN)

@@ -4,6 +4,7 @@ batch-size ramp-up (megatron-core's RampupBatchsizeNumMicroBatchesCalculator) an
 Imports megatron-core inside functions and nothing of the loop (training/train.py and validation.py use it).
 """
 
+import math
 from pathlib import Path
 
 from megatron_ext.config import ConfigError, TrainConfig
@@ -11,6 +12,7 @@ from megatron_ext.config.train import split_weights
 from megatron_ext.data.dataset import MicroBatchIterator
 
 TRAIN, VALID = 0, 1  # megatron's split parts
+PART_NAMES = ("training", "validation", "test")
 
 
 def training_samples(config: TrainConfig, tokenizer, prefixes: list[str], *, num_samples: int, part: int = TRAIN):
@@ -23,6 +25,7 @@ def training_samples(config: TrainConfig, tokenizer, prefixes: list[str], *, num
     split = "100,0,0"
     if data.split is not None and not data.valid_data:  # valid_data: every document of train_data trains
         split = ",".join(f"{weight:g}" for weight in split_weights(data.split))
+        check_split_part(prefixes, split, part)
     dataset = build_gpt_dataset(
         prefixes, config.model.seq_length, tokenizer, num_samples=num_samples, seed=t.seed,
         cache_dir=str(Path(data.cache_dir) / "index"), weights=data.train_data_weights if part == TRAIN else None,
@@ -34,6 +37,25 @@ def training_samples(config: TrainConfig, tokenizer, prefixes: list[str], *, num
         dataset = PoseDataset(dataset, target_length=pose.target_length, seed=t.seed, num_chunks=pose.num_chunks,
                               variant=pose.variant, mask_chunk_boundary=pose.mask_chunk_boundary)
     return dataset
+
+
+def check_split_part(prefixes: list[str], split: str, part: int) -> None:
+    """megatron's builder gives a split part the sequences [round(begin x N), round(end x N)) of each source's N;
+    a part with no tokens makes GPTDataset count epochs forever (measured: a hang), so it is refused by name."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    begin, end = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[part]
+    for prefix in prefixes:
+        indexed = IndexedDataset(str(prefix))  # kept alive: its arrays view a memory map it closes when freed
+        lengths = indexed.sequence_lengths
+        first, last = int(round(begin * float(len(lengths)))), int(round(end * float(len(lengths))))
+        if int(lengths[first:last].sum()) == 0:
+            raise ConfigError(
+                f"data.split={split} leaves the {PART_NAMES[part]} part no sequence of the {len(lengths)} in {prefix} "
+                f"(it would get sequences {first} to {last}): give that part at least "
+                f"{math.ceil(100 / max(1, len(lengths)))}% of the weights, or use data.valid_data")
 
 
 class BatchRamp:
