@@ -73,6 +73,22 @@ def test_validation_metrics_go_under_their_own_tensorboard_tag():
 # --- the value --------------------------------------------------------------------------------------------
 
 
+def loss_by_hand(model: list, dataset, samples: int) -> float:
+    """Each sample through the bare model one by one: the sum of its masked per-token losses over their count."""
+    bare = model[0].module
+    bare.eval()
+    loss_sum = tokens = 0.0
+    with torch.no_grad():
+        for index in range(samples):
+            sample = {name: value[None] for name, value in dataset[index].items()}
+            per_token = bare(sample["tokens"], sample["position_ids"], None, labels=sample["labels"],
+                             document_ids=sample["document_ids"])
+            loss_sum += float((per_token * sample["loss_mask"]).sum())
+            tokens += float(sample["loss_mask"].sum())
+    bare.train()
+    return loss_sum / tokens
+
+
 @pytest.mark.slow
 def test_validation_loss_is_the_token_mean_of_the_held_out_samples(single_rank, tmp_path):
     """Validation.run through megatron's forward-only schedule equals each held-out sample put through the bare
@@ -96,21 +112,19 @@ def test_validation_loss_is_the_token_mean_of_the_held_out_samples(single_rank, 
     model = build_model(config, padded_vocab_size(tokenizer.vocab_size, 1), torch.device("cpu"))
     validation = Validation(config, tokenizer, prefixes)
     got = validation.run(model, partial(forward_losses, model, forward_only=True))
-
-    bare = model[0].module
-    bare.eval()
-    loss_sum = tokens = 0.0
-    with torch.no_grad():
-        for index in range(config.training.eval_iters * config.training.global_batch_size):
-            sample = {name: value[None] for name, value in validation.dataset[index].items()}
-            per_token = bare(sample["tokens"], sample["position_ids"], None, labels=sample["labels"],
-                             document_ids=sample["document_ids"])
-            loss_sum += float((per_token * sample["loss_mask"]).sum())
-            tokens += float(sample["loss_mask"].sum())
-    assert got["valid_loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
-    assert got["valid_ppl"] == pytest.approx(torch.tensor(loss_sum / tokens).exp().item(), rel=1e-5)
-    assert all(chunk.training for chunk in model)
+    assert all(module.training for module in model[0].modules())  # back in training mode
+    expected = loss_by_hand(model, validation.dataset, config.training.eval_iters * config.training.global_batch_size)
+    assert got["valid_loss"] == pytest.approx(expected, rel=1e-5)
+    assert got["valid_ppl"] == pytest.approx(torch.tensor(expected).exp().item(), rel=1e-5)
     assert all(float(p.main_grad.abs().sum()) == 0 for p in model[0].parameters())
+
+    # data.valid_data instead: every document of those prefixes
+    config.data.split, config.data.valid_data = None, list(prefixes)
+    validate(config)
+    whole = Validation(config, tokenizer, prefixes)
+    got = whole.run(model, partial(forward_losses, model, forward_only=True))
+    assert got["valid_loss"] == pytest.approx(loss_by_hand(model, whole.dataset, 8), rel=1e-5)
+    config.data.split, config.data.valid_data = "80,20,0", []
 
     # the validation documents are not trained on: no validation window occurs among the training windows
     train = training_samples(config, tokenizer, prefixes, num_samples=200)
