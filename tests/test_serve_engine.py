@@ -1,8 +1,9 @@
 """End to end, fp32, enforce_eager: exports of tiny models trained here, served by vLLM (serving env), equal
 transformers (megatron_ext.hf's loader) and the training model's own greedy decode.
 
-Two engine processes for the whole module: one with megatron_ext's plugin (the HARPE export), one with
-every vLLM plugin off (stock vLLM: a PoSE + YaRN Qwen2 export it must serve, the HARPE export it must refuse).
+Two engine processes for the whole module: one with megatron_ext's plugin (a HARPE + YaRN Llama export, and a
+HARPE + Llama-3-scaling Qwen2 export with q/k/v biases), one with every vLLM plugin off (stock vLLM: a PoSE +
+YaRN Qwen2 export it must serve, the HARPE export it must refuse).
 """
 
 import json
@@ -48,20 +49,27 @@ def _calls(calls: dict) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, single_rank):
-    """Both exports, their references, and what the two engine processes returned."""
+    """The exports, their trained models, the calls, and what the two engine processes returned."""
     work = tmp_path_factory.mktemp("serve")
     harpe_dir, harpe_model = build_export(work / "harpe", rope=harpe_rope(), family="llama")
     pose_dir, pose_model = build_export(work / "pose", rope=pose_yarn_rope(), family="qwen2", qkv_bias=True,
                                         pose_target=128, seed=4)
+    qwen2_rope = harpe_rope()
+    qwen2_rope.scaling = "llama3"
+    qwen2_rope.scaling_params = {"factor": 4.0, "original_max_position_embeddings": WINDOW}
+    qwen2_dir, qwen2_model = build_export(work / "harpe_qwen2", rope=qwen2_rope, family="qwen2", qkv_bias=True, seed=5)
     pose_calls = {"pose_batch": [prompt(40, 11), prompt(100, 12), prompt(7, 13)]}
-    plugin = run_engine([{"model": str(harpe_dir), "engine": ENGINE, "calls": _calls(CALLS)}], work / "plugin_run",
-                        env=LONG_CONTEXT)
+    qwen2_calls = {"qwen2_batch": [prompt(60, 21), prompt(200, 22), prompt(9, 23)]}
+    plugin = run_engine([{"model": str(harpe_dir), "engine": ENGINE, "calls": _calls(CALLS)},
+                         {"model": str(qwen2_dir), "engine": ENGINE, "calls": _calls(qwen2_calls)}],
+                        work / "plugin_run", env=LONG_CONTEXT)
     stock_engine = {**ENGINE, "max_model_len": 128}
     stock = run_engine([{"model": str(pose_dir), "engine": stock_engine, "calls": _calls(pose_calls)},
                         {"model": str(harpe_dir), "engine": stock_engine, "expect_error": True}],
                        work / "stock_run", env={**LONG_CONTEXT, "VLLM_PLUGINS": ""})
-    return {"harpe": (harpe_dir, harpe_model, CALLS, plugin[0]), "pose": (pose_dir, pose_model, pose_calls, stock[0]),
-            "stock_refusal": stock[1]}
+    return {"harpe": (harpe_dir, harpe_model, CALLS, plugin[0]),
+            "harpe_qwen2": (qwen2_dir, qwen2_model, qwen2_calls, plugin[1]),
+            "pose": (pose_dir, pose_model, pose_calls, stock[0]), "stock_refusal": stock[1]}
 
 
 def test_harpe_export_names_itself_for_the_plugin(served):
@@ -69,23 +77,30 @@ def test_harpe_export_names_itself_for_the_plugin(served):
     config = json.loads((harpe_dir / "config.json").read_text())
     assert config["architectures"] == ["HarpeLlamaForCausalLM"] and config["rope_parameters"]["rope_type"] == "harpe"
     assert report["architecture"] == ["HarpeLlamaForCausalLM"]
+    qwen2_dir, _, _, qwen2_report = served["harpe_qwen2"]
+    assert json.loads((qwen2_dir / "config.json").read_text())["architectures"] == ["HarpeQwen2ForCausalLM"]
+    assert qwen2_report["architecture"] == ["HarpeQwen2ForCausalLM"]
     pose_config = json.loads((served["pose"][0] / "config.json").read_text())
-    assert pose_config["architectures"] == ["Qwen2ForCausalLM"] and pose_config["rope_parameters"]["rope_type"] == "yarn"
+    assert pose_config["architectures"] == ["Qwen2ForCausalLM"]
+    assert pose_config["rope_parameters"]["rope_type"] == "yarn"
 
 
-@pytest.mark.parametrize("model", ["harpe", "pose"])
+@pytest.mark.parametrize("model", ["harpe", "harpe_qwen2", "pose"])
 def test_greedy_tokens_and_logprobs_equal_transformers(served, model):
     export, _, calls, report = served[model]
     prompts = [p for name in calls for p in calls[name]]
     served_runs = [r for name in calls for r in report["results"][name]]
     references = transformers_greedy(export, prompts, NEW_TOKENS)
+    differences = []
     for p, ours, reference in zip(prompts, served_runs, references):
         assert ours["tokens"] == reference["tokens"], f"prompt of {len(p)} tokens"
-        worst = max(abs(a - b) for a, b in zip(ours["logprobs"], reference["logprobs"]))
-        assert worst < 1e-3, f"prompt of {len(p)} tokens: top-1 log-probabilities differ by {worst}"
+        differences.append(max(abs(a - b) for a, b in zip(ours["logprobs"], reference["logprobs"])))
+        assert differences[-1] < 1e-3, f"prompt of {len(p)} tokens: top-1 log-probs differ by {differences[-1]}"
+    print(f"\n{model}: {len(prompts)} prompts x {NEW_TOKENS} tokens equal; largest top-1 log-prob difference "
+          f"{max(differences):.2e}")
 
 
-@pytest.mark.parametrize("model", ["harpe", "pose"])
+@pytest.mark.parametrize("model", ["harpe", "harpe_qwen2", "pose"])
 def test_greedy_tokens_equal_the_training_models_own_decode(served, model):
     _, trained, calls, report = served[model]
     for name, prompts in calls.items():
