@@ -1,6 +1,8 @@
 """The planner's memory estimate against the simulation (`megatron-ext plan --simulate`) for the 128k recipes.
 
 Run: python benchmarks/memory_simulation.py [--recipes llama2 llama3 qwen2] [--layers N] [--output PATH]
+     python benchmarks/memory_simulation.py --planner-only   (the planner's columns of the stored simulations
+     recomputed with the current formulas: checks a planner change against them without simulating again)
 For each recipe: the planner's layout for its cluster (row 1 of `megatron-ext plan --config <recipe> --gpus N`,
 the layout the recipe's parallel section states), then one rank of every pipeline stage of it simulated on fake
 tensors for one full step. Prints, per recipe, the planner's and the simulation's peak per GPU by category,
@@ -51,18 +53,48 @@ def run(name: str, layers: int | None) -> dict:
     return result
 
 
+def replan(result: dict) -> None:
+    """Recompute the planner's columns of one stored recipe result with the current launch/memory.py."""
+    from megatron_ext.launch.cli import add_plan_args, plan_request
+    from megatron_ext.launch.memory import GIB, stage_memory
+    from megatron_ext.launch.simulate import PLANNER_CATEGORY, layout_config
+    from megatron_ext.launch.planner import plan
+    from megatron_ext.launch.workload import read_train_config, workload_from_config
+
+    parser = argparse.ArgumentParser()
+    add_plan_args(parser.add_subparsers())
+    args = parser.parse_args(["plan", "--config", str(ROOT / result["recipe"]), "--gpus", str(result["gpus"])])
+    layout = plan(plan_request(args)).best.layout
+    assert str(layout) == result["layout"], (str(layout), result["layout"])
+    config = layout_config(read_train_config(ROOT / result["recipe"]), layout, num_layers=result.get("layers"))
+    work = workload_from_config(config, Path(result["recipe"]).stem)
+    for stage in result["stages"]:
+        memory = stage_memory(work, layout, stage["stage"])
+        by_category = dict.fromkeys(stage["planner_gib_by_category"], 0.0)
+        for term, value in memory.terms.items():
+            by_category[PLANNER_CATEGORY.get(term, "temporaries")] += value / GIB
+        stage.update(planner_gib=memory.total / GIB, planner_gib_by_category=by_category,
+                     planner_terms_gib={k: v / GIB for k, v in memory.terms.items()})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
     parser.add_argument("--layers", type=int, help="simulate this many layers instead of the model's")
     parser.add_argument("--output", default=str(ROOT / "docs/results/memory_simulation.json"),
                         help="JSON file; results of recipes not run now are kept from it")
+    parser.add_argument("--planner-only", action="store_true",
+                        help="recompute the planner's columns of the stored results; simulate nothing")
     args = parser.parse_args(argv)
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {}
-    for name in args.recipes:
+    for result in results.values() if args.planner_only else ():
+        replan(result)
+    for name in [] if args.planner_only else args.recipes:
         key = name if args.layers is None else f"{name}_{args.layers}_layers"
         results[key] = run(name, args.layers)
+        output.write_text(json.dumps(results, indent=2) + "\n")
+    if args.planner_only:
         output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'recipe':<24}{'layout':<52}{'planner GiB':>12}{'simulated GiB':>15}{'wall s':>8}")
     for key, r in results.items():

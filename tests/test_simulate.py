@@ -80,12 +80,19 @@ def test_live_storages_count_allocations_frees_and_saved_tensors():
 # --- exact counts and a real run ----------------------------------------------------------------------
 
 
-def test_tiny_simulated_weights_gradients_optimizer_equal_the_exact_count():
+@pytest.fixture(scope="module")
+def tiny_simulation():
+    """The tiny config at TP=PP=CP=DP=1 with this machine's own layers (SDPA attention with the document
+    mask, torch RMSNorm: no stand-ins), so that a real CPU run of it can be compared."""
     from megatron_ext.launch.simulate import simulate
     from megatron_ext.launch.workload import Layout
 
+    return simulate(tiny_config(), Layout(1, 1, 1, 1, 2, "none"), standins=False).stages[0]
+
+
+def test_tiny_simulated_weights_gradients_optimizer_equal_the_exact_count(tiny_simulation):
     elements, tensors = tiny_parameters(TINY["model"])
-    stage = simulate(tiny_config(), Layout(1, 1, 1, 1, 2, "none")).stages[0]
+    stage = tiny_simulation
     assert stage.parameters == elements
     assert stage.steady["parameters"] == 2 * elements  # bf16 weights in DDP's buffer (no padding at these sizes)
     assert stage.steady["gradients"] == 4 * elements  # fp32 main grads
@@ -103,6 +110,19 @@ def test_tiny_distributed_optimizer_state_is_sharded_over_dp_and_cp():
     assert stage.steady["parameters"] == 2 * elements and stage.steady["gradients"] == 4 * elements
     # 12 bytes per element over DP x CP = 4 shards (+ Adam's step scalars and the unit loss scale)
     assert 12 * elements / 4 <= stage.steady["optimizer state"] <= 12 * elements / 4 + 4 * 20
+
+
+def test_every_pipeline_stage_is_simulated_under_1f1b():
+    from megatron_ext.launch.simulate import simulate
+    from megatron_ext.launch.workload import Layout
+
+    elements, _ = tiny_parameters(TINY["model"])
+    simulation = simulate(tiny_config(data=dict(document_mask=False)), Layout(1, 2, 1, 2, 1, "selective"))
+    first, last = simulation.stages
+    assert (first.stage, first.rank, last.stage, last.rank) == (0, 0, 1, 2)  # megatron's order: PP outermost
+    assert first.parameters + last.parameters == elements  # embedding + layer 1 | layer 2 + final norm + output
+    assert first.steady["parameters"] == 2 * first.parameters and last.steady["gradients"] == 4 * last.parameters
+    assert first.micro_batches == last.micro_batches == 2 and simulation.peak.peak > 0
 
 
 class _MallInfo(ctypes.Structure):
@@ -151,14 +171,12 @@ def real_activations_of_one_micro_batch(config) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallinfo2")
-def test_tiny_simulated_activations_within_15_percent_of_a_real_cpu_run():
-    from megatron_ext.launch.simulate import layout_config, simulate
+def test_tiny_simulated_activations_within_15_percent_of_a_real_cpu_run(tiny_simulation):
+    from megatron_ext.launch.simulate import layout_config
     from megatron_ext.launch.workload import Layout
 
-    config, layout = tiny_config(), Layout(1, 1, 1, 1, 2, "none")
-    # without stand-ins: the CPU run's own layers (SDPA attention with the document mask, torch RMSNorm)
-    simulated = simulate(config, layout, standins=False).stages[0].activations_per_micro_batch
-    real = real_activations_of_one_micro_batch(layout_config(config, layout))
+    real = real_activations_of_one_micro_batch(layout_config(tiny_config(), Layout(1, 1, 1, 1, 2, "none")))
+    simulated = tiny_simulation.activations_per_micro_batch
     assert simulated == pytest.approx(real, rel=0.15), (simulated, real)
 
 
