@@ -5,12 +5,31 @@ too, only later). The rules are checked on this graph, and each check is shown t
 deliberately broken graph, so a passing run means the rule holds, not that the check is blind.
 """
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "megatron_ext"
+ARCHITECTURE_PAGE = PACKAGE.parent / "docs" / "architecture.md"
 LOOP_MODULES = "megatron_ext.training"  # the loop and its command: the top of the house
+
+# The floors of the house, lowest first (packages and top-level modules of megatron_ext). A module imports its own
+# package and packages on lower floors only: never one on its own floor or above. docs/architecture.md draws this
+# table (checked below); a new package gets its floor here first.
+FLOORS = (
+    ("errors", "lazy", "sizes", "rope"),  # foundations: the RoPE math, the one error type, model-size arithmetic
+    ("compat", "data"),  # what megatron-core needs on this machine; tokenizers and datasets
+    ("config", "distributed"),  # the settings; process groups
+    ("checkpoint",),  # layout, state, store
+    ("models",),  # megatron-core integration
+    ("convert",),  # Hugging Face <-> megatron_ext
+    ("hf",),  # the transformers loader of HARPE exports
+    ("eval", "launch", "serve", "training"),  # the commands
+    ("repro",),  # the study: runs training children and evaluates them
+    ("cli",),  # the command table
+)
+FLOOR_OF = {f"megatron_ext.{name}": level for level, names in enumerate(FLOORS) for name in names}
 
 
 def module_name(path: Path) -> str:
@@ -75,6 +94,41 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
     return found
 
 
+def floor_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a package on the importer's own floor or above, and every package without a floor."""
+    found = []
+    for module, edges in graph.items():
+        source = package_of(module)
+        if module == "megatron_ext" and not any(e.startswith("megatron_ext.") for e in edges):
+            continue  # the package's own __init__: its version, nothing imported
+        if source not in FLOOR_OF:
+            found.append(f"{module}: package {source} has no floor in FLOORS")
+            continue
+        for imported in sorted(e for e in edges if e.startswith("megatron_ext.") and package_of(e) != source):
+            target = package_of(imported)
+            if FLOOR_OF.get(target, len(FLOORS)) >= FLOOR_OF[source]:
+                found.append(f"{module} -> {imported} (floor {FLOOR_OF[source]} imports floor "
+                             f"{FLOOR_OF.get(target, '?')}: imports only go down)")
+    return found
+
+
+def drawn_floors(page: str) -> list[tuple[str, ...]]:
+    """The floor table drawn in docs/architecture.md: the lines `floor N  name name ...` of its floors section."""
+    section = page.split("## The floors", 1)[1].split("\n## ", 1)[0]
+    floors = {}
+    for line in section.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "floor":
+            continue
+        names = []
+        for word in words[2:]:  # the packages (`name/`) and modules (`name.py`) up to the description
+            if not re.fullmatch(r"[a-z_]+(/|\.py)", word):
+                break
+            names.append(word.rstrip("/").removesuffix(".py"))
+        floors[int(words[1])] = tuple(sorted(names))
+    return [floors[level] for level in sorted(floors)]
+
+
 def package_of(module: str) -> str:
     """megatron_ext.eval.models -> megatron_ext.eval; top-level modules are their own package."""
     return ".".join(module.split(".")[:2])
@@ -111,6 +165,30 @@ def graph():
 
 def test_every_import_rule_holds(graph):
     assert violations(graph) == []
+
+
+def test_imports_only_go_down_the_floors(graph):
+    assert floor_violations(graph) == []
+
+
+@pytest.mark.parametrize("importer, imported", [
+    ("megatron_ext.data.dataset", "megatron_ext.models.gpt"),  # up
+    ("megatron_ext.eval.models", "megatron_ext.launch.memory"),  # across one floor
+    ("megatron_ext.hf.rotary", "megatron_ext.eval.models"),  # up
+])
+def test_a_deliberate_floor_violation_is_caught(graph, importer, imported):
+    broken = {module: set(edges) for module, edges in graph.items()}
+    broken[importer].add(imported)
+    assert any(line.startswith(f"{importer} -> {imported}") for line in floor_violations(broken))
+
+
+def test_a_package_without_a_floor_is_caught(graph):
+    assert floor_violations({"megatron_ext.attic.thing": {"megatron_ext.rope"}}) == [
+        "megatron_ext.attic.thing: package megatron_ext.attic has no floor in FLOORS"]
+
+
+def test_the_architecture_page_draws_the_floor_table():
+    assert drawn_floors(ARCHITECTURE_PAGE.read_text()) == [tuple(sorted(names)) for names in FLOORS]
 
 
 def test_packages_import_one_another_without_a_cycle(graph):

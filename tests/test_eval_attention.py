@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_ext.eval.attention import attention_entropy, evaluate_attention, js_divergence
-from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
+from megatron_ext.data.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
 from megatron_ext.eval.settings import AttentionSettings
 
 pytest_plugins = ["test_eval_support"]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from megatron_ext.eval.prompts import (
+from megatron_ext.data.prompts import (
     PASSKEY_FILLER,
     PASSKEY_INTRO,
     PASSKEY_NEEDLE,

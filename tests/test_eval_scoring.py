@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from megatron_ext.eval.prompts import PASSKEY_FILLER, Prompt, filler_tokens, passkey_prompt
+from megatron_ext.data.prompts import PASSKEY_FILLER, Prompt, filler_tokens, passkey_prompt
 from megatron_ext.eval.scoring import check_answers, continues_number, greedy_generate
 
 pytest_plugins = ["test_eval_support"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.eval.prompts import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
+from megatron_ext.data.prompts import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION
 
 MAX_LENGTH = 512
 SP_VOCAB = 600  # pieces of the sentencepiece tokenizer; the megatron models below have 640 (padded) rows

@@ -119,7 +119,7 @@ def test_a_harpe_exports_captured_attention_is_the_checkpoints(harpe):
 
 
 def test_an_exports_sentencepiece_tokenizer_tokenizes_as_training_did(plain, sp_tokenizer):
-    from megatron_ext.eval.prompts import PASSKEY_FILLER
+    from megatron_ext.data.prompts import PASSKEY_FILLER
 
     text = PASSKEY_FILLER + "  The pass key is 12345.\n 0123456789 "  # leading and doubled spaces, a newline
     assert load_eval_model(plain[1]).tokenizer.encode(text) == sp_tokenizer.encode(text)

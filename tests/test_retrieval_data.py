@@ -1,4 +1,4 @@
-"""Retrieval training data (megatron_ext.eval.passkey_data, megatron_ext.data.retrieval) and how the dataset reads it: passkey prompts of the
+"""Retrieval training data (megatron_ext.data.passkey_data, megatron_ext.data.retrieval) and how the dataset reads it: passkey prompts of the
 evaluation's template, one prompt per sample (`add_extra_token: false`), loss only where the sidecar marks
 a target (`answer_only_loss`), and held-out keys."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megatron_ext.data.retrieval import loss_mask_prefix
-from megatron_ext.eval.passkey_data import passkey_documents, write_passkey_dataset
-from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
+from megatron_ext.data.passkey_data import passkey_documents, write_passkey_dataset
+from megatron_ext.data.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
 
 
 @pytest.fixture(scope="module")

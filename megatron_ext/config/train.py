@@ -64,7 +64,7 @@ class DataConfig:
     tiny_corpus: bool = False  # build the offline tiny corpus + tokenizer + dataset under cache_dir
     tiny_corpus_documents: int = 400
     # > 0: with tiny_corpus, train on this many passkey prompts of seq_length tokens (the evaluation's template,
-    # loss on the key: megatron_ext.eval.passkey_data) instead of its text, which then only trains the tokenizer
+    # loss on the key: megatron_ext.data.passkey_data) instead of its text, which then only trains the tokenizer
     tiny_corpus_passkey_prompts: int = 0
     tokenizer_vocab_size: int = 2000  # for the tokenizer trained on the tiny corpus
     cache_dir: str = "runs/cache"

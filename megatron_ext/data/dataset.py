@@ -73,7 +73,7 @@ def build_gpt_dataset(
     `seq_length + 1`, and the last position has no label (no loss): samples then tile the token stream without
     overlap, so documents of exactly `seq_length` tokens come one per sample. `answer_only_loss=True` keeps the
     loss only where each prefix's loss-mask sidecar (`{prefix}_loss_mask.bin/.idx`, same documents, 1 = this
-    token is a target; `megatron_ext.eval.passkey_data` writes one) marks the label, read with the very sample
+    token is a target; `megatron_ext.data.passkey_data` writes one) marks the label, read with the very sample
     layout of the tokens.
 
     `split` is megatron's "train,valid,test" weights over each source's documents (contiguous ranges of its

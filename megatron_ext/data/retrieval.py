@@ -2,7 +2,7 @@
 
 Next to `{prefix}.bin/.idx` a sidecar `{prefix}_loss_mask.bin/.idx` lists the same documents with one uint8 per
 token: 1 where the token is a target the loss counts (an answer), 0 elsewhere. `data.answer_only_loss: true`
-reads it (megatron_ext.data.dataset). `megatron_ext.eval.passkey_data` writes passkey prompts this way.
+reads it (megatron_ext.data.dataset). `megatron_ext.data.passkey_data` writes passkey prompts this way.
 """
 
 from pathlib import Path

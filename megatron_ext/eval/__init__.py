@@ -22,8 +22,8 @@ _LOADED_ON_FIRST_USE = {
     "js_divergence": "megatron_ext.eval.attention",
     "check_answers": "megatron_ext.eval.scoring",
     "greedy_generate": "megatron_ext.eval.scoring",
-    "build_prompt": "megatron_ext.eval.prompts",
-    "passkey_prompt": "megatron_ext.eval.prompts",
+    "build_prompt": "megatron_ext.data.prompts",
+    "passkey_prompt": "megatron_ext.data.prompts",
     "EvalSettingsError": "megatron_ext.eval.settings",
     "SuiteConfig": "megatron_ext.eval.suite",
     "load_suite_config": "megatron_ext.eval.suite",
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from megatron_ext.eval.needle import evaluate_needle
     from megatron_ext.eval.passkey import evaluate_passkey
     from megatron_ext.eval.perplexity import evaluate_perplexity
-    from megatron_ext.eval.prompts import build_prompt, passkey_prompt
+    from megatron_ext.data.prompts import build_prompt, passkey_prompt
     from megatron_ext.eval.ruler import evaluate_ruler
     from megatron_ext.eval.scoring import check_answers, greedy_generate
     from megatron_ext.eval.settings import (

@@ -17,7 +17,7 @@ import torch
 
 from megatron_ext.eval.distributed import split_over_data_parallel
 from megatron_ext.eval.passkey import draw_keys_and_depths
-from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
+from megatron_ext.data.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
 from megatron_ext.eval.settings import AttentionSettings, EvalSettingsError
 

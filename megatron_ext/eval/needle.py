@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_ext.eval.distributed import check_prompt_groups
-from megatron_ext.eval.prompts import filler_tokens, passkey_prompt
+from megatron_ext.data.prompts import filler_tokens, passkey_prompt
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
 from megatron_ext.eval.settings import NeedleSettings
 

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from megatron_ext.eval.distributed import check_prompt_groups
-from megatron_ext.eval.prompts import filler_tokens, passkey_prompt
+from megatron_ext.data.prompts import filler_tokens, passkey_prompt
 from megatron_ext.eval.results import EvalResult, markdown_table, per_length_table, progress
 from megatron_ext.eval.settings import PasskeySettings
 

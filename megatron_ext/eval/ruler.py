@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_ext.eval.distributed import check_prompt_groups
-from megatron_ext.eval.prompts import Prompt, build_prompt, filler_tokens
+from megatron_ext.data.prompts import Prompt, build_prompt, filler_tokens
 from megatron_ext.eval.results import EvalResult, markdown_table, progress
 from megatron_ext.eval.settings import RulerSettings
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ext.eval.prompts import Prompt
+from megatron_ext.data.prompts import Prompt
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_ext.errors import UserError
-from megatron_ext.eval.prompts import PASSKEY_FILLER
+from megatron_ext.data.prompts import PASSKEY_FILLER
 
 RULER_TASKS = ("mk_niah", "mv_niah", "vt")
 

@@ -2,7 +2,7 @@
 every method at two budgets (and equal tokens for the PoSE family), from several pretraining seeds.
 
 Data: passkey prompts of the evaluation's own template, one prompt of exactly the run's sequence length per
-sample, loss on the answer tokens only (`megatron_ext.eval.passkey_data`). The keys of every evaluation prompt are
+sample, loss on the answer tokens only (`megatron_ext.data.passkey_data`). The keys of every evaluation prompt are
 held out of training. The pretrained model must retrieve at L (`retrieval.min_accuracy` of
 `retrieval.check_trials` held-out prompts) before any extension starts; otherwise the run stops and says so.
 
@@ -100,7 +100,7 @@ def prepare_retrieval_data(root: Path, tokenizer_model: str, config, track: Retr
     keeps seeing short distances too. Built once, every file renamed into place when complete."""
     import hashlib
 
-    from megatron_ext.eval.passkey_data import passkey_documents, write_passkey_dataset
+    from megatron_ext.data.passkey_data import passkey_documents, write_passkey_dataset
     from megatron_ext.eval.tokenizers import load_eval_tokenizer
 
     needed = {("pretrain", track.base_length): track.pretrain.iters * track.pretrain.global_batch_size}
@@ -148,7 +148,7 @@ def retrieval_yaml(config, data: RetrievalData, phase: str, *, seed: int, run_di
 def passkey_trials(model, length: int, draws: list[tuple[int, float]], batch_size: int) -> list[dict]:
     """One teacher-forced pass per prompt: key, depth, exact match, share of key tokens right."""
     from megatron_ext.eval.distributed import check_prompt_groups
-    from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
+    from megatron_ext.data.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
 
     filler = filler_tokens(model.tokenizer, PASSKEY_FILLER)
     prompts = [passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler) for key, depth in draws]

@@ -199,7 +199,7 @@ def prepare_data(config: TrainConfig):
             prefix = str(Path(prefix).parent / f"passkey{data.tiny_corpus_passkey_prompts}x{config.model.seq_length}")
             if torch.distributed.get_rank() == 0 and not Path(f"{prefix}.keys.jsonl").is_file():
                 from megatron_ext.data.tokenizer_files import SentencePieceFile
-                from megatron_ext.eval.passkey_data import write_passkey_dataset
+                from megatron_ext.data.passkey_data import write_passkey_dataset
 
                 write_passkey_dataset(prefix, SentencePieceFile(tokenizer_model),
                                       length=config.model.seq_length, count=data.tiny_corpus_passkey_prompts,

@@ -8,13 +8,13 @@ The filler is a token stream cycled to exactly the length that is left. A needle
 [0, 1] starts after round(d * F) filler tokens, F the prompt's filler token count, so depth 0 is
 right after the intro and depth 1 right before the question. The whole sequence, answer
 included, is `length` tokens: that is what the model sees in one teacher-forced pass.
-No torch, no megatron.
+No torch, no megatron. Evaluation (eval/passkey, needle, ruler, attention) asks with these prompts and the
+retrieval training data (data/passkey_data.py) trains on them: one template, on the floor below both.
 """
 
 from dataclasses import dataclass
 
-from megatron_ext.data.tokenizer_files import encode_continuation
-from megatron_ext.eval.tokenizers import EvalTokenizer
+from megatron_ext.data.tokenizer_files import TokenizerFiles, encode_continuation
 
 # The passkey template of the PoSE paper (its src/eval_passkey.py, after Mohtashami & Jaggi 2023).
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -36,7 +36,7 @@ class Prompt:
         return self.answer_spans[0][0]
 
 
-def build_prompt(tokenizer: EvalTokenizer, length: int, *, intro: str, needles: list[str], depths: list[float],
+def build_prompt(tokenizer: TokenizerFiles, length: int, *, intro: str, needles: list[str], depths: list[float],
                  question: str, answers: list[str], filler: list[int]) -> Prompt:
     """A prompt of exactly `length` tokens; `needles[i]` at `depths[i]`, `answers` the scored items.
 
@@ -76,12 +76,12 @@ def build_prompt(tokenizer: EvalTokenizer, length: int, *, intro: str, needles: 
     return Prompt(tokens=tokens, answer_spans=spans, needle_spans=needle_spans)
 
 
-def filler_tokens(tokenizer: EvalTokenizer, text: str) -> list[int]:
+def filler_tokens(tokenizer: TokenizerFiles, text: str) -> list[int]:
     """The token stream a filler text cycles as: `text` as it reads inside running text."""
     return encode_continuation(tokenizer, text if text[:1].isspace() else " " + text)
 
 
-def passkey_prompt(tokenizer: EvalTokenizer, length: int, *, key: int, depth: float, filler: list[int],
+def passkey_prompt(tokenizer: TokenizerFiles, length: int, *, key: int, depth: float, filler: list[int],
                    intro: str = PASSKEY_INTRO) -> Prompt:
     """The PoSE passkey prompt with `key` at `depth`, `length` tokens in all; the answer is " {key}"."""
     return build_prompt(tokenizer, length, intro=intro, needles=[PASSKEY_NEEDLE.format(key=key)], depths=[depth],

@@ -1,7 +1,7 @@
 """Retrieval training data: passkey prompts of the evaluation's own template, one prompt per sample, with a
 loss-mask sidecar that marks the answer tokens.
 
-Every document holds one passkey prompt (`megatron_ext.eval.prompts.passkey_prompt`: the PoSE template, its
+Every document holds one passkey prompt (`megatron_ext.data.prompts.passkey_prompt`: the PoSE template, its
 repeated filler, the key at a random depth), then "." and EOD padding, `length` tokens in all, so a dataset
 read with `data.add_extra_token: false` at `seq_length = length` gives one whole prompt per sample. Next to
 `{prefix}.bin/.idx` goes the loss-mask sidecar (megatron_ext.data.retrieval): 1 where a token is a target the
@@ -48,7 +48,7 @@ def passkey_documents(tokenizer, *, length: int, count: int, seed: int, key_max:
     Targets: the answer and its end; with `needle_copy_loss` also the key's repetition inside the needle
     ("... {key}. Remember it. {key} is ..."), a copy over a few tokens that teaches the copying the answer
     needs over many."""
-    from megatron_ext.eval.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
+    from megatron_ext.data.prompts import PASSKEY_FILLER, filler_tokens, passkey_prompt
     from megatron_ext.data.tokenizer_files import encode_continuation
 
     allowed = key_max - sum(1 for key in held_out_keys if 1 <= key <= key_max)
