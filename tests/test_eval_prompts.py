@@ -70,8 +70,11 @@ def test_several_needles_keep_their_depth_order_and_positions(sp_tokenizer):
     assert [sp_tokenizer.decode(prompt.tokens[a:b]).strip(" ,") for a, b in prompt.answer_spans] == ["1", "2"]
 
 
-def test_a_length_shorter_than_the_fixed_text_names_the_minimum(sp_tokenizer):
-    with pytest.raises(ValueError, match="too short.*evaluate lengths >= "):
+def test_a_length_shorter_than_the_fixed_text_names_the_minimum_and_the_flag(sp_tokenizer):
+    """A user's mistake (a UserError: one line from `megatron-ext eval`, no traceback), naming --lengths."""
+    from megatron_ext.errors import UserError
+
+    with pytest.raises(UserError, match=r"too short.*evaluate lengths >= \d+ \(--lengths\)"):
         passkey_prompt(sp_tokenizer, 20, key=1, depth=0.5, filler=filler_tokens(sp_tokenizer, PASSKEY_FILLER))
 
 

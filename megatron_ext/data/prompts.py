@@ -15,6 +15,7 @@ retrieval training data (data/passkey_data.py) trains on them: one template, on 
 from dataclasses import dataclass
 
 from megatron_ext.data.tokenizer_files import TokenizerFiles, encode_continuation
+from megatron_ext.errors import InputError
 
 # The passkey template of the PoSE paper (its src/eval_passkey.py, after Mohtashami & Jaggi 2023).
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -48,7 +49,7 @@ def build_prompt(tokenizer: TokenizerFiles, length: int, *, intro: str, needles:
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths {depths} must lie in [0, 1] (0 = right after the intro, 1 = before the question)")
     if not filler:
-        raise ValueError("the filler encodes to no tokens: give a non-empty filler text")
+        raise InputError("the filler encodes to no tokens: give a non-empty filler text (--filler)")
     head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(intro)
     needle_ids = [encode_continuation(tokenizer, text) for text in needles]
     question_ids = encode_continuation(tokenizer, question)
@@ -56,8 +57,8 @@ def build_prompt(tokenizer: TokenizerFiles, length: int, *, intro: str, needles:
     fixed = len(head) + sum(map(len, needle_ids)) + len(question_ids) + sum(map(len, answer_ids))
     filler_count = length - fixed
     if filler_count < 0:
-        raise ValueError(f"length {length} is too short for this prompt: its intro, needles, question and answer "
-                         f"alone take {fixed} tokens; evaluate lengths >= {fixed}")
+        raise InputError(f"length {length} is too short for this prompt: its intro, needles, question and answer "
+                         f"alone take {fixed} tokens with this tokenizer; evaluate lengths >= {fixed} (--lengths)")
     stream = (filler * (filler_count // len(filler) + 1))[:filler_count]
 
     order = sorted(range(len(needles)), key=lambda i: depths[i])  # stable: equal depths keep their order
