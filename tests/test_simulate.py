@@ -44,7 +44,8 @@ def tiny_config(**sections):
 def tiny_parameters(m) -> tuple[int, int]:
     """(elements, tensors) of the tiny model, from its shape: embedding, per layer two norms, QKV (GQA),
     projection, SwiGLU FC1 (two halves) and FC2, the final norm, the untied output layer."""
-    h, a, g, f, v = m["hidden_size"], m["num_attention_heads"], m["num_query_groups"], m["ffn_hidden_size"], m["vocab_size"]
+    h, a, g = m["hidden_size"], m["num_attention_heads"], m["num_query_groups"]
+    f, v = m["ffn_hidden_size"], m["vocab_size"]
     d = h // a
     layer = 2 * h + h * (a + 2 * g) * d + a * d * h + h * 2 * f + f * h
     return v * h + m["num_layers"] * layer + h + v * h, 1 + 6 * m["num_layers"] + 2
@@ -208,7 +209,8 @@ def test_plan_simulate_reports_both_columns(tmp_path, capsys):
 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
-    assert main(["plan", "--config", str(path), "--gpus", "4", "--tp", "1", "--pp", "1", "--cp", "2", "--micro-batch-size", "1",
+    assert main(["plan", "--config", str(path), "--gpus", "4", "--tp", "1", "--pp", "1", "--cp", "2",
+                 "--micro-batch-size", "1",
                  "--recompute", "none", "--simulate", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     stage = report["simulation"]["stages"][0]

@@ -4,12 +4,12 @@ The GPU run uses Transformer Engine's layers, which cannot be imported here. The
 megatron-core's local layers and swaps in two modules that allocate and save what TE's kernels do:
 
 - `FlashAttentionStandIn` for the core attention (TE's DotProductAttention, flash/fused backend): the forward
-  keeps q, k, v (contiguous), the output and the fp32 softmax statistics (log-sum-exp, one per query row and head), never an
-  s x s matrix; the backward allocates dq, dk, dv and the fp32 dO.O row sums. Packed sequences (THD, one
-  [tokens, heads, dim] row with cu_seqlens: document masking) and [s, b, heads, dim] alike. Under context
-  parallelism with the ring (p2p), the forward holds two K/V chunks in flight (the one in use, the one being
-  received) and the backward two K/V chunks and two dK/dV chunks (TE's double-buffered exchange); a2a re-lays
-  q, k, v and the output once more; allgather holds the whole sequence's K/V (and dK/dV in the backward).
+  keeps q, k, v (contiguous), the output and the fp32 softmax statistics (log-sum-exp, one per query row and
+  head), never an s x s matrix; the backward allocates dq, dk, dv and the fp32 dO.O row sums. Packed sequences
+  (THD, one [tokens, heads, dim] row with cu_seqlens: document masking) and [s, b, heads, dim] alike. Under
+  context parallelism with the ring (p2p), the forward holds two K/V chunks in flight (the one in use, the one
+  being received) and the backward two K/V chunks and two dK/dV chunks (TE's double-buffered exchange); a2a
+  re-lays q, k, v and the output once more; allgather holds the whole sequence's K/V (and dK/dV in the backward).
 - `FusedRMSNormStandIn` for the norms (TE's fused RMSNorm): saves its input and the fp32 1/rms per token, and
   supports sequence parallelism (its weight is marked `sequence_parallel`, so megatron all-reduces its
   gradient over TP as it does TE's). The following linear saves the norm's output, as TE's fused
