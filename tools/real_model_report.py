@@ -17,6 +17,7 @@ from megatron_ext.repro.intervals import accuracy_interval, difference_interval,
 COMMAND = "python tools/real_model_experiment.py --config examples/real_model/experiment.yaml"
 NAMES = {"original": "original (base 1e5)", "abf": "ABF", "pose_yarn": "PoSE + YaRN", "harpe": "HARPE",
          "harpe_pose": "HARPE + PoSE"}
+COLORS = {method: f"C{index}" for index, method in enumerate(NAMES)}  # one colour per method in every panel
 
 
 def pooled(rows: list[dict]) -> tuple[list[float], list[int]]:
@@ -79,6 +80,33 @@ def long_table(parts: dict, methods: list[str], window: int) -> tuple[list[str],
     return lines, curves
 
 
+PAIRS = (("abf", "harpe"), ("harpe", "harpe_pose"), ("pose_yarn", "harpe_pose"), ("abf", "pose_yarn"))
+
+
+def pairs_table(parts: dict, kinds: list[str]) -> list[str]:
+    """Method against method, paired over documents: at the window after the budget, and on the long documents."""
+    def harm_last(method):
+        points = parts[f"{method}/harm"]["value"]
+        last = max(points.values(), key=lambda point: point["step"])
+        return per_document_nll([last[k] for k in kinds])
+
+    def long_at(method, index):
+        value = parts[f"{method}/long"]["value"]
+        return per_document_nll([rows[index] for rows in value.values()])
+
+    present = [(a, b) for a, b in PAIRS if all(f"{m}/{p}" in parts for m in (a, b) for p in ("harm", "long"))]
+    if not present:
+        return ["(no pairs of methods evaluated)"]
+    lengths = [row["length"] for row in next(iter(parts[f"{present[0][0]}/long"]["value"].values()))]
+    lines = ["| first − second | window, last step | " + " | ".join(f"long {n}" for n in lengths) + " |",
+             "|---|---:|" + "---:|" * len(lengths)]
+    for a, b in present:
+        cells = [difference_interval([harm_last(a)], [harm_last(b)]).text(3)]
+        cells += [difference_interval([long_at(a, i)], [long_at(b, i)]).text(3) for i in range(len(lengths))]
+        lines.append(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def passkey_table(parts: dict, methods: list[str], window: int) -> tuple[list[str], dict]:
     lines, curves, lengths = [], {}, None
     for method in methods:
@@ -109,13 +137,15 @@ def times_table(parts: dict) -> list[str]:
 
 
 def training_table(parts: dict, methods: list[str]) -> list[str]:
-    lines = ["| method | loss first → last step | median step (s) |", "|---|---|---:|"]
+    """Mean loss per method; every method reads the same batches in the same order (one data seed), so the
+    losses pair step by step (PoSE's are at its skipped positions)."""
+    lines = ["| method | loss per step | mean loss | median step (s) |", "|---|---|---:|---:|"]
     for method in methods:
         value = parts.get(f"{method}/train", {}).get("value")
         if value:
             steps = sorted(value["step_s"])
-            lines.append(f"| {NAMES[method]} | {value['loss'][0]:.3f} → {value['loss'][-1]:.3f} "
-                         f"({len(value['loss'])} steps) | {steps[len(steps) // 2]:.1f} |")
+            lines.append(f"| {NAMES[method]} | {' '.join(f'{loss:.2f}' for loss in value['loss'])} | "
+                         f"{sum(value['loss']) / len(value['loss']):.3f} | {steps[len(steps) // 2]:.1f} |")
     return lines
 
 
@@ -148,18 +178,25 @@ def plot(png: Path, harm: dict, long: dict, passkey: dict, window: int) -> None:
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for method, points in harm.items():
-        xs = [-1 if label == "original" else step for label, step, _ in points]
-        axes[0].plot(xs, [p for _, _, p in points], marker="o", label=NAMES[method])
+        if method == "original":
+            axes[0].axhline(points[0][2], color=COLORS[method], linestyle="--", label=NAMES[method])
+            continue
+        axes[0].plot([step for _, step, _ in points], [p for _, _, p in points], marker="o", label=NAMES[method],
+                     color=COLORS[method])
     axes[0].set(title=f"do no harm: held-out perplexity at {window}", xlabel="training step (0: RoPE switched)",
                 ylabel="perplexity")
     for method, points in long.items():
-        axes[1].plot([n for n, _ in points], [p for _, p in points], marker="o", label=NAMES[method])
+        axes[1].plot([n for n, _ in points], [p for _, p in points], marker="o", color=COLORS[method])
     axes[1].set(title="long held-out documents (one window each)", xlabel="tokens", ylabel="perplexity",
                 xscale="log")
     for method, points in passkey.items():
-        axes[2].plot([n for n, _ in points], [a for _, a in points], marker="o", label=NAMES[method])
+        axes[2].plot([n for n, _ in points], [a for _, a in points], marker="o", color=COLORS[method])
     axes[2].set(title="passkey exact match", xlabel="prompt tokens", ylabel="accuracy", ylim=(-0.05, 1.05),
                 xscale="log")
+    for axis, curves in ((axes[1], long), (axes[2], passkey)):
+        lengths = sorted({n for points in curves.values() for n, _ in points})
+        axis.set_xticks(lengths, [str(n) for n in lengths])
+        axis.minorticks_off()
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -215,11 +252,15 @@ def write_report(out: Path, results_dir: Path, notes: str = "") -> Path:
         f"One window per document (its first tokens), {', '.join(f'{n} {k}' for k, n in e['long_documents'].items())}"
         " documents, after the budget. Δ: paired over documents, mean NLL per token minus the original's "
         "(negative = better).", "", *long_lines, "",
+        "## Methods against each other", "",
+        "Mean NLL per token of the first minus the second, paired over the same documents, with 95% bootstrap "
+        "intervals (negative: the first is better).", "", *pairs_table(parts, kinds), "",
         "## Passkey retrieval after the budget", "",
         f"The evaluation's passkey prompt ({e['passkey_trials']} prompts per length, seed 0, the same prompts for "
         "every model), greedy exact match with its 95% bootstrap interval over prompts, and the mean share of "
         "key tokens predicted right.", "", *passkey_lines, "",
-        "## Training", "", *training_table(parts, methods), "",
+        "## Training", "", "Every method reads the same batches in the same order (one data seed): losses pair step by "
+        "step; PoSE's are taken at its skipped position ids.", "", *training_table(parts, methods), "",
         "## Wall time of each part (2 shared CPU cores)", "", *times_table(parts), "",
     ]
     if notes:
