@@ -35,9 +35,9 @@ def real_texts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def smollm2():
+    pytest.importorskip("transformers")
     from megatron_ext.hf.real_model import RealModelUnavailable, fetch_smollm2
 
-    pytest.importorskip("transformers")
     cache = os.environ.get("MEGATRON_EXT_REAL_MODEL_CACHE", str(ROOT / "runs" / "cache" / "real_model"))
     try:
         return fetch_smollm2(cache, log=lambda line: None)
