@@ -1,8 +1,8 @@
 """End to end, fp32, enforce_eager: exports of tiny models trained here, served by vLLM (serving env), equal
 transformers (megatron_ext.hf's loader) and the training model's own greedy decode.
 
-Two engine processes for the whole module: one with megatron_ext's plugin (a HARPE + YaRN Llama export, and a
-HARPE + Llama-3-scaling Qwen2 export with q/k/v biases), one with every vLLM plugin off (stock vLLM: a PoSE +
+Two engine processes for the whole module: one with megatron_ext's plugin (HARPE exports: Llama + YaRN, Qwen2
+with q/k/v biases + Llama-3 scaling, Mistral + linear scaling), one with every vLLM plugin off (stock vLLM: a PoSE +
 YaRN Qwen2 export it must serve, the HARPE export it must refuse).
 """
 
@@ -58,10 +58,15 @@ def served(tmp_path_factory, single_rank):
     qwen2_rope.scaling = "llama3"
     qwen2_rope.scaling_params = {"factor": 4.0, "original_max_position_embeddings": WINDOW}
     qwen2_dir, qwen2_model = build_export(work / "harpe_qwen2", rope=qwen2_rope, family="qwen2", qkv_bias=True, seed=5)
+    mistral_rope = harpe_rope()
+    mistral_rope.scaling, mistral_rope.scaling_params = "linear", {"factor": 4.0}
+    mistral_dir, mistral_model = build_export(work / "harpe_mistral", rope=mistral_rope, family="mistral", seed=6)
     pose_calls = {"pose_batch": [prompt(40, 11), prompt(100, 12), prompt(7, 13)]}
     qwen2_calls = {"qwen2_batch": [prompt(60, 21), prompt(200, 22), prompt(9, 23)]}
+    mistral_calls = {"mistral_batch": [prompt(120, 31), prompt(6, 32)]}
     plugin = run_engine([{"model": str(harpe_dir), "engine": ENGINE, "calls": _calls(CALLS)},
-                         {"model": str(qwen2_dir), "engine": ENGINE, "calls": _calls(qwen2_calls)}],
+                         {"model": str(qwen2_dir), "engine": ENGINE, "calls": _calls(qwen2_calls)},
+                         {"model": str(mistral_dir), "engine": ENGINE, "calls": _calls(mistral_calls)}],
                         work / "plugin_run", env=LONG_CONTEXT)
     stock_engine = {**ENGINE, "max_model_len": 128}
     stock = run_engine([{"model": str(pose_dir), "engine": stock_engine, "calls": _calls(pose_calls)},
@@ -69,6 +74,7 @@ def served(tmp_path_factory, single_rank):
                        work / "stock_run", env={**LONG_CONTEXT, "VLLM_PLUGINS": ""})
     return {"harpe": (harpe_dir, harpe_model, CALLS, plugin[0]),
             "harpe_qwen2": (qwen2_dir, qwen2_model, qwen2_calls, plugin[1]),
+            "harpe_mistral": (mistral_dir, mistral_model, mistral_calls, plugin[2]),
             "pose": (pose_dir, pose_model, pose_calls, stock[0]), "stock_refusal": stock[1]}
 
 
@@ -80,12 +86,13 @@ def test_harpe_export_names_itself_for_the_plugin(served):
     qwen2_dir, _, _, qwen2_report = served["harpe_qwen2"]
     assert json.loads((qwen2_dir / "config.json").read_text())["architectures"] == ["HarpeQwen2ForCausalLM"]
     assert qwen2_report["architecture"] == ["HarpeQwen2ForCausalLM"]
+    assert served["harpe_mistral"][3]["architecture"] == ["HarpeMistralForCausalLM"]
     pose_config = json.loads((served["pose"][0] / "config.json").read_text())
     assert pose_config["architectures"] == ["Qwen2ForCausalLM"]
     assert pose_config["rope_parameters"]["rope_type"] == "yarn"
 
 
-@pytest.mark.parametrize("model", ["harpe", "harpe_qwen2", "pose"])
+@pytest.mark.parametrize("model", ["harpe", "harpe_qwen2", "harpe_mistral", "pose"])
 def test_greedy_tokens_and_logprobs_equal_transformers(served, model):
     export, _, calls, report = served[model]
     prompts = [p for name in calls for p in calls[name]]
@@ -100,7 +107,7 @@ def test_greedy_tokens_and_logprobs_equal_transformers(served, model):
           f"{max(differences):.2e}")
 
 
-@pytest.mark.parametrize("model", ["harpe", "harpe_qwen2", "pose"])
+@pytest.mark.parametrize("model", ["harpe", "harpe_qwen2", "harpe_mistral", "pose"])
 def test_greedy_tokens_equal_the_training_models_own_decode(served, model):
     _, trained, calls, report = served[model]
     for name, prompts in calls.items():
