@@ -167,6 +167,7 @@ def _saved_state(checkpoint):
     return json.loads((Path(checkpoint) / "megatron_ext.json").read_text())["state"]
 
 
+@pytest.mark.slow
 def test_smoke_pose_batches_are_short_with_long_position_ids(smoke_run, single_rank):
     from megatron_ext.data import SentencePieceTokenizer
     from megatron_ext.training.train import build_batches
@@ -188,6 +189,7 @@ def test_smoke_pose_batches_are_short_with_long_position_ids(smoke_run, single_r
     assert vanilla["seq_length"] == 2048 and not vanilla["pose"]
 
 
+@pytest.mark.slow
 def test_smoke_harpe_checkpoints_hold_the_requested_bases(smoke_run):
     out, results, _ = smoke_run
     config = load_repro_config(CONFIG, SMOKE_OVERRIDES)
@@ -203,6 +205,7 @@ def test_smoke_harpe_checkpoints_hold_the_requested_bases(smoke_run):
     assert len(set(_saved_state(vanilla["checkpoint"])["head_bases"])) == 1
 
 
+@pytest.mark.slow
 def test_smoke_abf_multi_runs_its_stages_in_order(smoke_run):
     out, results, _ = smoke_run
     stages = _stages(results, "abf_multi")
@@ -258,6 +261,7 @@ def _retrieval(out):
     return json.loads((out / "retrieval" / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_retrieval_track_reports_every_method_and_budget_with_intervals(smoke_run):
     import re
 
@@ -299,6 +303,7 @@ def test_smoke_retrieval_track_reports_every_method_and_budget_with_intervals(sm
     assert "retrieval pretraining seed 1" in stdout
 
 
+@pytest.mark.slow
 def test_retrieval_evaluation_prompts_are_held_out_of_training(smoke_run):
     from megatron_ext.repro.retrieval import check_draws, evaluation_draws
 
