@@ -184,7 +184,7 @@ def test_fp8_recipe_settings_reach_the_transformer_config(single_rank, monkeypat
 
 def test_overlap_settings_reach_ddp_and_optimizer_configs(single_rank):
     from megatron_ext.models.builder import transformer_config
-    from megatron_ext.training.train import ddp_config, optimizer_config
+    from megatron_ext.models.builder import ddp_config, optimizer_config
 
     config = tiny_config(parallel=dict(use_distributed_optimizer=True, overlap_grad_reduce=True,
                                        overlap_param_gather=True, ddp_bucket_size=5_000_000))

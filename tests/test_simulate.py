@@ -181,20 +181,6 @@ def test_tiny_simulated_activations_within_15_percent_of_a_real_cpu_run(tiny_sim
     assert simulated == pytest.approx(real, rel=0.15), (simulated, real)
 
 
-def test_simulation_builds_the_ddp_and_optimizer_that_training_builds():
-    import torch
-
-    from megatron_ext.launch import simulate
-    from megatron_ext.models.builder import transformer_config
-    from megatron_ext.training import train
-
-    config = tiny_config(parallel=dict(use_distributed_optimizer=True, overlap_grad_reduce=True,
-                                       overlap_param_gather=True))
-    assert simulate.ddp_config(config) == train.ddp_config(config)
-    tc = transformer_config(config, torch.device("cpu"))
-    assert simulate.optimizer_config(config, tc) == train.optimizer_config(config, tc)
-
-
 def test_plan_simulate_needs_a_config(capsys):
     from megatron_ext.cli import main
 

@@ -13,8 +13,8 @@ The GPU run's fused kernels cannot be imported here; stand-ins with their memory
 data.document_mask is on; the CP exchange's K/V buffers) and TE's fused RMSNorm. What is not simulated is
 listed in NOT_SIMULATED and printed with every report.
 
-The loop itself (training/) is the top of the house and is not imported: the DDP and optimizer settings below
-are those of training/train.py's ddp_config/optimizer_config (tests/test_simulate.py holds them equal).
+The loop itself (training/) is not imported: the DDP and optimizer settings are training's own, from
+megatron_ext.models.builder (ddp_config, optimizer_config), which both build from.
 """
 
 import dataclasses
@@ -120,29 +120,6 @@ def layout_config(config: TrainConfig, layout: Layout, *, distributed_optimizer:
     return simulated
 
 
-def ddp_config(config: TrainConfig):
-    """training/train.py's DDP settings: fp32 gradient reduction, the overlap settings."""
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    p = config.parallel
-    return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer,
-        overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
-        align_param_gather=False, bucket_size=p.ddp_bucket_size)
-
-
-def optimizer_config(config: TrainConfig, tc):
-    """training/train.py's Adam settings (the memory depends on the kind and the sharding, not the numbers)."""
-    from megatron.core.optimizer import OptimizerConfig
-
-    o, p = config.optimizer, config.parallel
-    return OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                           adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                           clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
-                           use_distributed_optimizer=p.use_distributed_optimizer,
-                           overlap_param_gather=p.overlap_param_gather)
-
-
 def gpu_transformer_config(config: TrainConfig, standins: bool):
     """The TransformerConfig the GPU run builds (its fusions on), with CPU initialization (fake: costs nothing).
     Without stand-ins: exactly what this machine's training builds (for comparisons with real CPU runs)."""
@@ -243,6 +220,7 @@ def simulate_stage(config: TrainConfig, layout: Layout, stage: int, *, distribut
 
     from megatron_ext.launch.fake_megatron import cast_parameters, fake_rank
     from megatron_ext.models import LongContextGPTModel
+    from megatron_ext.models.builder import ddp_config, optimizer_config
 
     started = time.perf_counter()
     p, t = config.parallel, config.training

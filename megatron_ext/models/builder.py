@@ -1,7 +1,8 @@
 """Build a LongContextGPTModel from a TrainConfig, fresh (the training loop) or from a saved checkpoint
 (evaluation, the tests of conversion), and the converters' weightless skeleton via `transformer_config`.
 
-The one place that maps our config onto megatron's TransformerConfig.
+The one place that maps our config onto megatron's TransformerConfig, DistributedDataParallelConfig and
+OptimizerConfig: the training loop and `plan --simulate` build from the same functions.
 """
 
 import torch
@@ -163,3 +164,32 @@ def load_model(checkpoint, device, *, precision_override: str | None = None, set
     model = build_gpt(config, saved.state.padded_vocab_size, device)  # the saved embedding's row count
     load_checkpoint(saved.path, model=[model], restore_rng=False, setting=setting)
     return model.eval(), config, saved.state
+
+
+def ddp_config(config: TrainConfig):
+    """megatron's DistributedDataParallelConfig: fp32 gradient reduction, and the overlap settings.
+
+    overlap_grad_reduce: each bucket of gradients is reduced (all-reduce, or reduce-scatter for the distributed
+    optimizer) asynchronously as soon as the backward has produced it; finalize_model_grads waits for them.
+    overlap_param_gather: the distributed optimizer's step leaves the weight all-gather to forward pre-hooks,
+    which gather bucket by bucket during the next forward."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    p = config.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer,
+        overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
+        align_param_gather=False, bucket_size=p.ddp_bucket_size,
+    )
+
+
+def optimizer_config(config: TrainConfig, tc):
+    """megatron's OptimizerConfig (Adam) for a model whose TransformerConfig is `tc`."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    o, p = config.optimizer, config.parallel
+    return OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                           adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                           clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
+                           use_distributed_optimizer=p.use_distributed_optimizer,
+                           overlap_param_gather=p.overlap_param_gather)

@@ -20,7 +20,7 @@ from megatron_ext.checkpoint.state import TOKENIZER_DIR, CheckpointState
 from megatron_ext.config import ConfigError, TrainConfig
 from megatron_ext.distributed import setup_distributed
 from megatron_ext.errors import UserError
-from megatron_ext.models.builder import build_gpt, check_fp8_machine
+from megatron_ext.models.builder import build_gpt, check_fp8_machine, ddp_config, optimizer_config
 from megatron_ext.sizes import flops_per_token, matmul_parameters, padded_vocab_size, peak_tflops
 from megatron_ext.training.metrics import ProfileRecorder, RankStepTimes, TimedCalls, TrainLogger, phase
 from megatron_ext.training.batches import check_batch_layout, micro_batches, training_samples
@@ -269,35 +269,6 @@ def refuse_padded_optimizer_buckets(config: TrainConfig, model: list) -> None:
                     f"gradients into {len(buffer.buckets)} buckets, {len(padded)} of them padded, which megatron-core "
                     "0.16.1 saves misaligned in the distributed optimizer's checkpoint (Megatron-LM #5077): raise "
                     "parallel.ddp_bucket_size or leave it unset, or set parallel.overlap_grad_reduce=false")
-
-
-def ddp_config(config: TrainConfig):
-    """megatron's DistributedDataParallelConfig: fp32 gradient reduction, and the overlap settings.
-
-    overlap_grad_reduce: each bucket of gradients is reduced (all-reduce, or reduce-scatter for the distributed
-    optimizer) asynchronously as soon as the backward has produced it; finalize_model_grads waits for them.
-    overlap_param_gather: the distributed optimizer's step leaves the weight all-gather to forward pre-hooks,
-    which gather bucket by bucket during the next forward."""
-    from megatron.core.distributed import DistributedDataParallelConfig
-
-    p = config.parallel
-    return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=p.use_distributed_optimizer,
-        overlap_grad_reduce=p.overlap_grad_reduce, overlap_param_gather=p.overlap_param_gather,
-        align_param_gather=False, bucket_size=p.ddp_bucket_size,
-    )
-
-
-def optimizer_config(config: TrainConfig, tc):
-    """megatron's OptimizerConfig (Adam) for a model whose TransformerConfig is `tc`."""
-    from megatron.core.optimizer import OptimizerConfig
-
-    o, p = config.optimizer, config.parallel
-    return OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                           adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-                           clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
-                           use_distributed_optimizer=p.use_distributed_optimizer,
-                           overlap_param_gather=p.overlap_param_gather)
 
 
 def build_optimizer(config: TrainConfig, model: list):
