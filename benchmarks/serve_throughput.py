@@ -30,7 +30,7 @@ def write_models(root: Path) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_ext.convert.adapters import HARPE_PREFIX
-    from megatron_ext.convert.rope import rope_to_hf, set_hf_rope
+    from megatron_ext.rope.hf_forms import rope_to_hf, set_hf_rope
     from megatron_ext.rope import RopeConfig
 
     torch.manual_seed(0)

@@ -15,3 +15,8 @@ class InputError(UserError, ValueError):
 
 class MissingFile(UserError, FileNotFoundError):
     """A file or directory the user named does not exist."""
+
+
+class ConversionError(UserError, ValueError):
+    """A model the converters or the RoPE forms cannot take as given (architecture, tensor, shape, parallel size,
+    RoPE setting): the message names the input at fault and the fix."""

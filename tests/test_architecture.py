@@ -18,7 +18,8 @@ LOOP_MODULES = "megatron_ext.training"  # the loop and its command: the top of t
 # package and packages on lower floors only: never one on its own floor or above. docs/architecture.md draws this
 # table (checked below); a new package gets its floor here first.
 FLOORS = (
-    ("errors", "lazy", "sizes", "rope"),  # foundations: the RoPE math, the one error type, model-size arithmetic
+    ("errors", "lazy"),  # standard library only: the one error type, lazy package attributes
+    ("rope", "sizes"),  # the RoPE math (and Hugging Face's forms of it), model-size arithmetic
     ("compat", "data"),  # what megatron-core needs on this machine; tokenizers and datasets
     ("config", "distributed"),  # the settings; process groups
     ("checkpoint",),  # layout, state, store

@@ -20,7 +20,7 @@ from megatron_ext.checkpoint.lock import LOCK_FILE, CheckpointDirLocked
 from megatron_ext.checkpoint.safe_metadata import UnsafeCheckpointMetadata
 from megatron_ext.checkpoint.state import CheckpointState
 from megatron_ext.config import TrainConfig
-from megatron_ext.convert.errors import ConversionError
+from megatron_ext.errors import ConversionError
 from test_checkpoint import STATE, build_model, parameters  # noqa: F401  (the tiny one-rank model)
 
 

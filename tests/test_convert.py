@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_ext.convert import ConversionError, hf_to_mcore, mcore_to_hf
-from megatron_ext.convert.rope import hf_rope_parameters, rope_from_hf, rope_keys, rope_to_hf
+from megatron_ext.rope.hf_forms import hf_rope_parameters, rope_from_hf, rope_keys, rope_to_hf
 from megatron_ext.rope import RopeConfig
 
 transformers = pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ BASES = [100.0, 50000.0]
 @pytest.fixture(scope="module")
 def harpe_export(tmp_path_factory):
     """A random GQA Llama saved by transformers, its RoPE set to HARPE bases as megatron_ext writes them."""
-    from megatron_ext.convert.rope import rope_to_hf, set_hf_rope
+    from megatron_ext.rope.hf_forms import rope_to_hf, set_hf_rope
     from megatron_ext.rope import RopeConfig
 
     out = tmp_path_factory.mktemp("hf_harpe")

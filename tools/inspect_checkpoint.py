@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from megatron_ext.checkpoint.state import read_checkpoint
-from megatron_ext.convert.rope import hf_rope_parameters, needs_megatron_ext, rope_from_hf
+from megatron_ext.rope.hf_forms import hf_rope_parameters, needs_megatron_ext, rope_from_hf
 from megatron_ext.errors import UserError
 
 

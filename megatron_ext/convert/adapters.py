@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_ext.convert.errors import ConversionError
-from megatron_ext.convert.rope import (
+from megatron_ext.errors import ConversionError
+from megatron_ext.rope.hf_forms import (
     dynamic_max_positions,
     hf_rope_parameters,
     needs_megatron_ext,

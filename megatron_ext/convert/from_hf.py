@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.convert.adapters import IGNORED_HF_TENSORS, adapter_for_hf
-from megatron_ext.convert.errors import ConversionError
+from megatron_ext.errors import ConversionError
 from megatron_ext.convert.hf_io import (
     DTYPE_NAMES,
     SafetensorsCheckpoint,
@@ -20,7 +20,7 @@ from megatron_ext.convert.hf_io import (
     staged_directory,
 )
 from megatron_ext.convert.hf_tokenizer import carried_tokenizer, has_tokenizer
-from megatron_ext.convert.rope import hf_rope_parameters
+from megatron_ext.rope.hf_forms import hf_rope_parameters
 from megatron_ext.checkpoint.state import TOKENIZER_DIR, CheckpointState
 from megatron_ext.config import TrainConfig
 

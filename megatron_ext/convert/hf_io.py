@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_ext.convert.errors import ConversionError
+from megatron_ext.errors import ConversionError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from megatron_ext.checkpoint.integrity import require_verified
 from megatron_ext.checkpoint.safe_metadata import SafeFileSystemReader
-from megatron_ext.convert.errors import ConversionError
+from megatron_ext.errors import ConversionError
 from megatron_ext.config import ParallelConfig, TrainConfig
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.convert.adapters import adapter_for_family, adapter_for_hf, exported_context
-from megatron_ext.convert.errors import ConversionError
+from megatron_ext.errors import ConversionError
 from megatron_ext.convert.hf_io import (
     DTYPE_NAMES,
     SafetensorsWriter,

@@ -12,7 +12,7 @@ rotation only (see megatron_ext.hf.rotary). Needs transformers; imports no megat
 import json
 from pathlib import Path
 
-from megatron_ext.convert.rope import hf_rope_parameters, needs_megatron_ext, rope_from_hf
+from megatron_ext.rope.hf_forms import hf_rope_parameters, needs_megatron_ext, rope_from_hf
 from megatron_ext.hf.rotary import PerGroupRotation, use_per_group_rope
 
 __all__ = ["PerGroupRotation", "load_harpe_model", "use_per_group_rope"]

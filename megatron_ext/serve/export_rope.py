@@ -1,14 +1,13 @@
 """What a served export's config says about its rotation: the RopeConfig, checked for what an engine can run.
 
 Reads the same config.json fields megatron_ext.convert writes (`rope_parameters` / `rope_scaling` with
-rope_type 'harpe' or 'megatron_ext'), through megatron_ext.convert.rope, so serving and conversion
+rope_type 'harpe' or 'megatron_ext'), through megatron_ext.rope.hf_forms, so serving and conversion
 cannot disagree. Imports no vllm and no transformers (the dict may come from either's config object).
 """
 
 from megatron_ext.convert.adapters import HARPE_PREFIX
-from megatron_ext.convert.errors import ConversionError
-from megatron_ext.convert.rope import needs_megatron_ext, rope_from_hf
-from megatron_ext.errors import UserError
+from megatron_ext.errors import ConversionError, UserError
+from megatron_ext.rope.hf_forms import needs_megatron_ext, rope_from_hf
 from megatron_ext.rope.config import RopeConfig
 from megatron_ext.rope.scaling import follows_sequence_length
 

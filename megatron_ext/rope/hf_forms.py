@@ -1,7 +1,8 @@
 """Hugging Face RoPE settings <-> megatron_ext's RopeConfig, in both config.json forms.
 
 transformers >= 5 writes `rope_parameters` ({"rope_type", "rope_theta", ...}); 4.x writes
-`rope_theta` + `rope_scaling`. Both read into one RopeConfig; writing picks the form.
+`rope_theta` + `rope_scaling`. Both read into one RopeConfig; writing picks the form. The converters, the
+transformers loader (megatron_ext.hf) and the vLLM plugin read exports through this one module.
 Pure python/torch: must not import megatron or transformers.
 """
 
@@ -9,7 +10,7 @@ import inspect
 
 import torch
 
-from megatron_ext.convert.errors import ConversionError
+from megatron_ext.errors import ConversionError
 from megatron_ext.rope.bases import head_bases
 from megatron_ext.rope.config import RopeConfig
 from megatron_ext.rope.scaling import ROPE_SCALINGS, _ntk_scaled_base
