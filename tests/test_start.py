@@ -258,3 +258,33 @@ def test_a_config_given_whole_checks_its_architecture_and_lets_null_sizes_stand_
     config.model.num_layers = 3
     with pytest.raises(CheckpointError, match="model.num_layers: the config says 3, .* says 2"):
         settle_start(config, config.to_dict())
+
+
+def test_every_setting_says_whether_a_resume_may_change_it():
+    """Each config section declares its resume class: the whole section (ON_RESUME) or every field in exactly one
+    of FIXED_ON_RESUME / FREE_ON_RESUME. A new field without a class fails here, not silently on a resume."""
+    import dataclasses
+
+    from megatron_ext.config.train import FIXED, FREE
+
+    for section in dataclasses.fields(TrainConfig):
+        kind = section.default_factory
+        names = {f.name for f in dataclasses.fields(kind)}
+        if getattr(kind, "ON_RESUME", None) in (FIXED, FREE):
+            assert not hasattr(kind, "FIXED_ON_RESUME") and not hasattr(kind, "FREE_ON_RESUME"), section.name
+            continue
+        fixed, free = set(kind.FIXED_ON_RESUME), set(kind.FREE_ON_RESUME)
+        assert not fixed & free, f"{section.name}: {sorted(fixed & free)} are both fixed and free"
+        assert fixed | free == names, f"{section.name}: no resume class for {sorted(names - fixed - free)}"
+
+
+def test_the_fixed_settings_are_those_that_define_the_model_its_tokens_and_its_data_order():
+    from megatron_ext.training.start import FIXED_ON_RESUME
+
+    assert set(FIXED_ON_RESUME) == {
+        "model", "rope", "pose", "data.train_data", "data.train_data_weights", "data.tokenizer",
+        "data.tokenizer_type", "data.tokenizer_model", "data.document_mask", "data.mask_eod_loss",
+        "data.add_extra_token", "data.answer_only_loss", "data.tiny_corpus", "data.tiny_corpus_documents",
+        "data.tiny_corpus_passkey_prompts", "data.tokenizer_vocab_size", "data.upsample", "data.split",
+        "training.seed", "training.global_batch_size", "training.rampup_batch_size", "training.precision",
+        "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps"}

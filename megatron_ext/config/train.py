@@ -8,14 +8,24 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from megatron_ext.config.layout import config_layout_problems
 from megatron_ext.config.reader import ConfigError, check, read_config
 from megatron_ext.rope.config import RopeConfig
 
 
+# What a resume may change. Each section says it: ON_RESUME = FIXED (every field defines the model, its tokens,
+# the positions it sees or the order of its data) or FREE (none does), or names its FIXED_ON_RESUME fields and
+# its FREE_ON_RESUME ones, every field in exactly one (tests/test_start.py checks that each field has a class);
+# megatron_ext.training.start reads them.
+FIXED, FREE = "fixed", "free"
+
+
 @dataclass
 class ModelConfig:
+    ON_RESUME: ClassVar[str] = FIXED
+
     num_layers: int = 4
     hidden_size: int = 128
     num_attention_heads: int = 4
@@ -41,6 +51,8 @@ class ModelConfig:
 
 @dataclass
 class PoseConfig:
+    ON_RESUME: ClassVar[str] = FIXED
+
     enabled: bool = False
     target_length: int = 0  # L_t: position ids are drawn from [0, target_length)
     num_chunks: int = 2
@@ -50,6 +62,13 @@ class PoseConfig:
 
 @dataclass
 class DataConfig:
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "train_data", "train_data_weights", "tokenizer", "tokenizer_type", "tokenizer_model", "document_mask",
+        "mask_eod_loss", "add_extra_token", "answer_only_loss", "tiny_corpus", "tiny_corpus_documents",
+        "tiny_corpus_passkey_prompts", "tokenizer_vocab_size", "upsample",
+        "split")  # which documents train
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("cache_dir", "valid_data")
+
     train_data: list[str] = field(default_factory=list)  # indexed-dataset prefixes ({prefix}.bin/.idx)
     train_data_weights: list[float] | None = None
     tokenizer: str | None = None  # a sentencepiece .model, a Hugging Face tokenizer directory, a tiktoken BPE file
@@ -83,6 +102,8 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
+    ON_RESUME: ClassVar[str] = FREE  # checkpoints reshard to any layout
+
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
@@ -109,6 +130,14 @@ class TrainingConfig:
     fp8_dot_product_attention / fp8_multi_head_attention stay off; with them linear_qkv would hand FP8 q/k
     to the rotation). So FP8 changes the projections' precision, never the positions' or the bases'.
     """
+
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "seed", "global_batch_size", "rampup_batch_size",  # the data position
+        "precision")
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "train_iters", "micro_batch_size", "recompute", "exit_signal_handler", "exit_interval", "nonfinite",
+        "nonfinite_patience", "fp8", "fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_margin",
+        "eval_interval", "eval_iters")
 
     train_iters: int = 100
     micro_batch_size: int = 1
@@ -140,6 +169,11 @@ class TrainingConfig:
 
 @dataclass
 class OptimizerConfig:
+    FIXED_ON_RESUME: ClassVar[tuple[str, ...]] = ("adam_beta1", "adam_beta2", "adam_eps")
+    FREE_ON_RESUME: ClassVar[tuple[str, ...]] = (
+        "lr", "min_lr", "weight_decay", "clip_grad", "warmup_iters", "lr_decay_style", "lr_decay_iters",
+        "lr_wsd_decay_iters", "lr_wsd_decay_style")
+
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
@@ -156,6 +190,8 @@ class OptimizerConfig:
 
 @dataclass
 class CheckpointConfig:
+    ON_RESUME: ClassVar[str] = FREE
+
     dir: str = "runs/checkpoints"
     save_interval: int = 50
     keep_last: int | None = 2
@@ -169,6 +205,8 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
+    ON_RESUME: ClassVar[str] = FREE
+
     log_interval: int = 1
     tensorboard_dir: str | None = "runs/tensorboard"
     metrics_file: str | None = "runs/metrics.jsonl"  # one JSON line per iteration (appended on resume)
@@ -225,6 +263,19 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def fixed_on_resume() -> tuple[str, ...]:
+    """The settings a resumed run must share with its checkpoint, read from each section's class: a section name
+    where the whole section is fixed, else `section.field`."""
+    keys = []
+    for section in dataclasses.fields(TrainConfig):
+        kind = section.default_factory
+        if getattr(kind, "ON_RESUME", None) == FIXED:
+            keys.append(section.name)
+        else:
+            keys += [f"{section.name}.{name}" for name in getattr(kind, "FIXED_ON_RESUME", ())]
+    return tuple(keys)
 
 
 CHOICES = {

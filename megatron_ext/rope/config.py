@@ -28,6 +28,7 @@ class RopeConfig:
 
     # old name -> new name, read by megatron_ext.config.reader (the old name warns for one release)
     RENAMED_SETTINGS: ClassVar[dict[str, str]] = {"head_bases": "head_base_strategy"}
+    ON_RESUME: ClassVar[str] = "fixed"  # the positions a model sees (megatron_ext.config.train's resume classes)
 
     base: float = 10000.0
     scaling: str = "default"

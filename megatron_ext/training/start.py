@@ -27,20 +27,14 @@ from megatron_ext.checkpoint.inherit import (
 from megatron_ext.checkpoint.layout import CheckpointError, find_checkpoint
 from megatron_ext.checkpoint.state import SavedCheckpoint, read_checkpoint
 from megatron_ext.config import ModelConfig, TrainConfig
+from megatron_ext.config.train import fixed_on_resume
 from megatron_ext.sizes import matmul_parameters
 
 log = logging.getLogger("megatron_ext")
 
-# Settings a resumed run must share with its checkpoint: they define the model, its tokens, the positions
-# it sees and the order of its data (`section` = the whole section).
-FIXED_ON_RESUME = ("model", "rope", "pose", "data.train_data", "data.train_data_weights", "data.tokenizer",
-                   "data.tokenizer_type", "data.tokenizer_model", "data.document_mask", "data.mask_eod_loss",
-                   "data.add_extra_token", "data.answer_only_loss",
-                   "data.tiny_corpus", "data.tiny_corpus_documents", "data.tiny_corpus_passkey_prompts", "data.tokenizer_vocab_size", "data.upsample",
-                   "data.split",  # which documents train
-                   "training.seed", "training.global_batch_size", "training.rampup_batch_size",  # the data position
-                   "training.precision",
-                   "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps")
+# Settings a resumed run must share with its checkpoint: they define the model, its tokens, the positions it sees
+# and the order of its data (`section` = the whole section); each config section declares which of its fields are.
+FIXED_ON_RESUME = fixed_on_resume()
 
 # Where the tokenizer is, not which it is: a resume may name another path to the same files (check_resume)
 TOKENIZER_SETTINGS = ("data.tokenizer", "data.tokenizer_type", "data.tokenizer_model")
