@@ -288,3 +288,17 @@ def test_the_fixed_settings_are_those_that_define_the_model_its_tokens_and_its_d
         "data.tiny_corpus_passkey_prompts", "data.tokenizer_vocab_size", "data.upsample", "data.split",
         "training.seed", "training.global_batch_size", "training.rampup_batch_size", "training.precision",
         "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps"}
+
+
+def test_every_model_field_is_architecture_or_how_the_run_trains():
+    """ModelConfig.ARCHITECTURE (fixed by a checkpoint's weights) and ModelConfig.TRAINING split its fields: a new
+    field without a side fails here instead of being silently left out of the checkpoint comparison."""
+    import dataclasses
+
+    from megatron_ext.config import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    architecture, training = set(ModelConfig.ARCHITECTURE), set(ModelConfig.TRAINING)
+    assert not architecture & training and architecture | training == names
+    model = ModelConfig(hidden_size=576, num_attention_heads=9, num_query_groups=None, ffn_hidden_size=None)
+    assert model.architecture()["num_query_groups"] == 9 and model.architecture()["ffn_hidden_size"] == 1536

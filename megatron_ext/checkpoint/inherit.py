@@ -20,23 +20,11 @@ from dataclasses import dataclass, field
 
 from megatron_ext.checkpoint.layout import CheckpointError, resolve_checkpoint
 from megatron_ext.checkpoint.state import SavedCheckpoint, read_checkpoint
-from megatron_ext.config import TrainConfig
+from megatron_ext.config import ModelConfig, TrainConfig
 from megatron_ext.rope import RopeConfig
 
 # model.<key> -> its effective value (None-valued defaults resolved), compared with the checkpoint's
-ARCHITECTURE = {
-    "num_layers": lambda m: m.num_layers,
-    "hidden_size": lambda m: m.hidden_size,
-    "ffn_hidden_size": lambda m: m.ffn_size,
-    "num_attention_heads": lambda m: m.num_attention_heads,
-    "num_query_groups": lambda m: m.num_query_groups or m.num_attention_heads,
-    "vocab_size": lambda m: m.vocab_size,
-    "normalization": lambda m: m.normalization,
-    "norm_epsilon": lambda m: m.norm_epsilon,
-    "swiglu": lambda m: m.swiglu,
-    "tie_embeddings": lambda m: m.tie_embeddings,
-    "qkv_bias": lambda m: m.qkv_bias,
-}
+ARCHITECTURE = {name: (lambda model, name=name: model.architecture()[name]) for name in ModelConfig.ARCHITECTURE}
 
 # a parameter dict -> the setting it parameterizes: inherited only while that setting is the checkpoint's
 ROPE_PARAMETERS = {"scaling_params": "scaling", "head_base_params": "head_base_strategy"}

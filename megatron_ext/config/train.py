@@ -25,6 +25,12 @@ FIXED, FREE = "fixed", "free"
 @dataclass
 class ModelConfig:
     ON_RESUME: ClassVar[str] = FIXED
+    # the fields a checkpoint's weights fix (continual pretraining takes them from checkpoint.pretrained and refuses
+    # a contradiction); the others are how this run trains it. tests/test_start.py checks every field is one of them.
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
+        "normalization", "norm_epsilon", "swiglu", "tie_embeddings", "qkv_bias")
+    TRAINING: ClassVar[tuple[str, ...]] = ("seq_length", "init_method_std", "attention_dropout", "hidden_dropout")
 
     num_layers: int = 4
     hidden_size: int = 128
@@ -47,6 +53,12 @@ class ModelConfig:
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
         return -(-int(8 * self.hidden_size / 3) // 64) * 64
+
+    def architecture(self) -> dict:
+        """ARCHITECTURE's fields with their effective values (defaults of None resolved), as checkpoints compare."""
+        resolved = {"ffn_hidden_size": self.ffn_size,
+                    "num_query_groups": self.num_query_groups or self.num_attention_heads}
+        return {name: resolved.get(name, getattr(self, name)) for name in self.ARCHITECTURE}
 
 
 @dataclass
