@@ -559,3 +559,20 @@ def test_inspect_checkpoint_prints_layout_rope_and_parameter_count(models, harpe
     assert "HARPE uniform bases per KV group [100, 33400, 66700, 100000]" in text and "PoSE: on" in text
     inspect([str(harpe_model[3])])
     assert "runs with megatron_ext.hf.load_harpe_model" in capsys.readouterr().out
+
+
+def test_the_family_choices_of_the_command_are_the_adapters(capsys):
+    """`convert mcore-to-hf --family` takes exactly the families ADAPTERS converts (no second list to keep)."""
+    import argparse
+
+    from megatron_ext.convert.adapters import ADAPTERS
+    from megatron_ext.convert.cli import add_convert_args
+
+    parser = argparse.ArgumentParser(prog="megatron-ext")
+    add_convert_args(parser.add_subparsers(dest="command"))
+    base = ["convert", "mcore-to-hf", "--ckpt", "c", "--out", "o", "--family"]
+    assert [parser.parse_args([*base, family]).family for family in ADAPTERS] == list(ADAPTERS)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "gpt2"])
+    err = capsys.readouterr().err
+    assert all(repr(family) in err for family in ADAPTERS), err

@@ -38,8 +38,9 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
                     "megatron_ext.hf.load_harpe_model.")
     to_hf.add_argument("--ckpt", required=True, metavar="DIR", help="an iter_XXXXXXX directory or a checkpoint root")
     to_hf.add_argument("--out", required=True, metavar="DIR", help="new model directory (must not exist)")
-    to_hf.add_argument("--family", choices=("llama", "mistral", "qwen2"),
-                       help="default: the family it was converted from; else qwen2 with q/k/v biases, llama without")
+    to_hf.add_argument("--family", choices=ConversionFamilies(), metavar="FAMILY",
+                       help="one of %(choices)s; default: the family it was converted from, else qwen2 with q/k/v "
+                            "biases, llama without")
     to_hf.add_argument("--hf-base", metavar="DIR",
                        help="Hugging Face directory to take config fields (token ids, ...) and tokenizer files from")
     to_hf.add_argument("--rope-format", choices=("rope_parameters", "rope_scaling", "both"),
@@ -47,6 +48,22 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
                             "rope_scaling) or both; default: the source model's, else both")
     to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     _add_common(to_hf, dtype_default="the dtype it was converted from, else the saved one")
+
+
+class ConversionFamilies:
+    """`--family`'s choices: the families of megatron_ext.convert.adapters.ADAPTERS, read only when argparse asks
+    (a --family given, or help shown), since the adapters import torch and building the parser must not."""
+
+    def _names(self) -> list[str]:
+        from megatron_ext.convert.adapters import ADAPTERS
+
+        return list(ADAPTERS)
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
 
 
 def _add_common(parser, dtype_default: str) -> None:

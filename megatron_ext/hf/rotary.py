@@ -14,7 +14,6 @@ import torch
 from megatron_ext.rope.apply import apply_rotary
 from megatron_ext.rope.config import RopeConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 class PerGroupRotation:
@@ -60,10 +59,12 @@ class IdentityRotaryEmbedding(torch.nn.Module):
 
 def use_per_group_rope(model, rope: RopeConfig):
     """Make a transformers Llama / Mistral / Qwen2 model rotate with `rope` (per-KV-group bases). In place."""
+    from megatron_ext.convert.adapters import ADAPTERS  # the families we convert are the ones we load
+
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"per-head RoPE supports {', '.join(SUPPORTED_MODEL_TYPES)} models, "
-                         f"not model_type {config.model_type!r}")
+    supported = [adapter.model_type for adapter in ADAPTERS.values()]
+    if config.model_type not in supported:
+        raise ValueError(f"per-head RoPE supports {', '.join(supported)} models, not model_type {config.model_type!r}")
     decoder = getattr(model, "model", model)  # *ForCausalLM wraps the decoder in .model
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
