@@ -218,3 +218,32 @@ def test_a_deliberate_cycle_is_caught(graph):
 def test_the_graph_sees_imports_inside_functions(graph):
     # the CLI imports every command's module inside build_parser, by name; the train command imports the loop lazily
     assert "megatron_ext.training.train" in graph["megatron_ext.training.cli"]
+
+
+def lazy_tables() -> dict[str, tuple[dict, dict, list]]:
+    """Per package that loads names on first use: (its table name -> module, its TYPE_CHECKING imports name ->
+    module, its __all__); the imports read from the source, the rest from the (light) package itself."""
+    import importlib
+
+    tables = {}
+    for path in PACKAGE.rglob("__init__.py"):
+        if "_LOADED_ON_FIRST_USE" not in path.read_text():
+            continue
+        package = importlib.import_module(module_name(path))
+        typed = {}
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+                for statement in node.body:
+                    typed.update({alias.name: statement.module for alias in statement.names})
+        tables[module_name(path)] = (package._LOADED_ON_FIRST_USE, typed, list(package.__all__))
+    return tables
+
+
+def test_names_loaded_on_first_use_are_typed_and_exported_alike():
+    """A package's lazy table, its TYPE_CHECKING imports and its __all__ name the same things: a name added to the
+    table alone would be invisible to type checkers and `from package import *`."""
+    tables = lazy_tables()
+    assert {"megatron_ext.data", "megatron_ext.convert"} <= set(tables)
+    for package, (table, typed, exported) in tables.items():
+        assert typed == table, package
+        assert set(table) <= set(exported), (package, sorted(set(table) - set(exported)))

@@ -36,8 +36,10 @@ _LOADED_ON_FIRST_USE |= {f"evaluate_{task.name}": task.module for task in TASKS.
 _LOADED_ON_FIRST_USE |= {task.settings.__name__: task.settings.__module__ for task in TASKS.values()}
 
 if TYPE_CHECKING:
+    from megatron_ext.data.prompts import build_prompt, passkey_prompt
     from megatron_ext.eval.attention import attention_entropy, evaluate_attention, js_divergence
     from megatron_ext.eval.cli import add_eval_args, run_eval
+    from megatron_ext.eval.compare import evaluate_compare
     from megatron_ext.eval.harness.lm import EvalModelLM
     from megatron_ext.eval.harness.settings import LmEvalSettings
     from megatron_ext.eval.harness.task import evaluate_lm_eval
@@ -45,11 +47,11 @@ if TYPE_CHECKING:
     from megatron_ext.eval.needle import evaluate_needle
     from megatron_ext.eval.passkey import evaluate_passkey
     from megatron_ext.eval.perplexity import evaluate_perplexity
-    from megatron_ext.data.prompts import build_prompt, passkey_prompt
     from megatron_ext.eval.ruler import evaluate_ruler
     from megatron_ext.eval.scoring import check_answers, greedy_generate
     from megatron_ext.eval.settings import (
         AttentionSettings,
+        CompareSettings,
         EvalSettingsError,
         NeedleSettings,
         PasskeySettings,
