@@ -81,16 +81,21 @@ def test_train_refuses_a_layout_before_any_process_starts(flags, message, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_under_torchrun_the_world_size_is_the_one_checked(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("RANK", "0")
+def assert_tp2_refused_on_3_ranks(tmp_path, capsys, ranks_from: str) -> None:
+    """`train` at TP=2 where the environment says 3 ranks: one line naming where the rank count came from."""
     code = main(["train", "--config", str(TINY), "--set", f"checkpoint.dir={tmp_path / 'run'}",
                  "--set", "parallel.tensor_model_parallel_size=2"])
     assert code == 2
     assert capsys.readouterr().err.rstrip().endswith("does not divide the 3 ranks: start a multiple of 2 ranks, or "
                                                      "change parallel.tensor_model_parallel_size / "
                                                      "pipeline_model_parallel_size / context_parallel_size "
-                                                     "(ranks: WORLD_SIZE)")
+                                                     f"(ranks: {ranks_from})")
+
+
+def test_under_torchrun_the_world_size_is_the_one_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    assert_tp2_refused_on_3_ranks(tmp_path, capsys, "WORLD_SIZE")
 
 
 def test_ranks_this_command_starts_are_counted_even_with_a_stale_world_size(tmp_path, capsys, monkeypatch):
@@ -112,10 +117,4 @@ def test_srun_tasks_are_the_ranks_checked(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "3")
     monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu-node-01")
-    code = main(["train", "--config", str(TINY), "--set", f"checkpoint.dir={tmp_path / 'run'}",
-                 "--set", "parallel.tensor_model_parallel_size=2"])
-    assert code == 2
-    assert capsys.readouterr().err.rstrip().endswith("does not divide the 3 ranks: start a multiple of 2 ranks, or "
-                                                     "change parallel.tensor_model_parallel_size / "
-                                                     "pipeline_model_parallel_size / context_parallel_size "
-                                                     "(ranks: the srun tasks)")
+    assert_tp2_refused_on_3_ranks(tmp_path, capsys, "the srun tasks")
