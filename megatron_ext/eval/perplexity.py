@@ -9,9 +9,7 @@ document's first token has no row at all and is never scored. Perplexity = exp(t
 over all documents (token-weighted, as PoSE's compute_perplexity).
 """
 
-import glob
 import math
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 
 from megatron_ext.eval.distributed import split_over_data_parallel
 from megatron_ext.eval.results import EvalResult, markdown_table, per_length_table, progress
-from megatron_ext.eval.settings import EvalSettingsError, PerplexitySettings
+from megatron_ext.eval.settings import EvalSettingsError, PerplexitySettings, perplexity_source_paths
 
 
 @dataclass
@@ -139,17 +137,14 @@ def load_documents(sources: list[str], tokenizer, *, count: int, min_tokens: int
 
 
 def _token_documents(sources, tokenizer, json_key):
+    """Token ids of every document the sources name (each resolved as PerplexitySettings.validate checked it)."""
     from megatron_ext.data.documents import read_documents
 
     for source in sources:
-        source = source.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
-        if Path(source + ".idx").is_file() and Path(source + ".bin").is_file():
-            yield from _indexed_documents(source, tokenizer)
+        paths = perplexity_source_paths(source)
+        if paths and Path(paths[0] + ".idx").is_file() and Path(paths[0] + ".bin").is_file():
+            yield from _indexed_documents(paths[0], tokenizer)
             continue
-        paths = sorted(glob.glob(source, recursive=True))
-        if not paths:
-            raise FileNotFoundError(f"perplexity data {source!r}: no such file (nor {source}.idx/.bin): give JSONL or "
-                                    "text files, a glob, or an indexed-dataset prefix")
         for path in paths:
             for document in read_documents(path, json_key=json_key):
                 yield tokenizer.encode(document.text)
