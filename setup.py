@@ -32,6 +32,7 @@ setup(
     extras_require={
         "dev": [
             "pytest",
+            "hypothesis",  # property-based fuzz of the inputs users hand us (tests/test_fuzz_*.py)
             # 5.0: RoPE settings as `rope_parameters` (megatron_ext.hf.load_harpe_model's stand-in config;
             # the conversion tests' LlamaConfig(rope_parameters=...)). Older floors of what the code passes:
             # from_pretrained(dtype=...) 4.56, logits_to_keep=<tensor of rows> 4.49,
