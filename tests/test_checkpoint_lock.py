@@ -163,3 +163,66 @@ def test_a_refusal_is_appended_to_the_file_the_batch_script_reads(slurm_job, tmp
             take(root)
     lines = refusals.read_text().splitlines()
     assert len(lines) == 2 and lines[0].startswith("checkpoint.dir (") and "in use by process 4242" in lines[0]
+
+
+# --- many processes taking over one stale lock at once --------------------------------------------------------
+
+CONTENDERS, TRIALS = 8, 30
+
+
+def _contend(root, barrier, results):
+    """A forked contender: in each trial, try to take the stale lock the parent wrote, report, give it back."""
+    import random
+
+    judge = lock_module.stale_reason
+
+    def slow_judge(*args, **kwargs):  # asking squeue takes tens of ms: the window in which several judge one lock
+        time.sleep(random.uniform(0, 0.01))
+        return judge(*args, **kwargs)
+
+    lock_module.stale_reason = slow_judge
+    for trial in range(TRIALS):
+        barrier.wait(60)  # the stale lock is in place
+        try:
+            lock_checkpoint_dir(root)
+            won = True
+        except CheckpointDirLocked:
+            won = False
+        results.put((trial, os.getpid(), won))
+        barrier.wait(60)  # every contender has tried, and the parent has read the lock
+        if won:
+            release_checkpoint_dir(root)
+        barrier.wait(60)  # the lock is given back
+
+
+def test_of_many_processes_taking_over_one_stale_lock_at_once_exactly_one_gets_it(tmp_path, monkeypatch):
+    """Issue 30, case 14: two processes taking over the same stale lock both got it in 5 of 30 trials (a stale check,
+    then os.replace). 8 processes x 30 trials, each trial a lock whose heartbeat stopped an hour ago: one winner."""
+    import multiprocessing
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    context = multiprocessing.get_context("fork")
+    root = tmp_path / "ckpt"
+    barrier, results = context.Barrier(CONTENDERS + 1), context.Queue()
+    contenders = [context.Process(target=_contend, args=(root, barrier, results)) for _ in range(CONTENDERS)]
+    for process in contenders:
+        process.start()
+    winners, owners = [], []
+    try:
+        for trial in range(TRIALS):
+            write_lock(root, dict(OTHER_NODE, heartbeat_s=30.0), age_seconds=3600)
+            barrier.wait(60)
+            reports = [results.get(timeout=60) for _ in range(CONTENDERS)]
+            winners.append(sorted(pid for _, pid, won in reports if won))
+            owners.append(owner_of(root)["pid"])
+            barrier.wait(60)
+            barrier.wait(60)
+            assert not (root / LOCK_FILE).exists()
+    finally:
+        for process in contenders:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    assert [len(w) for w in winners] == [1] * TRIALS, winners
+    assert owners == [w[0] for w in winners]  # the winner's record is the lock's
+    assert sorted(p.name for p in root.iterdir()) == []  # no guard or record file left behind

@@ -16,12 +16,25 @@ A lock is gone ("stale") when one of these says so, first match wins:
 A refusal is also appended to the file named by $MEGATRON_EXT_LOCK_REFUSED, if set: the sbatch script's
 requeue path reads it (megatron_ext/launch/sbatch.py).
 
+Taking the lock is atomic, fresh or stale. A fresh lock is a hard link of this process's record to the lock's name
+(fails if the name exists). A stale one is taken over by exactly one process, however many judge it stale at once:
+each contender creates a guard file named after that lock's identity (a hash of its bytes, inode and modification
+time) with O_CREAT|O_EXCL, which one wins; the winner checks that the lock is still the one it judged and only then
+moves its record onto it, and the others wait for the lock to change and judge the new one (a live holder: refused).
+A guard whose holder died inside that millisecond step is left aside after GUARD_ABANDONED_SECONDS. Why not
+flock/fcntl: advisory locks are not reliable where checkpoints live (Lustre clients mounted without `flock` answer
+ENOSYS or lock per node with `localflock`; NFSv3 needs lockd; a lock held by a dead node lingers until a lease
+expires), and ownership has to outlive the process anyway for the SLURM and heartbeat rules above. O_EXCL create,
+link and rename are atomic on local file systems, NFSv3+ and Lustre.
+
 Standard library only. A save holds the lock while it runs; a job that calls `lock_checkpoint_dir` first
 (a training run, at its start) holds it until it exits.
 """
 from __future__ import annotations
 
 import atexit
+import hashlib
+import itertools
 import json
 import logging
 import os
@@ -30,6 +43,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,6 +54,8 @@ log = logging.getLogger("megatron_ext")
 LOCK_FILE = "megatron_ext.lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 300.0
+GUARD_ABANDONED_SECONDS = 10.0  # a takeover guard this old belongs to a process that died while taking over
+TAKEOVER_WAIT_SECONDS = GUARD_ABANDONED_SECONDS + 5.0  # how long a contender waits for another's takeover
 REFUSALS_FILE_VARIABLE = "MEGATRON_EXT_LOCK_REFUSED"
 # squeue states in which none of a job's processes run (squeue(1), JOB STATE CODES); others count as live
 GONE_STATES = frozenset({"PENDING", "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -151,37 +167,126 @@ def lock_checkpoint_dir(root: str | Path) -> bool:
     if lock.resolve() in _held and _is_this_process(_read_owner(lock)):
         return False
     root.mkdir(parents=True, exist_ok=True)
-    mine = root / f"{LOCK_FILE}.{os.getpid()}"
+    # unique across hosts too: pids of two nodes sharing the directory may be equal
+    mine = root / f"{LOCK_FILE}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     mine.write_text(json.dumps(_this_process()) + "\n")
     try:
-        try:
-            os.link(mine, lock)  # atomic: fails if the lock exists
-        except FileExistsError:
-            owner, age = _read_owner(lock), _heartbeat_age(lock)
-            reason = stale_reason(owner, age) if owner is not None and not _is_this_process(owner) else None
-            if _is_this_process(owner):
-                pass
-            elif reason is not None:
-                log.warning(f"megatron_ext: taking over {lock} from {_describe(owner)}: {reason}")
-                os.replace(mine, lock)
-                mine = None
-            else:
-                _refuse(root, lock, owner, age)
+        _acquire(root, lock, mine)
     finally:
-        if mine is not None:
-            mine.unlink(missing_ok=True)
+        mine.unlink(missing_ok=True)  # gone already when it was moved onto the lock
     _held.add(lock.resolve())
     _start_heartbeat()
     atexit.register(release_checkpoint_dir, root)
     return True
 
 
-def _refuse(root: Path, lock: Path, owner: dict | None, age: float) -> None:
+def _acquire(root: Path, lock: Path, mine: Path) -> None:
+    """Make `lock` this process's (`mine` is its record, beside it), or refuse naming the live holder."""
+    deadline = time.monotonic() + TAKEOVER_WAIT_SECONDS
+    while True:
+        try:
+            os.link(mine, lock)  # atomic: fails if the lock exists
+            return
+        except FileExistsError:
+            pass
+        seen = _read_lock(lock)
+        if seen is None:
+            continue  # released between the link and the read: link again
+        owner, identity, age = seen
+        if _is_this_process(owner):  # taken earlier by this process, and forgotten here (e.g. released in a test)
+            return
+        reason = stale_reason(owner, age) if owner is not None else None
+        if reason is None:
+            _refuse(root, lock, owner, age)
+        outcome = _take_over(lock, mine, identity)
+        if outcome == "taken":
+            log.warning(f"megatron_ext: taking over {lock} from {_describe(owner)}: {reason}")
+            return
+        if outcome == "busy":  # another process is taking this very lock over: wait for it, then judge its lock
+            if time.monotonic() > deadline:
+                _refuse(root, lock, owner, age, busy=True)
+            _wait_for_change(lock, identity, deadline)
+        # "changed": the lock is no longer the one judged (taken over or released meanwhile): judge it again
+
+
+def _read_lock(lock: Path) -> tuple[dict | None, str, float] | None:
+    """(recorded owner or None if unreadable, identity, heartbeat age) of the lock as it is now; None when absent.
+    The identity (bytes, inode, modification time, read through one descriptor) changes with any takeover,
+    re-creation or heartbeat."""
+    try:
+        with open(lock, "rb") as handle:
+            data = handle.read(1 << 16)
+            stat = os.fstat(handle.fileno())
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return None, "unreadable", _heartbeat_age(lock)
+    identity = hashlib.sha256(data + f"|{stat.st_ino}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    try:
+        owner = json.loads(data)
+        owner = owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+    except (ValueError, RecursionError):  # hand-made or damaged: refused as unreadable
+        owner = None
+    return owner, identity, max(0.0, time.time() - stat.st_mtime)
+
+
+def _take_over(lock: Path, mine: Path, identity: str) -> str:
+    """Move `mine` onto the stale lock whose identity is `identity`, if this process wins that lock's guard:
+    "taken"; "busy" when another process holds the guard; "changed" when the lock is no longer that one."""
+    guard = _claim_guard(lock, identity)
+    if guard is None:
+        return "busy"
+    try:
+        seen = _read_lock(lock)
+        if seen is None or seen[1] != identity:
+            return "changed"
+        os.replace(mine, lock)
+    finally:
+        guard.unlink(missing_ok=True)
+    for abandoned in lock.parent.glob(f"{lock.name}.takeover-{identity}-*"):  # useless now the lock changed
+        abandoned.unlink(missing_ok=True)
+    return "taken"
+
+
+def _claim_guard(lock: Path, identity: str) -> Path | None:
+    """Create this lock's takeover guard with O_EXCL (the next one past any abandoned); None if another holds it."""
+    for attempt in itertools.count(1):
+        guard = lock.parent / f"{lock.name}.takeover-{identity}-{attempt}"
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return guard
+        except FileExistsError:
+            try:
+                abandoned = time.time() - guard.stat().st_mtime > GUARD_ABANDONED_SECONDS
+            except FileNotFoundError:  # its holder finished just now: the lock changed, as the caller will see
+                return None
+            if not abandoned:
+                return None
+
+
+def _wait_for_change(lock: Path, identity: str, deadline: float) -> None:
+    """Poll until the lock is no longer `identity` (another process's takeover finished) or the deadline."""
+    delay = 0.002
+    while time.monotonic() < deadline:
+        seen = _read_lock(lock)
+        if seen is None or seen[1] != identity:
+            return
+        time.sleep(delay)
+        delay = min(2 * delay, 0.1)
+
+
+def _refuse(root: Path, lock: Path, owner: dict | None, age: float, busy: bool = False) -> None:
     heartbeat = f", lock touched {age:.0f} s ago" if owner is not None and "heartbeat_s" in owner else ""
-    message = (f"checkpoint.dir ({str(root)!r}) is in use by {_describe(owner)} ({lock}{heartbeat}): two jobs "
-               "saving into one directory delete each other's checkpoints. Set another checkpoint.dir, or remove "
-               f"{lock} if that job is gone (a lock is taken over by itself once its SLURM job has ended or "
-               f"after {STALE_AFTER_SECONDS:.0f} s without a heartbeat)")
+    if busy:
+        message = (f"checkpoint.dir ({str(root)!r}): another process has been taking over the stale lock {lock} of "
+                   f"{_describe(owner)} for {TAKEOVER_WAIT_SECONDS:.0f} s (its {lock.name}.takeover-* file): two "
+                   "jobs saving into one directory delete each other's checkpoints. Set another checkpoint.dir, "
+                   "or start this job again once that one has the lock")
+    else:
+        message = (f"checkpoint.dir ({str(root)!r}) is in use by {_describe(owner)} ({lock}{heartbeat}): two jobs "
+                   "saving into one directory delete each other's checkpoints. Set another checkpoint.dir, or "
+                   f"remove {lock} if that job is gone (a lock is taken over by itself once its SLURM job has ended "
+                   f"or after {STALE_AFTER_SECONDS:.0f} s without a heartbeat)")
     refusals = os.environ.get(REFUSALS_FILE_VARIABLE)
     if refusals:  # the batch script requeues on it
         try:
