@@ -80,7 +80,7 @@ from megatron_ext.checkpoint.integrity import (
     write_manifest,
 )
 from megatron_ext.checkpoint.lock import lock_checkpoint_dir, release_checkpoint_dir
-from megatron_ext.checkpoint.safe_metadata import check_dcp_metadata
+from megatron_ext.checkpoint.safe_metadata import READ_ERRORS, CheckpointUnreadable, check_dcp_metadata, unreadable
 from megatron_ext.compat import prepare_megatron
 from megatron_ext.errors import UserError
 
@@ -518,27 +518,31 @@ def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer
     Returns {"iteration", "state" (the dict given to save_checkpoint), "path",
     "rng_restored"}; RNG states are restored when asked and the parallel layout is unchanged.
     Errors name `setting`, the argument the path came from. `verify` checks every file against the
-    manifest first (each rank a share); `.metadata` is vetted by the allow-list unpickler regardless.
+    manifest first (each rank a share); `.metadata` is vetted by the allow-list unpickler regardless, read once,
+    and megatron loads through the reader that vetted it (checkpoint/safe_metadata.py). A file that does not read
+    back (damaged, or replaced by another file) is named in a CheckpointUnreadable.
     """
     path = require_complete(Path(path).expanduser(), setting)
     _require_distributed("load_checkpoint")
     if verify:
         _verify_collectively(path, setting)
-    check_dcp_metadata(path)
+    reader = check_dcp_metadata(path)
+    if reader is None:
+        raise unreadable(path / ".metadata", FileNotFoundError("missing"))
     prepare_megatron()
     from megatron.core import dist_checkpointing
     started = time.perf_counter()
-    common = dist_checkpointing.load_common_state_dict(str(path)).get(COMMON_KEY)
+    common = _read_common(path)
     if common is None:
         raise CheckpointError(
-            f"{setting} ({str(path)!r}) is a megatron checkpoint without megatron_ext's "
-            f"state (iteration, scheduler, RNG): resume from a checkpoint written by "
-            f"megatron_ext.checkpoint.store.save_checkpoint")
+            f"{setting} ({str(path)!r}): its {path / 'common.pt'} holds no megatron_ext state (iteration, "
+            f"scheduler, RNG): a megatron checkpoint not written by megatron_ext.checkpoint.store.save_checkpoint, "
+            f"or a common.pt replaced by another file. Resume from a checkpoint megatron_ext wrote")
     load_optimizer_state = _check_optimizer_matches(path, common, optimizer)
 
     sharded = _sharded_state_dict(model, optimizer if load_optimizer_state else None,
                                   common["sharding_metadata"], is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path))
+    loaded = _read_tensors(sharded, path, reader)
     chunks = _chunks(model)
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_chunk_key(index, len(chunks))], strict=True)
@@ -546,12 +550,67 @@ def load_checkpoint(path: str | Path, *, model: list[torch.nn.Module], optimizer
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])
-    rng_restored = restore_rng and _load_rng(path, common["parallel_layout"])
+    rng_restored, failed = False, None
+    try:
+        rng_restored = restore_rng and _load_rng(path, common["parallel_layout"])
+    except CheckpointUnreadable as error:
+        failed = error
+    _raise_if_any_rank_failed(failed)  # a rank's own RNG file: no other rank may go on to wait for it
     if _is_rank0():
         log.info(f"megatron_ext: loaded {path} (iteration {common['iteration']}) in "
                  f"{time.perf_counter() - started:.1f} s")
     return {"iteration": common["iteration"], "state": common["state"], "path": path,
             "rng_restored": rng_restored}
+
+
+_COMMON_KEYS = ("iteration", "optimizer", "sharding_metadata", "scheduler", "parallel_layout", "state")
+
+
+def _read_common(path: Path) -> dict | None:
+    """megatron_ext's part of common.pt (None: a megatron checkpoint without it), after megatron's metadata.json;
+    a file that does not read back as megatron wrote it is named."""
+    from megatron.core.dist_checkpointing import load_common_state_dict
+    from megatron.core.dist_checkpointing.core import CheckpointingException, maybe_load_config
+
+    try:
+        maybe_load_config(str(path))
+    except READ_ERRORS as error:
+        raise unreadable(path / "metadata.json", error) from None
+    try:
+        common = load_common_state_dict(str(path))
+    except (*READ_ERRORS, CheckpointingException) as error:
+        raise unreadable(path / "common.pt", error) from None
+    if not isinstance(common, dict):
+        raise unreadable(path / "common.pt", TypeError(f"holds a {type(common).__name__}, not a dict"))
+    ours = common.get(COMMON_KEY)
+    if ours is not None and not (isinstance(ours, dict) and all(key in ours for key in _COMMON_KEYS)):
+        raise unreadable(path / "common.pt", KeyError(f"its {COMMON_KEY!r} entry lacks some of {_COMMON_KEYS}"))
+    return ours
+
+
+def _read_tensors(sharded: dict, path: Path, reader) -> dict:
+    """megatron's load through `reader`, the reader that vetted `.metadata` (never a second read of it); a
+    UserError raised while reading (an unreadable file, an object blob that is not plain data) comes out as it is,
+    not wrapped in torch's CheckpointException."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.checkpoint.safe_metadata import vetted_load_strategy
+
+    try:
+        return dist_checkpointing.load(sharded, str(path), sharded_strategy=vetted_load_strategy(reader))
+    except CheckpointException as wrapped:
+        failures = [failure[0] for failure in (getattr(wrapped, "failures", None) or {}).values()]
+        raise next((error for error in failures if isinstance(error, UserError)), wrapped) from None
+
+
+def _raise_if_any_rank_failed(error: BaseException | None) -> None:
+    """Raise on every rank the first rank's error, if any rank had one (collective)."""
+    if torch.distributed.get_world_size() > 1:
+        every_rank = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every_rank, error)
+        error = next((raised for raised in every_rank if raised is not None), None)
+    if error is not None:
+        raise error
 
 
 def _verify_collectively(path: Path, setting: str) -> None:
@@ -616,5 +675,8 @@ def _load_rng(checkpoint: Path, saved_layout: dict) -> bool:
                         f"{saved_layout}, now {layout}): random draws after resume differ "
                         f"from an uninterrupted run")
         return False
-    _restore_rng(torch.load(rng_file, weights_only=True))
+    try:
+        _restore_rng(torch.load(rng_file, weights_only=True))
+    except READ_ERRORS as error:
+        raise unreadable(rng_file, error) from None
     return True

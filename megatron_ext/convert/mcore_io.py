@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_ext.checkpoint.integrity import require_verified
-from megatron_ext.checkpoint.safe_metadata import SafeFileSystemReader
+from megatron_ext.checkpoint.safe_metadata import DCP_METADATA, SafeFileSystemReader, unreadable
 from megatron_ext.errors import ConversionError
 from megatron_ext.config import ParallelConfig, TrainConfig
 
@@ -155,15 +155,21 @@ class ParameterReader:
     that key which is this parameter). torch.distributed.checkpoint then reads only the stored
     chunks overlapping it, whatever TP/PP they were saved with. (megatron's own load cannot take
     a part of a key in a one-process world: it would place the other layers on this rank too.)
-    The files are checked against the checkpoint's manifest first, and `.metadata` is read with the
-    allow-list unpickler (megatron_ext/checkpoint/safe_metadata.py).
+    The files are checked against the checkpoint's manifest first; one SafeFileSystemReader
+    (megatron_ext/checkpoint/safe_metadata.py) reads `.metadata` once through the allow-list unpickler and every
+    read goes through it, so a `.metadata` swapped after the vetting is never read; a file that does not read back
+    is named in a CheckpointUnreadable.
     """
 
     def __init__(self, checkpoint: Path, sharded: dict, *, setting: str = "--ckpt", verify: bool = True):
         if verify:
             require_verified(Path(checkpoint), setting)
         self.reader_path = str(checkpoint)
-        self.metadata = SafeFileSystemReader(self.reader_path).read_metadata()
+        self.reader = SafeFileSystemReader(self.reader_path)
+        try:
+            self.metadata = self.reader.read_metadata()
+        except OSError as error:  # no .metadata: not a torch_dist checkpoint, or damaged
+            raise unreadable(Path(checkpoint) / DCP_METADATA, error) from None
         entries = {name: entry for name, entry in sharded.items() if not isinstance(entry, ShardedObject)}
         self.chunks = {name: _parameter_chunk(entry) for name, entry in entries.items()}
         self.shapes = {name: tuple(entry.data.shape) for name, entry in entries.items()}
@@ -183,7 +189,7 @@ class ParameterReader:
             wanted[name] = torch.empty(sizes, dtype=self.dtype(name))  # [1 per layer axis, *shape]
         planner = _ChunkLoadPlanner({name: self.chunks[name] for name in wanted})
         with _original_errors():
-            dcp.load(wanted, storage_reader=SafeFileSystemReader(self.reader_path), planner=planner)
+            dcp.load(wanted, storage_reader=self.reader, planner=planner)
         return {name: tensor.reshape(self.shapes[name]) for name, tensor in wanted.items()}
 
 
