@@ -19,6 +19,7 @@ from megatron_ext.convert.hf_io import (
     read_config,
     staged_directory,
 )
+from megatron_ext.convert.hf_directory import check_hf_directory
 from megatron_ext.convert.hf_tokenizer import carried_tokenizer, has_tokenizer
 from megatron_ext.rope.hf_forms import hf_rope_parameters
 from megatron_ext.checkpoint.state import TOKENIZER_DIR, CheckpointState
@@ -47,6 +48,7 @@ def hf_to_mcore(hf_dir, out_dir, *, tp: int = 1, pp: int = 1, dtype: str | None 
     dropped = dropped_settings(adapter, hf_config, hf_dir)
     check_layout(config, tp, pp)
     config.parallel.tensor_model_parallel_size, config.parallel.pipeline_model_parallel_size = tp, pp
+    check_hf_directory(hf_dir)  # no custom code, no pickles, nothing outside it, headers that fit their files
     source = SafetensorsCheckpoint(hf_dir)
     weights_dtype = DTYPE_NAMES[dtype] if dtype else source.lossless_dtype()
     padded = padded_vocab_size(config.model.vocab_size, tp)

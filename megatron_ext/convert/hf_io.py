@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_ext.convert import hf_directory
+from megatron_ext.convert.hf_directory import INDEX_FILE, SINGLE_FILE, read_header, read_json_object, weight_files
 from megatron_ext.errors import ConversionError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Travel with the weights untouched: tokenizers (sentencepiece, tokenizers' JSON, BPE vocab+merges),
 # chat templates, and the generation defaults.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -37,10 +37,7 @@ def read_config(directory: Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{directory}: no config.json; is it a Hugging Face model directory?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConversionError(f"{path} is not valid JSON: {error}") from None
+    return read_json_object(hf_directory.require_inside(directory, path))
 
 
 class SafetensorsCheckpoint:
@@ -53,38 +50,20 @@ class SafetensorsCheckpoint:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self.files = self._weight_files()
+        self.files = weight_files(self.directory)  # safetensors only, every one inside the directory
         self.location: dict[str, tuple[Path, int, int]] = {}  # name -> (file, first byte, end byte)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype | None] = {}
         for path in self.files:
-            header, data_start = _read_header(path)
+            header, data_start = read_header(path)  # checked against the file: nothing it claims is allocated blind
             for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
+                if name in self.location:
+                    raise ConversionError(f"{path}: tensor {name} is also in {self.location[name][0].name}: "
+                                          "which one holds the model's weights cannot be told")
                 begin, end = entry["data_offsets"]
                 self.location[name] = (path, data_start + begin, data_start + end)
                 self.shapes[name] = tuple(entry["shape"])
                 self.dtypes[name] = _DTYPES.get(entry["dtype"])
-
-    def _weight_files(self) -> list[Path]:
-        index = self.directory / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted({self.directory / name for name in weight_map.values()})
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise ConversionError(f"{index} names shard(s) {absent} that are not in {self.directory}")
-            return files
-        if (self.directory / SINGLE_FILE).is_file():
-            return [self.directory / SINGLE_FILE]
-        files = sorted(self.directory.glob("*.safetensors"))
-        if files:
-            return files
-        legacy = sorted(p.name for pattern in ("*.bin", "*.pt") for p in self.directory.glob(pattern))
-        hint = (f" (found {', '.join(legacy[:3])}: re-save it with transformers' "
-                f"save_pretrained(..., safe_serialization=True))" if legacy else "")
-        raise ConversionError(f"{self.directory}: no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}){hint}")
 
     def read(self, name: str) -> torch.Tensor:
         path, begin, end = self.location[name]
@@ -117,19 +96,6 @@ class SafetensorsCheckpoint:
         if len(floating) == 1:
             return floating.pop()
         return torch.float64 if torch.float64 in floating else torch.float32
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's JSON header and where its data begins (format: u64 length, JSON, data)."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < length < 100_000_000:
-            raise ConversionError(f"{path} is not a safetensors file")
-        try:
-            return json.loads(handle.read(length)), 8 + length
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ConversionError(f"{path}: its safetensors header is not valid JSON") from None
 
 
 class SafetensorsWriter:
@@ -219,16 +185,9 @@ def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:
 
 def require_inside(source_dir: Path, path: Path) -> Path:
     """`path` if it resolves inside `source_dir`; a ConversionError if a symlink leads it elsewhere (a crafted
-    tokenizer.json -> /etc/passwd would be copied into the export). The one allowed exception is the Hugging
-    Face hub cache, whose snapshots/<revision>/ files link to the same repository's blobs/."""
-    source_dir = Path(source_dir).resolve()
-    target = Path(path).resolve()
-    if target.is_relative_to(source_dir):
-        return path
-    if source_dir.parent.name == "snapshots" and target.parent == source_dir.parent.parent / "blobs":
-        return path
-    raise ConversionError(f"{path} is a symlink to {target}, outside {source_dir}: refusing to copy it into the "
-                          f"export. Replace the link with the file itself if it is meant to be copied")
+    tokenizer.json -> /etc/passwd would be copied into the export); hub-cache links excepted (see
+    hf_directory.require_inside)."""
+    return hf_directory.require_inside(source_dir, path, "copy it into the export")
 
 
 def parse_size(text: str | int) -> int:

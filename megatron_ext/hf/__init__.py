@@ -27,8 +27,14 @@ def load_harpe_model(path, **from_pretrained_kwargs):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from megatron_ext.convert.hf_directory import check_hf_directory
+
     if from_pretrained_kwargs.pop("trust_remote_code", False):
         raise ValueError("load_harpe_model runs transformers' own model code only: drop trust_remote_code")
+    if not from_pretrained_kwargs.setdefault("use_safetensors", True):
+        raise ValueError("load_harpe_model reads safetensors weights only (unpickling can run code): "
+                         "drop use_safetensors=False")
+    check_hf_directory(path)  # no custom code, no pickles, nothing outside the directory, sound safetensors headers
     hf_config = json.loads((Path(path) / "config.json").read_text())
     if not needs_megatron_ext(hf_config):
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, **from_pretrained_kwargs)
