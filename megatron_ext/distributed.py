@@ -117,9 +117,10 @@ def setup_distributed(parallel):
         if "RANK" not in os.environ:  # a plain single-process run: an in-process store, so no port is held and
             # no rendezvous variable is exported (a `megatron-ext train` this script starts later would inherit
             # MASTER_PORT and fail to bind it while this group lives)
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                                 timeout=collective_timeout(parallel))
         else:
-            torch.distributed.init_process_group(backend)
+            torch.distributed.init_process_group(backend, timeout=collective_timeout(parallel))
     world = torch.distributed.get_world_size()
     model_parallel = (parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
                       * parallel.context_parallel_size)
@@ -135,8 +136,52 @@ def setup_distributed(parallel):
                                  virtual_pipeline_model_parallel_size=getattr(
                                      parallel, "virtual_pipeline_model_parallel_size", None),
                                  context_parallel_size=parallel.context_parallel_size,
-                                 hierarchical_context_parallel_sizes=hierarchical)
+                                 hierarchical_context_parallel_sizes=hierarchical,
+                                 distributed_timeout_minutes=collective_timeout(parallel).total_seconds() / 60)
+    if world > 1:
+        RankHeartbeat.start(torch.distributed.get_rank(), world)
     return device
+
+
+def collective_timeout(parallel):
+    """parallel.distributed_timeout_minutes as the timedelta torch's process groups take (Megatron-LM's default 10
+    minutes where the setting is absent, e.g. an older ParallelConfig)."""
+    import datetime
+
+    return datetime.timedelta(minutes=float(getattr(parallel, "distributed_timeout_minutes", 10.0)))
+
+
+def join_parallel_state(parallel, *, setting: str | None = None):
+    """setup_distributed(parallel) for a caller that may find the process group and megatron's groups already
+    there (evaluation inside a script or a suite, a second model of one run): those are used when their TP, PP and
+    CP sizes are `parallel`'s, and refused by name when not. `setting` names where the sizes came from in a
+    refusal (e.g. evaluation's flags); without it setup_distributed's own error stands. Returns this rank's device.
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.compat import prepare_megatron
+
+    wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+              parallel.context_parallel_size)
+    if not ps.model_parallel_is_initialized():
+        try:
+            return setup_distributed(parallel)
+        except LayoutError:
+            if setting is None:
+                raise
+            blocks = wanted[0] * wanted[1] * wanted[2]
+            raise LayoutError(
+                f"{torch.distributed.get_world_size()} ranks do not split into model replicas of TP x PP x CP = "
+                f"{' x '.join(map(str, wanted))} = {blocks} ranks: launch a multiple of {blocks} ranks or change "
+                f"{setting}") from None
+    have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size())
+    if have != wanted:
+        raise LayoutError(f"megatron's parallel state has TP, PP, CP = {have} but {setting or 'the parallel section'} "
+                          f"asks for {wanted}: use the same tensor/pipeline/context parallel sizes in one process")
+    prepare_megatron()
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def cpu_threads_per_rank(environ=os.environ, cpus: int | None = None) -> int | None:
@@ -198,3 +243,113 @@ def single_process_group():
                 ps.destroy_model_parallel()
             if made_group:
                 torch.distributed.destroy_process_group()
+
+
+# --- which rank did not answer: a heartbeat in the rendezvous store --------------------------
+
+class CollectiveTimeout(UserError, RuntimeError):
+    """A collective failed because a rank stopped answering (stopped, hung or dead): one line naming it."""
+
+
+HEARTBEAT_PREFIX = "megatron_ext/heartbeat"
+
+
+class RankHeartbeat:
+    """Every rank counts up a key of its own in the rendezvous store (torchrun's or rank 0's TCPStore) from a
+    daemon thread, every `interval` seconds, and records where it runs once. A gloo collective that times out
+    (parallel.distributed_timeout_minutes) or loses its peer says nothing about which rank failed; the counters
+    do: a rank that is stopped (SIGSTOP, a frozen node), dead or unreachable stops counting, while a rank that
+    only waits in a collective keeps counting (the thread runs beside the wait).
+
+    The thread has a store client of its own (a TCPStore client is not shared between threads).
+    """
+
+    interval = 1.0
+    _running: "RankHeartbeat | None" = None
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def start(cls, rank: int, world: int) -> None:
+        if cls._running is not None or not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+            return  # no TCP rendezvous (a one-process run or a file:// group): nothing to ask later
+        import threading
+
+        heartbeat = cls(rank, world)
+        threading.Thread(target=heartbeat._beat, name="megatron_ext-rank-heartbeat", daemon=True).start()
+        cls._running = heartbeat
+
+    @staticmethod
+    def _store(seconds: float):
+        import datetime
+
+        import torch
+
+        return torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                          is_master=False, timeout=datetime.timedelta(seconds=seconds),
+                                          wait_for_workers=False)
+
+    def _beat(self) -> None:
+        import socket
+        import time
+
+        try:
+            store = self._store(60)
+            store.set(f"{HEARTBEAT_PREFIX}/where/{self.rank}", f"pid {os.getpid()} on {socket.gethostname()}")
+            while True:
+                store.add(f"{HEARTBEAT_PREFIX}/count/{self.rank}", 1)
+                time.sleep(self.interval)
+        except Exception:  # the store is gone: the run is ending (or its host is); nothing left to tell
+            return
+
+    def silent_ranks(self) -> tuple[list[int], list[str]]:
+        """(ranks whose counter did not move over a few intervals, where they run); every rank but this one when
+        the store itself does not answer (it lives in rank 0 outside torchrun, or in the launcher)."""
+        import time
+
+        try:
+            store = self._store(max(5.0, 3 * self.interval))
+            keys = [f"{HEARTBEAT_PREFIX}/count/{r}" for r in range(self.world)]
+            before = [store.add(key, 0) for key in keys]
+            time.sleep(3 * self.interval)
+            after = [store.add(key, 0) for key in keys]
+            silent = [r for r in range(self.world) if r != self.rank and after[r] == before[r]]
+            where = []
+            for r in silent:
+                key = f"{HEARTBEAT_PREFIX}/where/{r}"
+                where.append(store.get(key).decode() if store.check([key]) else "never reported")
+            return silent, where
+        except Exception:
+            return [r for r in range(self.world) if r != self.rank], []
+
+
+# gloo's words for a collective that ran out of time or lost its peer
+# (its messages carry the source path, e.g. "[.../gloo/transport/tcp/pair.cc:553] Connection closed by peer ...")
+_LOST_PEER = re.compile(r"gloo/|timed out waiting|connection (closed|reset) by peer", re.IGNORECASE)
+
+
+def lost_rank_error(error: BaseException, timeout_minutes: float, last_checkpoint: str | None) -> UserError | None:
+    """The one-line error for a collective that failed because another rank did not answer, or None when `error`
+    is something else (then it keeps its traceback)."""
+    import torch
+
+    if (not isinstance(error, RuntimeError) or not torch.distributed.is_available()
+            or not torch.distributed.is_initialized() or torch.distributed.get_world_size() < 2
+            or not _LOST_PEER.search(str(error)) or RankHeartbeat._running is None):
+        return None
+    heartbeat = RankHeartbeat._running
+    silent, where = heartbeat.silent_ranks()
+    timed_out = re.search(r"timed out|timeout", str(error), re.IGNORECASE) is not None
+    waited = (f"waited parallel.distributed_timeout_minutes={timeout_minutes:g} for"
+              if timed_out else "lost its connection to")
+    if silent:
+        named = ", ".join(f"rank {r}" + (f" ({w})" if w else "") for r, w in zip(silent, where + [""] * len(silent)))
+        who = f"{named} did not answer (stopped, hung or dead)"
+    else:
+        who = "every rank still runs, so one is stuck elsewhere (a collective that not all ranks entered)"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CollectiveTimeout(
+        f"rank {heartbeat.rank}: a collective {waited} another rank: {who}; gloo said: {first_line[:200]}. The last "
+        f"checkpoint is {last_checkpoint or 'none'} (intact): restart or free that node, then resume with "
+        "--resume auto")

@@ -128,6 +128,10 @@ class ParallelConfig:
     hierarchical_context_parallel_sizes: list[int] | None = None  # a2a+p2p: [a2a group, p2p ring], product = CP
     # interleaved 1F1B: each PP rank holds this many model chunks of num_layers / (PP x VPP) layers; None: off
     virtual_pipeline_model_parallel_size: int | None = None
+    # Megatron-LM's name: a collective (or the rendezvous) that waits longer than this ends the run with an error
+    # naming the rank that did not answer (a stopped, hung or dead node), instead of waiting for ever;
+    # fractions allowed (0.1 = 6 s, for tests)
+    distributed_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -338,6 +342,8 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     check(not layout, "; ".join(layout))
     check(not p.sequence_parallel or p.tensor_model_parallel_size > 1,
            "parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1: set it to false")
+    check(0 < p.distributed_timeout_minutes < math.inf, f"parallel.distributed_timeout_minutes "
+          f"({p.distributed_timeout_minutes}) must be > 0 minutes (Megatron-LM's default: 10)")
     _validate_numbers(c)
     _validate_overlap(p)
     _validate_context_parallel(c)

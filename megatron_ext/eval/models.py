@@ -12,9 +12,8 @@ from typing import Protocol
 
 import torch
 
-from megatron_ext.context_parallel import gather_sequence
 from megatron_ext.errors import InputError, MissingFile
-from megatron_ext.eval.distributed import ALONE, DataParallel, tokens_on_this_cp_rank
+from megatron_ext.eval.distributed import ALONE, DataParallel, gather_sequence, tokens_on_this_cp_rank
 from megatron_ext.eval.tokenizers import EvalTokenizer, hf_directory_tokenizer, load_eval_tokenizer
 
 
@@ -148,10 +147,11 @@ class MegatronExtModel:
         from megatron_ext.models.builder import load_model
 
         saved = checkpoint if isinstance(checkpoint, SavedCheckpoint) else read_checkpoint(checkpoint, setting=setting)
-        device = _join_parallel_state(ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
-                                                     pipeline_model_parallel_size=pipeline_parallel_size,
-                                                     context_parallel_size=context_parallel_size),
-                                      seed=saved.state.config.training.seed)
+        _join_parallel_state(ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
+                                            pipeline_model_parallel_size=pipeline_parallel_size,
+                                            context_parallel_size=context_parallel_size),
+                             seed=saved.state.config.training.seed)
+        device = _current_device()
         model, _, state = load_model(saved, device, precision_override=precision, setting=setting)
         tokenizer_path = tokenizer_model or saved.tokenizer_path  # its own copy, wherever the checkpoint lies
         if not tokenizer_model and not (tokenizer_path and Path(tokenizer_path).exists()):
@@ -286,22 +286,40 @@ def _context_parallel_group():
     return ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
 
 
-# where the parallel sizes of an evaluation come from, for a layout refusal
-PARALLEL_SIZE_SETTINGS = ("--tensor/--pipeline/--context-parallel-size (suite: tensor_parallel_size, "
-                          "pipeline_parallel_size, context_parallel_size)")
+def _join_parallel_state(parallel, seed: int) -> None:
+    """Use megatron's parallel state if it is set up (it must match `parallel`), else start one as training does."""
+    from megatron.core import parallel_state as ps
 
+    from megatron_ext.compat import prepare_megatron
+    from megatron_ext.distributed import LayoutError, setup_distributed
 
-def _join_parallel_state(parallel, seed: int) -> torch.device:
-    """The process group and megatron's groups as training makes them (megatron_ext.distributed), or the ones this
-    process has (they must have these sizes); returns this rank's device."""
-    from megatron_ext.distributed import join_parallel_state
-
-    device = join_parallel_state(parallel, setting=PARALLEL_SIZE_SETTINGS)
+    wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+              parallel.context_parallel_size)
+    if not ps.model_parallel_is_initialized():
+        try:
+            setup_distributed(parallel)
+        except LayoutError:  # say it with the evaluation's settings, not training's parallel section
+            blocks = wanted[0] * wanted[1] * wanted[2]
+            raise LayoutError(
+                f"{torch.distributed.get_world_size()} ranks do not split into model replicas of TP x PP x CP = "
+                f"{' x '.join(map(str, wanted))} = {blocks} ranks: launch a multiple of {blocks} ranks or change "
+                "--tensor/--pipeline/--context-parallel-size (suite: tensor_parallel_size, pipeline_parallel_size, "
+                "context_parallel_size)") from None
+    else:
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size())
+        if have != wanted:
+            raise LayoutError(f"megatron's parallel state has TP, PP, CP = {have} but the model asks for {wanted}: "
+                              "load every model of a run with the same tensor/pipeline/context parallel sizes")
+        prepare_megatron()
     if torch.cuda.is_available():  # GPU init draws from megatron's CUDA RNG tracker; the weights are then loaded
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
-    return device
+
+
+def _current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # --- Hugging Face causal LMs ----------------------------------------------------------------

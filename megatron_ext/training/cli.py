@@ -41,11 +41,21 @@ def run_train(args) -> int:
     validate(config)
     check_ranks(config, *ranks_to_start(args.nproc_per_node, relaunching))
     check_data(config)
+    if "RANK" not in os.environ:  # ranks that torchrun/srun started were checked by whoever started them
+        check_checkpoint_dir_free(config.checkpoint.dir)
     if relaunching:
         return relaunch(args.argv, args.nproc_per_node)
+    from megatron_ext.distributed import lost_rank_error
     from megatron_ext.training.train import train
 
-    result = train(config, start)
+    try:
+        result = train(config, start)
+    except RuntimeError as error:  # a collective that timed out or lost its peer: name the rank, one line
+        lost = lost_rank_error(error, config.parallel.distributed_timeout_minutes,
+                               latest_checkpoint(config.checkpoint.dir))
+        if lost is None:
+            raise
+        raise lost from None
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
         print(f"checkpoint: {result.last_checkpoint}")
         print(f"metrics: {config.logging.metrics_file}  tensorboard: {config.logging.tensorboard_dir}")
@@ -59,7 +69,7 @@ def check_data(config) -> None:
 
     if not config.data.tiny_corpus:  # the tiny corpus is made, with its own tokenizer, by the ranks
         check_training_data(config.data.train_data, *config.data.tokenizer_source(),
-                            model_vocab_size=config.model.vocab_size)
+                            model_vocab_size=config.model.vocab_size, mask_eod_loss=config.data.mask_eod_loss)
 
 
 def ranks_to_start(nproc_per_node: int, relaunching: bool) -> tuple[int, str]:
@@ -96,14 +106,74 @@ def first_rank() -> bool:
     return int(rank) == 0
 
 
+def latest_checkpoint(root) -> str | None:
+    """The checkpoint `root/latest` names, as the error of a failed run quotes it (None: no checkpoint yet)."""
+    from pathlib import Path
+
+    try:
+        name = (Path(root) / "latest").read_text().strip()
+    except OSError:
+        return None
+    return str(Path(root) / name) if name else None
+
+
+def check_checkpoint_dir_free(root) -> None:
+    """Refuse, before any rank starts, a checkpoint.dir another live job holds (rank 0 takes the lock for the
+    run; a refusal inside the ranks would end in torchrun's traceback). A holder that outlived its launcher
+    (an orphaned rank of an earlier job) is named as such, with the command that ends it."""
+    from megatron_ext.checkpoint.lock import CheckpointDirLocked, lock_checkpoint_dir, release_checkpoint_dir
+
+    try:
+        taken = lock_checkpoint_dir(root)
+    except CheckpointDirLocked as refusal:
+        orphan = describe_orphan(root)
+        raise CheckpointDirLocked(f"{refusal}{orphan}") from None
+    if taken:
+        release_checkpoint_dir(root)
+
+
+def describe_orphan(root) -> str:
+    """'; process N is ... whose launcher is gone' when the lock's holder runs on this host without its parent
+    (re-parented to init or a subreaper), else ''."""
+    import json
+    import socket
+    from pathlib import Path
+
+    import psutil
+
+    from megatron_ext.checkpoint.lock import LOCK_FILE
+
+    try:
+        owner = json.loads((Path(root) / LOCK_FILE).read_text())
+        if owner.get("host") != socket.gethostname():
+            return ""
+        holder = psutil.Process(int(owner["pid"]))
+        parent = holder.parent()
+        command = " ".join(holder.cmdline())[:160]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, psutil.Error):
+        return ""
+    launcher_gone = parent is None or parent.pid == 1 or (
+        "torch.distributed.run" not in " ".join(parent.cmdline()) and "megatron" not in " ".join(parent.cmdline()))
+    if not launcher_gone:
+        return ""
+    return (f"; process {holder.pid} on {owner['host']} is an orphan: its launcher is gone (parent now "
+            f"{parent.pid if parent else 'none'} {parent.name() if parent else ''}), command: {command!r}. "
+            f"End it with `kill {holder.pid}` (it saves and exits), then start this job again")
+
+
 def relaunch(argv: list[str], nproc: int) -> int:
     """Re-run this very command under torch.distributed.run with nproc local ranks; return its exit code.
 
-    torchrun runs in its own session, so a signal sent to this process's group (Ctrl-C, SLURM) reaches this
-    process only. SIGTERM / SIGUSR1 / SIGINT are passed on to the ranks, which save and exit 0, and then
-    torchrun exits 0; we wait for it, so nothing is left behind. (Signalled itself, torchrun would kill the
-    ranks after 30 s and fail; SIGUSR1 would kill it outright.) A second signal goes to torchrun, which stops
-    the ranks.
+    torchrun runs in its own session, so a signal sent to this process's group (Ctrl-C, SLURM, a closed SSH
+    session) reaches this process only. SIGTERM / SIGUSR1 / SIGINT / SIGHUP are passed on to the ranks, which
+    save and exit 0, and then torchrun exits 0; we wait for it, so nothing is left behind. (Signalled itself,
+    torchrun would kill the ranks after 30 s and fail; SIGUSR1 would kill it outright.) A second signal goes
+    to torchrun, which stops the ranks.
+
+    Killed outright (kill -9, the OOM killer), this process cannot pass anything on: torchrun then gets SIGTERM
+    from the kernel (Linux's parent-death signal), passes it to the ranks, which save and exit, so no rank
+    outlives us holding checkpoint.dir's lock. The ranks also stop by themselves once torchrun is gone
+    (StopSignal in training/train.py).
     """
     import signal
     import subprocess
@@ -113,22 +183,68 @@ def relaunch(argv: list[str], nproc: int) -> int:
         i = argv.index("--nproc-per-node")
         del argv[i:i + 2]
     argv = [a for a in argv if not a.startswith("--nproc-per-node=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    command = [sys.executable, "-c", "import sys; from megatron_ext.training.cli import torchrun_main; "
+               "sys.exit(torchrun_main(sys.argv[1:]))", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "megatron_ext.cli", *argv]
     forwarded = []
-    torchrun = subprocess.Popen(command, start_new_session=True)
+    torchrun = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
 
     def forward(signum, frame):
         if forwarded or not _signal_ranks(torchrun.pid, signum):
             torchrun.send_signal(signal.SIGTERM)
         forwarded.append(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in map(signal.Signals.__getitem__, FORWARDED_SIGNALS)}
     try:
         return torchrun.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+FORWARDED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP")  # the ranks' stop signals (StopSignal.SIGNALS)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int):
+    """A preexec_fn: the child gets SIGTERM when `parent_pid` (the thread that forks it) dies, on Linux; and at
+    once if that happened before the call (the fork raced the death). None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def preexec():
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """torch.distributed.run with its arguments, ending in our terms: exit 2 when a rank refused with a one-line
+    error (exit 2, its line printed above), else 1 with one line naming the ranks that failed and how, in place
+    of torchrun's ChildFailedError traceback."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as error:
+        failures = sorted(error.failures.items())
+        codes = [failure.exitcode for _, failure in failures]
+        if 2 in codes:
+            return 2
+
+        def how(code):
+            return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        print("megatron-ext train: " + "; ".join(f"rank {rank} {how(f.exitcode)}" for rank, f in failures)
+              + " (its output is above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _signal_ranks(torchrun_pid: int, signum: int) -> bool:

@@ -7,7 +7,9 @@ The top of the house: nothing else in megatron_ext imports this module (the `tra
 import json
 import logging
 import math
+import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -524,21 +526,38 @@ class OverlappedParamGather:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT: finish the step, save, exit 0.
+    """SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT / SIGHUP (a closed terminal or SSH
+    session): finish the step, save, exit 0.
 
     The handler only raises a flag, so the same signal sent to the whole process group (srun, Ctrl-C,
     torchrun forwarding it) or to a single rank ends the run alike: `requested` all-reduces the flag and
     every rank saves once at the same iteration. The checkpoint writer runs in this process (a thread for a
     background save, checkpoint/writer.py), so no helper process of the save can die from the signal.
+
+    A rank whose launcher (torchrun, srun's task wrapper) dies raises the same flag: a daemon thread watches
+    the parent process, and a re-parented rank (orphaned by a kill -9) saves and stops instead of training on
+    unattended, holding checkpoint.dir's lock. A rank that cannot reach the others ends at
+    parallel.distributed_timeout_minutes (the all-reduce in `requested` times out like any collective).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    PARENT_CHECK_SECONDS = 1.0
 
     def __init__(self, enabled: bool):
         self.received = False
         if enabled:
             for sig in self.SIGNALS:
                 signal.signal(sig, self._handler)
+        if "RANK" in os.environ and os.getppid() != 1:  # started by a launcher that may die before us
+            threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="megatron_ext-parent-watch",
+                             daemon=True).start()
+
+    def _watch_parent(self, parent: int) -> None:
+        while os.getppid() == parent:
+            time.sleep(self.PARENT_CHECK_SECONDS)
+        log.warning(f"megatron_ext: the launcher (process {parent}) is gone: saving after this iteration, then "
+                    "stopping")
+        self.received = True
 
     def _handler(self, signum, frame):
         if not self.received:
