@@ -1,7 +1,7 @@
 """Checkpoints: where they live and which exist (layout), what they record (state), how they are written
-and read with megatron-core's dist_checkpointing (store), whether their files are intact (integrity), one
-writer per directory (lock), `.metadata` read without running code (safe_metadata). Imports nothing heavy
-until a name is used.
+and read with megatron-core's dist_checkpointing (store), which older ones keep_last removes (retention), whether
+their files are intact (integrity), one writer per directory (lock), `.metadata` read without running code
+(safe_metadata). Imports nothing heavy until a name is used.
 """
 
 from typing import TYPE_CHECKING

@@ -90,9 +90,10 @@ def find_checkpoint(root: str | Path, resume: str, *, setting: str = "checkpoint
                     verify: bool = True) -> Path | None:
     """The checkpoint to resume from, as `checkpoint.resume` asks.
 
-    "auto": the newest complete checkpoint that verifies against its manifest, trying the one `root/latest`
-    names first; skipped ones are named in a warning; None when root holds no complete checkpoint, and a
-    CheckpointUnverifiable error when it holds only ones that fail (no silent fresh start). "none": None.
+    "auto": the newest complete checkpoint that verifies against its manifest, whatever `root/latest` names
+    (a hint that can lag behind: a disagreement is named in a warning); skipped ones are named in a warning;
+    None when root holds no complete checkpoint, and a CheckpointUnverifiable error when it holds only ones that
+    fail (no silent fresh start). "none": None.
     Anything else is a checkpoint directory (absolute, relative to the working directory, or a name inside
     root); it must exist, be complete and verify. Errors name `setting`.
     """
@@ -111,19 +112,26 @@ def find_checkpoint(root: str | Path, resume: str, *, setting: str = "checkpoint
 
 
 def _newest_verified(root: Path, setting: str, verify: bool) -> Path | None:
+    """The newest complete checkpoint that verifies, scanning every iter_ directory newest first. `latest` is a
+    hint, not the answer: it can lag behind (its write failed on a full disk after the checkpoint was in place),
+    name a checkpoint that is gone or damaged, or be damaged itself; a disagreement is named in a warning."""
     complete = list_checkpoints(root)
     latest = latest_target(root)
     if latest is not None and not is_complete_checkpoint(latest):
         log.warning(f"megatron_ext: {root / LATEST_FILE} names {latest.name}, which is not a complete "
                     f"checkpoint; using the newest complete one that verifies instead")
-    candidates = ([latest] if latest in complete else []) + [p for p in reversed(complete) if p != latest]
     skipped = []
-    for candidate in candidates:
+    for candidate in reversed(complete):
         problems = verify_checkpoint(candidate) if verify else []
         if not problems:
             if skipped:
                 log.warning(f"megatron_ext: using {candidate}; skipped, as not matching their manifest: "
                             + "; ".join(f"{path.name} ({reason})" for path, reason in skipped))
+            if latest in complete and _iteration_of(latest) < _iteration_of(candidate):
+                log.warning(f"megatron_ext: {root / LATEST_FILE} names {latest.name}, and {candidate.name} is newer "
+                            f"and {'verifies' if verify else 'complete'} (the save's last step, moving `latest`, "
+                            f"did not happen): resuming from {candidate.name}. To resume from {latest.name}, set "
+                            f"{setting} to {str(latest)!r}")
             return candidate
         skipped.append((candidate, problems[0]))
     if skipped:
@@ -139,8 +147,8 @@ def resolve_checkpoint(argument: str | Path, *, setting: str) -> Path:
     """The one checkpoint a command argument names; errors name `setting` (`--model`, `--ckpt`,
     `checkpoint.pretrained`, ...).
 
-    Accepted: an iter_XXXXXXX directory; a checkpoint root (the checkpoint its `latest` names, else
-    the newest complete one; either only if it verifies, see find_checkpoint); a run directory holding such
+    Accepted: an iter_XXXXXXX directory; a checkpoint root (its newest complete checkpoint that verifies, see
+    find_checkpoint); a run directory holding such
     a root as `checkpoints/`; a `latest` file.
     """
     path = Path(argument).expanduser()

@@ -5,7 +5,8 @@ lock and safe_metadata modules; never the training loop. What `state` holds for 
 
 On-disk layout (one directory per saved iteration, `iteration` zero-padded to 7 digits):
 
-    root/latest                      text: the name of the newest complete checkpoint, moved in last
+    root/latest                      text: the name of the newest complete checkpoint, moved in last (a hint:
+                                     `--resume auto` takes the newest checkpoint that verifies, see layout.py)
     root/megatron_ext.lock           host and pid of the job saving here (checkpoint/lock.py)
     root/iter_0000010/               megatron `dist_checkpointing.save` (torch_dist backend):
         metadata.json, .metadata, __*.distcp   model + optimizer tensors, resharded on load
@@ -20,9 +21,12 @@ A save takes the directory's lock, removes what interrupted saves left (their `.
 be what filled the disk), writes into a fresh `.tmp-` directory, waits for every rank, checksums the
 files (each rank a share), then rank 0 writes the manifest and the marker, renames the directory into
 place and replaces `latest`; only then are older checkpoints removed (keep_last, never the one just
-saved). A crash at any point leaves the previous checkpoint and `latest` intact. A load verifies the
-files against the manifest (each rank a share) and vets `.metadata` with an allow-list unpickler
-(checkpoint/safe_metadata.py) before megatron reads anything.
+saved, nor the last older one that verifies: checkpoint/retention.py). A crash at any point leaves the
+previous checkpoint and `latest` intact. When only `latest` cannot be written (the disk filled up just
+then), the new checkpoint stays in place, keep_last runs and `latest` is tried again; if it still fails,
+the stale `latest` is removed and the save raises an error that says so (`--resume auto` takes the new
+checkpoint either way). A load verifies the files against the manifest (each rank a share) and vets
+`.metadata` with an allow-list unpickler (checkpoint/safe_metadata.py) before megatron reads anything.
 
 The tensors are written by this process (checkpoint/writer.py: no helper process a signal could kill),
 either during the call or, with `background=`, on a thread while training goes on; then the steps above
@@ -80,6 +84,7 @@ from megatron_ext.checkpoint.integrity import (
     write_manifest,
 )
 from megatron_ext.checkpoint.lock import lock_checkpoint_dir, release_checkpoint_dir
+from megatron_ext.checkpoint.retention import prune, retire
 from megatron_ext.checkpoint.safe_metadata import READ_ERRORS, CheckpointUnreadable, check_dcp_metadata, unreadable
 from megatron_ext.compat import prepare_megatron
 from megatron_ext.errors import UserError
@@ -323,6 +328,8 @@ def save_checkpoint(root: str | Path, iteration: int, *, model: list[torch.nn.Mo
                 for step in megatron_steps:
                     step()
                 _complete(root, staging, final, token, keep_last, getattr(sharded_strategy, "written", None))
+            except CheckpointWriteFailed:
+                raise
             except (OSError, CheckpointException) as error:
                 raise write_failed(final, error) from error
         finally:
@@ -364,11 +371,25 @@ def write_failed(final: Path, error: BaseException) -> CheckpointWriteFailed:
         reason = str(error)
     if "unexpected pos" in reason:  # torch's zip writer, when a write stopped short
         reason += " (a write stopped short: the disk or a quota is full, or a file-size limit was hit)"
-    previous = latest_target(final.parent)
     return CheckpointWriteFailed(
         f"{final.name} could not be written in checkpoint.dir ({str(final.parent)!r}): {reason}. Nothing else "
-        f"changed: latest names {previous.name if previous else 'no checkpoint'}. Free space (or fix the file "
-        f"system) and resume with --resume auto")
+        f"changed: {_where_resume_goes(final.parent)}. Free space (or fix the file system) and resume with "
+        f"--resume auto")
+
+
+class LatestNotUpdated(CheckpointWriteFailed):
+    """A checkpoint was saved complete, but `latest` could not be pointed at it (a disk that filled up just then)."""
+
+
+def _where_resume_goes(root: Path) -> str:
+    """What `latest` names and, when that is not it, the newest complete checkpoint (what --resume auto takes if it
+    verifies): the state a failed save leaves, in words."""
+    latest, complete = latest_target(root), list_checkpoints(root)
+    newest = complete[-1] if complete else None
+    said = f"latest names {latest.name if latest else 'no checkpoint'}"
+    if newest != latest:
+        said += f", the newest complete checkpoint is {newest.name if newest else 'none'}"
+    return said
 
 
 def _claim_root(root: Path, staging: Path) -> bool:
@@ -400,16 +421,21 @@ def _write_files(staging, model, optimizer, common, rng_states, sharded_strategy
 def _complete(root: Path, staging: Path, final: Path, token: str, keep_last: int | None,
               written: dict[str, dict] | None = None) -> None:
     """Once every rank's files are written: checksums (`written`: those the writer made), manifest, marker,
-    rename, `latest`, keep_last."""
+    rename, `latest`, keep_last (every rank verifies a share of what it keeps before anything goes)."""
     _barrier()  # every rank's files are in
     checksummed = time.perf_counter()
     files = _checksum_collectively(staging, written)
-    if _is_rank0():
+
+    def put_in_place() -> OSError | None:
         log.debug(f"megatron_ext: manifest of {len(files)} files, CRC-32 in {time.perf_counter() - checksummed:.2f} s")
-        _finish(staging, final, files, token)
+        latest_failed = _finish(staging, final, files, token)
         _remove_stale_staging(root)
-        if keep_last is not None:
-            _keep_newest(root, keep_last, final, token)
+        return latest_failed
+
+    latest_failed = _on_rank0(put_in_place)  # a failure before the rename: every rank raises it
+    if keep_last is not None:
+        prune(root, keep_last, final, token)
+    _on_rank0(lambda: _retry_latest(final, token, latest_failed))
     _barrier()  # nobody returns before the checkpoint is in place
 
 
@@ -451,18 +477,55 @@ def _write_tensors(staging: Path, model, optimizer, common: dict, sharded_strate
                                    content_metadata=dict(metadata), async_sharded_save=asynchronous)
 
 
-def _finish(staging: Path, final: Path, files: dict, token: str) -> None:
+def _finish(staging: Path, final: Path, files: dict, token: str) -> OSError | None:
     """Rank 0: write the manifest, mark the staging directory complete, move it into place, then point
-    `latest` at it."""
+    `latest` at it. Returns the error when only that last step failed (the checkpoint is in place, complete)."""
     write_manifest(staging, files)
     _write_synced(staging / COMPLETE_MARKER, final.name + "\n")
     if final.exists():  # the same iteration saved again: the old copy goes first
-        _retire(final, token)
+        retire(final, token)
     os.replace(staging, final)
+    try:
+        _point_latest(final, token)
+    except OSError as error:
+        return error
+    return None
+
+
+def _point_latest(final: Path, token: str) -> None:
+    """Replace root/latest with one naming `final` (written beside it, then renamed over it)."""
     latest_staging = final.parent / f"{LATEST_FILE}{TMP_INFIX}{token}"
-    _write_synced(latest_staging, final.name + "\n")
-    os.replace(latest_staging, final.parent / LATEST_FILE)
+    try:
+        _write_synced(latest_staging, final.name + "\n")
+        os.replace(latest_staging, final.parent / LATEST_FILE)
+    finally:
+        latest_staging.unlink(missing_ok=True)
     _sync_directory(final.parent)
+
+
+def _retry_latest(final: Path, token: str, error: OSError | None) -> None:
+    """Rank 0, after keep_last: when `latest` could not be written, try again (the removals may have freed the
+    space it needs); if it still fails, remove the stale `latest` (it names an older checkpoint) and raise a
+    LatestNotUpdated that says what is on disk."""
+    if error is None:
+        return
+    try:
+        _point_latest(final, token)
+        log.warning(f"megatron_ext: {final.parent / LATEST_FILE} could not be written at first ({error}); "
+                    f"written once keep_last had removed older checkpoints")
+        return
+    except OSError as again:
+        error = again
+    stale = latest_target(final.parent)
+    try:
+        (final.parent / LATEST_FILE).unlink(missing_ok=True)
+        now = f"the old `latest` (naming {stale.name if stale else 'nothing usable'}) was removed"
+    except OSError:
+        now = f"`latest` still names {stale.name if stale else 'nothing usable'}"
+    raise LatestNotUpdated(
+        f"{final.name} was saved in checkpoint.dir ({str(final.parent)!r}) and is complete, but `latest` could not "
+        f"be pointed at it: {error}. {now[0].upper()}{now[1:]}; --resume auto takes the newest checkpoint that "
+        f"verifies, {final.name}. Free space (or fix the file system) and resume with --resume auto")
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -480,13 +543,6 @@ def _sync_directory(path: Path) -> None:
         os.close(descriptor)
 
 
-def _retire(checkpoint: Path, token: str) -> None:
-    """Rename to a staging name first, so a crash mid-delete never leaves a half 'complete' one."""
-    doomed = checkpoint.parent / f"{checkpoint.name}{TMP_INFIX}retired-{token}"
-    os.replace(checkpoint, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def _remove_stale_staging(root: Path) -> None:
     """Rank 0, holding root's lock (so no other job's save is in progress): what interrupted saves (or
     deletes) left behind."""
@@ -497,15 +553,6 @@ def _remove_stale_staging(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-
-
-def _keep_newest(root: Path, keep_last: int, saved: Path, token: str) -> None:
-    """Remove all but the keep_last newest, never the one just saved (verified by construction: a newer
-    iteration may exist that a resume skipped because it failed verification) nor the one `latest` names."""
-    latest = latest_target(root)
-    for checkpoint in list_checkpoints(root)[:-keep_last]:
-        if checkpoint.name != saved.name and (latest is None or checkpoint.name != latest.name):
-            _retire(checkpoint, token)
 
 
 # --- load ----------------------------------------------------------------------------------
