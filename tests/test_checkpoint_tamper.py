@@ -195,3 +195,126 @@ def test_an_object_blob_swapped_after_vetting_runs_nothing(tmp_path, monkeypatch
     with pytest.raises(safe_metadata.UnsafeCheckpointMetadata, match=f"object '{fqn}' at byte {offset}.* is not plain"):
         store.load_checkpoint(path, model=[build_model(seed=1)], verify=False)
     assert swaps and not marker.exists()
+
+
+# --- case 12: paths megatron_ext.json records ------------------------------------------------------------------------
+
+TOKENIZER_FILES = {"tokenizer/tokenizer_config.json": b'{"tokenizer_class": "PreTrainedTokenizerFast"}',
+                   "tokenizer/tokenizer.json": b'{"model": {"type": "BPE", "vocab": {}, "merges": []}}'}
+
+
+def save_with_tokenizer(root):
+    """A checkpoint carrying its tokenizer in its own tokenizer/ (as trained and converted ones do)."""
+    state = CheckpointState.of_run(_tiny_config(), iteration=1, padded_vocab_size=64, tokenizer_model="tokenizer",
+                                   tokenizer_vocab_size=None, parallel={}, hf={"tokenizer_dir": "tokenizer"})
+    return store.save_checkpoint(root, 1, model=[build_model(seed=0)], state=state.to_json(),
+                                 extra_files=TOKENIZER_FILES)
+
+
+def edit_state(path, **changes):
+    """Rewrite megatron_ext.json's state, then the manifest to match it (write access to the checkpoint)."""
+    summary = json.loads((path / "megatron_ext.json").read_text())
+    for key, value in changes.items():
+        owner = summary["state"]
+        *parents, name = key.split(".")
+        for parent in parents:
+            owner = owner[parent]
+        owner[name] = value
+    (path / "megatron_ext.json").write_text(json.dumps(summary))
+    rewrite_manifest(path)
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A directory outside the checkpoint holding a file nobody meant to export."""
+    directory = tmp_path / "secret"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text("SECRET")
+    (directory / "secret.txt").write_text("SECRET")
+    return directory
+
+
+def exported_anything_secret(out) -> bool:
+    return out.exists() and any(b"SECRET" in file.read_bytes() for file in out.rglob("*") if file.is_file())
+
+
+def test_the_checkpoints_own_tokenizer_is_exported(tmp_path):
+    from megatron_ext.convert.to_hf import mcore_to_hf
+
+    out = mcore_to_hf(save_with_tokenizer(tmp_path / "ckpt"), tmp_path / "hf")
+    assert (out / "tokenizer.json").read_bytes() == TOKENIZER_FILES["tokenizer/tokenizer.json"]
+
+
+@pytest.mark.parametrize("key", ["hf.tokenizer_dir", "tokenizer_model"])
+def test_a_relative_record_leading_out_of_the_checkpoint_is_refused_by_name(tmp_path, secret, key):
+    from megatron_ext.convert.to_hf import mcore_to_hf
+
+    path = save_with_tokenizer(tmp_path / "ckpt")
+    edit_state(path, **({"hf.tokenizer_dir": "../../secret"} if key == "hf.tokenizer_dir" else
+                        {"tokenizer_model": "../../secret/secret.txt", "hf": None}))
+    with pytest.raises(CheckpointError, match=f"records state.{key}: '../../secret.*', outside the checkpoint"):
+        mcore_to_hf(path, tmp_path / "hf")
+    assert not exported_anything_secret(tmp_path / "hf")
+
+
+def test_an_absolute_record_outside_the_checkpoint_is_refused_unless_named_on_the_command_line(tmp_path, secret):
+    from megatron_ext.convert.to_hf import mcore_to_hf
+    from megatron_ext.errors import ConversionError
+
+    path = save_with_tokenizer(tmp_path / "ckpt")
+    edit_state(path, tokenizer_model=str(secret / "secret.txt"), hf=None)
+    with pytest.raises(ConversionError, match=f"outside the checkpoint.*name it yourself: --tokenizer {secret}"):
+        mcore_to_hf(path, tmp_path / "hf")
+    assert not exported_anything_secret(tmp_path / "hf")
+    out = mcore_to_hf(path, tmp_path / "hf", tokenizer=secret)  # the user's own choice: exported as asked
+    assert (out / "tokenizer.json").read_text() == "SECRET"
+
+
+def test_a_device_recorded_as_the_tokenizer_is_refused(tmp_path):
+    from megatron_ext.convert.to_hf import mcore_to_hf
+
+    path = save_with_tokenizer(tmp_path / "ckpt")
+    edit_state(path, tokenizer_model="/dev/zero", hf=None)  # copied, it filled the disk
+    with pytest.raises(CheckpointError, match="state.tokenizer_model: '/dev/zero', which is neither a file nor"):
+        mcore_to_hf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_symlink_in_the_tokenizer_leading_out_of_the_checkpoint_is_refused(tmp_path, secret):
+    from megatron_ext.convert.to_hf import mcore_to_hf
+    from megatron_ext.errors import ConversionError
+
+    path = save_with_tokenizer(tmp_path / "ckpt")
+    (path / "tokenizer" / "tokenizer.json").unlink()
+    (path / "tokenizer" / "tokenizer.json").symlink_to(secret / "tokenizer.json")
+    rewrite_manifest(path)
+    with pytest.raises(ConversionError, match=f"tokenizer.json .*leads to {secret}.*, outside the checkpoint"):
+        mcore_to_hf(path, tmp_path / "hf")
+    assert not exported_anything_secret(tmp_path / "hf")
+
+
+def test_a_pipe_in_the_tokenizer_is_refused_without_blocking(tmp_path):
+    import os
+
+    from megatron_ext.convert.to_hf import mcore_to_hf
+    from megatron_ext.errors import ConversionError
+
+    path = save_with_tokenizer(tmp_path / "ckpt")
+    os.mkfifo(path / "tokenizer" / "added_tokens.json")  # not in the manifest: verification does not look at it
+    with pytest.raises(ConversionError, match="added_tokens.json .*is not a regular file"):
+        mcore_to_hf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_tokenizer_files_beyond_the_bound_are_refused(tmp_path, monkeypatch):
+    from megatron_ext.convert import carried_tokenizer
+    from megatron_ext.convert.to_hf import mcore_to_hf
+    from megatron_ext.errors import ConversionError
+
+    monkeypatch.setattr(carried_tokenizer, "MAX_TOKENIZER_BYTES", 4096)
+    path = save_with_tokenizer(tmp_path / "ckpt")
+    (path / "tokenizer" / "tokenizer.json").write_bytes(b" " * 5000)
+    rewrite_manifest(path)
+    with pytest.raises(ConversionError, match="tokenizer.json .*makes the tokenizer larger than"):
+        mcore_to_hf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -5,13 +5,16 @@ adds: iteration, optimizer flavour, sharding format, the layout that saved it).
 `read_checkpoint` is the one way commands open a checkpoint argument (a run directory, a checkpoint
 root, `latest`, an iter_ directory); its errors name the setting the argument came from.
 A checkpoint carries its tokenizer's files in its own `tokenizer/` and records that path relative to itself, so
-a copied or moved checkpoint reads its own copy (`SavedCheckpoint.tokenizer_path`). Reads
+a copied or moved checkpoint reads its own copy (`SavedCheckpoint.tokenizer_path`). A relative record must stay
+inside the checkpoint (`SavedCheckpoint.inside`): megatron_ext.json is a file anyone with write access can edit,
+and `../../secret` would otherwise be read, or copied into an export. Reads
 megatron_ext.json only: no torch tensors, no megatron. Per-rank RNG states live in rng/ and are the
 store's business (megatron_ext/checkpoint/store.py).
 """
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,21 +107,39 @@ class SavedCheckpoint:
         recorded = self.state.tokenizer_model
         if not recorded:
             return None
+        if not isinstance(recorded, str) or not Path(recorded).is_absolute():
+            return self.inside(recorded, "state.tokenizer_model")
         path = Path(recorded)
-        if not path.is_absolute():
-            return self.path / path
         own = _own_copy(path, self.path)
-        return own if own is not None else path
+        if own is not None:
+            return own
+        if path.exists() and not (path.is_dir() or stat.S_ISREG(path.stat().st_mode)):
+            raise CheckpointError(f"{self.path / JSON_FILE} records state.tokenizer_model: {recorded!r}, which is "
+                                  "neither a file nor a directory (a device or a pipe); is the file edited? Name the "
+                                  "tokenizer yourself (data.tokenizer, --tokenizer)")
+        return path
+
+    def inside(self, recorded: str, key: str) -> Path:
+        """`recorded`, a path megatron_ext.json records relative to the checkpoint (`key` names where), as a path
+        inside it; a CheckpointError naming `key` if it is absolute or leads out of the checkpoint (`..`, a
+        symlink): what a checkpoint carries is read only from inside it."""
+        if not isinstance(recorded, str) or Path(recorded).is_absolute() or \
+                not (self.path / recorded).resolve().is_relative_to(self.path.resolve()):
+            raise CheckpointError(f"{self.path / JSON_FILE} records {key}: {recorded!r}, outside the checkpoint; "
+                                  "megatron_ext reads what a checkpoint carries only from inside it. Is the file "
+                                  "edited? Use a checkpoint megatron_ext wrote, or name the tokenizer yourself")
+        return self.path / recorded
 
 
 def _own_copy(recorded: Path, checkpoint: Path) -> Path | None:
-    """`checkpoint`/<rest> if `recorded` is <somewhere>/<checkpoint's iter_ name>/<rest> and that exists here."""
+    """`checkpoint`/<rest> if `recorded` is <somewhere>/<checkpoint's iter_ name>/<rest> and that exists here, inside
+    the checkpoint (a <rest> with `..` in it is no copy of this checkpoint's)."""
     parts = recorded.parts
     if checkpoint.name not in parts[:-1]:
         return None
     index = len(parts) - 1 - parts[::-1].index(checkpoint.name)
     own = checkpoint.joinpath(*parts[index + 1:])
-    return own if own.exists() else None
+    return own if own.exists() and own.resolve().is_relative_to(checkpoint.resolve()) else None
 
 
 def read_checkpoint(argument: str | Path, *, setting: str) -> SavedCheckpoint:

@@ -43,6 +43,9 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
                             "biases, llama without")
     to_hf.add_argument("--hf-base", metavar="DIR",
                        help="Hugging Face directory to take config fields (token ids, ...) and tokenizer files from")
+    to_hf.add_argument("--tokenizer", metavar="PATH",
+                       help="tokenizer file or directory to export with the model (default: --hf-base's, else the "
+                            "copy the checkpoint carries)")
     to_hf.add_argument("--rope-format", choices=("rope_parameters", "rope_scaling", "both"),
                        help="config.json RoPE form: transformers>=5 (rope_parameters), 4.x (rope_theta + "
                             "rope_scaling) or both; default: the source model's, else both")
@@ -89,7 +92,7 @@ def run_convert(args) -> int:
 
         result = mcore_to_hf(args.ckpt, args.out, family=args.family, dtype=args.dtype, hf_base=args.hf_base,
                              rope_form=args.rope_format, max_shard_size=args.max_shard_size,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, tokenizer=args.tokenizer)
         print(f"model: {result}")
         print(_compare_hint(args.ckpt, result))
     peak = _peak_rss_bytes()

@@ -5,6 +5,8 @@ The output directory appears only once complete: weights, config.json, tokenizer
 
 import json
 import logging
+import stat
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +31,7 @@ DEFAULT_SPECIAL_TOKENS = {"bos_token_id": 1, "eos_token_id": 2}  # Llama's sente
 
 def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | None = None,
                 hf_base=None, rope_form: str | None = None, max_shard_size: str | int = "5GB",
-                progress: bool = False) -> Path:
+                progress: bool = False, tokenizer=None) -> Path:
     """Write a megatron_ext checkpoint as a Hugging Face model directory; returns it.
 
     checkpoint: an iter_ directory, or a checkpoint root (its newest complete checkpoint).
@@ -39,7 +41,16 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
     hf_base: a Hugging Face directory whose config.json (token ids, ...) and tokenizer files to
         start from, e.g. the model the training began with.
     rope_form: rope_parameters | rope_scaling | both; default: the source's form, else both.
+    tokenizer: a tokenizer file or directory to export with it; default: --hf-base's, else the checkpoint's own
+        copy (taken out through megatron_ext/convert/carried_tokenizer.py: only from inside the checkpoint).
     """
+    with tempfile.TemporaryDirectory(prefix="megatron_ext-tokenizer-") as private:
+        return _export(checkpoint, out_dir, family=family, dtype=dtype, hf_base=hf_base, rope_form=rope_form,
+                       max_shard_size=max_shard_size, progress=progress, tokenizer=tokenizer, private=Path(private))
+
+
+def _export(checkpoint, out_dir, *, family, dtype, hf_base, rope_form, max_shard_size, progress, tokenizer,
+            private: Path) -> Path:
     from megatron_ext.checkpoint.state import read_checkpoint
 
     saved = read_checkpoint(Path(checkpoint).expanduser().absolute(), setting="--ckpt")
@@ -50,7 +61,7 @@ def mcore_to_hf(checkpoint, out_dir, *, family: str | None = None, dtype: str | 
                adapter_for_hf(source, f"{hf_base or path}'s source config") if source else
                adapter_for_family("qwen2" if config.model.qkv_bias else "llama"))
     padded = state.padded_vocab_size
-    tokenizer = _tokenizer_source(saved, hf_base)
+    tokenizer = _tokenizer_source(saved, hf_base, tokenizer, private)
 
     from megatron_ext.convert.mcore_io import ParameterReader, build_skeleton
     from megatron_ext.distributed import single_process_group
@@ -128,20 +139,20 @@ def _layer_groups(names: list[str], num_layers: int) -> list[list[str]]:
     return [first, *layers, [n for n in rest if n not in first]]
 
 
-def _tokenizer_source(saved, hf_base) -> Path | None:
-    """Where the model's tokenizer files are: --hf-base, else the checkpoint's own copy (a converted or trained
-    checkpoint carries one), else what an older checkpoint recorded."""
+def _tokenizer_source(saved, hf_base, tokenizer, private: Path) -> Path | None:
+    """Where the model's tokenizer files are: --tokenizer, else --hf-base, else a private copy of the checkpoint's
+    own (a converted or trained checkpoint carries one; megatron_ext.json's record is not trusted to stay inside)."""
+    from megatron_ext.convert.carried_tokenizer import checkpoint_tokenizer
+
+    if tokenizer:
+        tokenizer = Path(tokenizer).expanduser()
+        if not tokenizer.exists() or not (tokenizer.is_dir() or stat.S_ISREG(tokenizer.stat().st_mode)):
+            raise ConversionError(f"--tokenizer {tokenizer} is not a file or directory: pass the tokenizer file "
+                                  "(sentencepiece .model, tiktoken) or a Hugging Face tokenizer directory")
+        return tokenizer
     if hf_base:
         return Path(hf_base)
-    copied = (saved.state.hf or {}).get("tokenizer_dir")
-    if copied and (saved.path / copied).is_dir():
-        return saved.path / copied
-    recorded = saved.tokenizer_path
-    if recorded is not None and recorded.exists():
-        return recorded
-    log.warning(f"megatron_ext: {saved.path} records no tokenizer that exists here ({recorded}); the export has "
-                f"weights and config only: pass --hf-base DIR to copy a tokenizer")
-    return None
+    return checkpoint_tokenizer(saved, private)
 
 
 def _special_tokens(tokenizer: Path | None) -> dict:
