@@ -108,7 +108,7 @@ def test_the_cos_sin_table_rotates_exactly_as_angles_from_the_positions(dtype):
     plain = GroupedRotary(rope, head_dim=HEAD_DIM, num_heads=HEADS, num_kv_heads=KV_HEADS)
     tabled = GroupedRotary(rope, head_dim=HEAD_DIM, num_heads=HEADS, num_kv_heads=KV_HEADS, max_position=4096,
                            dtype=dtype)
-    assert tabled.table.shape == (4096, KV_HEADS, HEAD_DIM) and tabled.table.dtype == dtype
+    assert tabled.table.shape == (KV_HEADS * 4096, HEAD_DIM) and tabled.table.dtype == dtype
     for ours, reference in zip(tabled(positions, query, key), plain(positions, query, key)):
         assert torch.equal(ours, reference)
 
@@ -179,3 +179,48 @@ def test_each_group_equals_vllms_own_rotary_at_that_base():
     # vLLM derives its frequencies in fp32, megatron_ext (like training) in fp64 then casts: at position 255
     # that moves an angle by ~1e-5 (measured worst 6e-5 on unit-variance heads). A wrong base or scaling: O(1).
     assert all(error < 2e-4 for error in errors.values()), errors
+
+
+FUSED_CHECK = """
+import json, sys, torch
+from vllm import _custom_ops
+from megatron_ext.rope import RopeConfig
+from megatron_ext.serve.rotary import GroupedRotary
+scalings, bases, head_dim, heads, kv_heads = json.loads(sys.argv[1])
+torch.manual_seed(0)
+positions = torch.cat([torch.arange(20), torch.tensor([100, 4095, 3000]), torch.arange(500, 514)])
+errors = {}
+for name, params in scalings.items():
+    scaling = "yarn" if name.startswith("yarn_truncate") else name
+    for percent in (1.0, 0.5):  # partial rotary: the kernel's table is narrower than a head
+        rope = RopeConfig(scaling=scaling, scaling_params=params, head_base_strategy="explicit",
+                          head_base_params={"bases": bases}, rotary_percent=percent)
+        for tp, rank in ((1, 0), (2, 1), (4, 2)):
+            shape = dict(head_dim=head_dim, num_heads=heads, num_kv_heads=kv_heads, tp_size=tp, tp_rank=rank,
+                         max_position=4096)
+            plain = GroupedRotary(rope, **shape)
+            fused = GroupedRotary(rope, **shape, fused_rotary=_custom_ops.rotary_embedding)
+            q_size, kv_size = heads // tp * head_dim, len(fused.groups) * head_dim
+            # as vLLM hands them over: strided slices of one qkv projection
+            qkv = torch.randn(len(positions), q_size + 2 * kv_size)
+            query, key, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            expected_q, expected_k = plain(positions, query.clone(), key.clone())
+            got_q, got_k = fused(positions, query, key)
+            errors[f"{name} rotary_percent={percent} tp={tp} rank={rank}"] = max(
+                (got_q - expected_q).abs().max().item(), (got_k - expected_k).abs().max().item())
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.slow
+@needs_serve_env
+def test_vllms_fused_kernel_rotates_each_group_as_the_torch_ops_do():
+    """What the engine runs (vLLM's fused rotary kernel, one call over (token, KV group) pairs on the group-major
+    table) equals the torch-op rotation that the tests above hold to megatron_ext.rope: every scaling, partial
+    rotary, TP ranks holding one or several groups, q/k as strided slices of the qkv projection."""
+    args = json.dumps([SCALINGS, BASES, HEAD_DIM, HEADS, KV_HEADS])
+    result = subprocess.run([str(SERVE_PYTHON), "-c", FUSED_CHECK, args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == len(SCALINGS) * 2 * 3
+    assert all(error < 2e-6 for error in errors.values()), {k: v for k, v in errors.items() if v >= 2e-6}

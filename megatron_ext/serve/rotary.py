@@ -40,11 +40,18 @@ class GroupedRotary(torch.nn.Module):
     With `max_position`, a table of cos and sin for positions 0 .. max_position - 1 is built once (in `dtype`,
     what the rotation casts to anyway, so the result is the same) and every step gathers its rows, as vLLM's own
     rotary modules do; one module then serves every layer. Without it, angles come from each step's positions.
+
+    The table is laid out group-major, [g_local * max_position, r] (cos | sin per row): row
+    group_index * max_position + position. That is the layout of vLLM's fused rotary kernel
+    (`fused_rotary`, vllm._custom_ops.rotary_embedding: one cache row per token, neox style, in place) once
+    the heads are regrouped as g_local "tokens" per token, each holding one KV group's heads: one kernel call
+    then rotates every group by its own base, where the torch ops below take ~10 small ops per layer (what
+    dominated a decode step, see docs/results/serve_throughput.md).
     """
 
     def __init__(self, rope: RopeConfig, *, head_dim: int, num_heads: int, num_kv_heads: int,
                  tp_size: int = 1, tp_rank: int = 0, max_position: int | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, fused_rotary=None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads "
@@ -59,11 +66,17 @@ class GroupedRotary(torch.nn.Module):
         bases = rope.group_bases(num_kv_heads)[self.groups]  # float64 [g_local]
         inv_freq, self.attention_factor = rope.inv_freq(bases, rotary_dim)  # fp32 [g_local, r/2]
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # not a weight: nothing to load
-        table = None
+        self.rotary_dim = rotary_dim
+        table = offsets = None
         if max_position is not None:
             cos, sin = self.cos_sin(torch.arange(max_position, device=inv_freq.device))
-            table = torch.cat((cos, sin), dim=-1).to(dtype)  # [max_position, g_local, r]
-        self.register_buffer("table", table, persistent=False)
+            table = torch.cat((cos, sin), dim=-1).to(dtype).transpose(0, 1).reshape(-1, rotary_dim).contiguous()
+            offsets = torch.arange(len(self.groups), device=inv_freq.device) * max_position  # first row per group
+        elif fused_rotary is not None:
+            raise ValueError("fused_rotary needs max_position: the kernel reads a cos/sin table")
+        self.register_buffer("table", table, persistent=False)  # [g_local * max_position, r], group-major
+        self.register_buffer("group_offsets", offsets, persistent=False)
+        self.fused_rotary = fused_rotary
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rank's tables at `positions` [T]: cos and sin [T, g_local, r/2] (attention factor included)."""
@@ -88,6 +101,24 @@ class GroupedRotary(torch.nn.Module):
         positions = positions.flatten()
         if self.table is None:
             cos, sin = self.cos_sin(positions)
-        else:
-            cos, sin = self.table.index_select(0, positions).chunk(2, dim=-1)
+            return self.rotate(query, cos, sin), (None if key is None else self.rotate(key, cos, sin))
+        rows = (positions[:, None] + self.group_offsets).flatten()  # [T * g_local]: (token, group) -> table row
+        if self.fused_rotary is not None:
+            return self.rotate_fused(rows, query, key)
+        cos, sin = self.table.index_select(0, rows).view(len(positions), len(self.groups), -1).chunk(2, dim=-1)
         return self.rotate(query, cos, sin), (None if key is None else self.rotate(key, cos, sin))
+
+    def rotate_fused(self, rows: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None):
+        """One fused-kernel call: each (token, group) pair is one kernel "token" at table row `rows`.
+
+        The kernel walks tokens with one stride, so the [T * g_local, heads of a group] views must be dense;
+        reshape copies where vLLM hands over a strided slice of its qkv projection (then the copy is returned).
+        """
+        groups = len(self.groups)
+        grouped_query = query.reshape(len(rows), -1)
+        grouped_key = None if key is None else key.reshape(len(rows), -1)
+        table = self.table if self.table.dtype == query.dtype else self.table.to(query.dtype)
+        self.fused_rotary(rows, grouped_query, grouped_key, self.head_dim, table, True)
+        tokens = len(rows) // groups
+        return (grouped_query.view(tokens, -1),
+                None if grouped_key is None else grouped_key.view(tokens, -1))

@@ -31,6 +31,20 @@ def stock_rope_while_building(hf_config, base: float):
         hf_config.rope_parameters = exported
 
 
+def fused_rotary_kernel(stock_rotary: torch.nn.Module):
+    """vLLM's fused rotary kernel where this engine would run it for the stock model, else None (torch ops).
+
+    vLLM enables its rotary custom op unless torch.compile's inductor is on (then it traces plain torch ops,
+    which inductor fuses itself); the plugin follows the same decision, read from the stock module it replaces,
+    and uses the kernel only where this build has one (CPU and CUDA builds do)."""
+    enabled = getattr(type(stock_rotary), "enabled", None)
+    if enabled is None or not enabled() or not hasattr(torch.ops._C, "rotary_embedding"):
+        return None
+    from vllm import _custom_ops
+
+    return _custom_ops.rotary_embedding
+
+
 def use_grouped_rotary(model: torch.nn.Module, rope: RopeConfig, *, max_position: int, dtype: torch.dtype) -> int:
     """Give every attention layer of a built vLLM model the per-KV-group rotation (one module, one cos/sin table
     of max_position rows, shared by the layers); returns how many layers."""
@@ -42,7 +56,8 @@ def use_grouped_rotary(model: torch.nn.Module, rope: RopeConfig, *, max_position
         if shared is None:
             shared = GroupedRotary(rope, head_dim=attention.head_dim, num_heads=attention.total_num_heads,
                                    num_kv_heads=attention.total_num_kv_heads, tp_size=tp_size, tp_rank=tp_rank,
-                                   max_position=max_position, dtype=dtype)
+                                   max_position=max_position, dtype=dtype,
+                                   fused_rotary=fused_rotary_kernel(attention.rotary_emb))
         attention.rotary_emb = shared
         swapped += 1
     if swapped == 0:
