@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.compat import prepare_megatron
+from megatron_ext.context_parallel import slice_for_context_parallel, zigzag_token_indices
 from megatron_ext.models import LongContextGPTModel, LongContextTransformerConfig, local_layer_spec
 from megatron_ext.models.init import global_param_name, tp_shard
-from megatron_ext.models.core_attention import zigzag_token_indices
 from megatron_ext.rope import RopeConfig, pose_position_ids
 from megatron_ext.rope.pose import pose_document_position_ids
 from megatron_ext.training.train import batch_on_this_rank, forward_step
@@ -73,9 +73,8 @@ def run_step(model, batches):
     """One forward/backward over all micro-batches; returns (mean loss or None off the last stage)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_batch_on_this_cp_rank
 
-    batches = [get_batch_on_this_cp_rank(dict(b)) for b in batches]
+    batches = [slice_for_context_parallel(b) for b in batches]  # the training loop's slicing
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
         num_microbatches=len(batches), seq_length=batches[0]["tokens"].shape[1],

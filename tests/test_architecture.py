@@ -19,7 +19,8 @@ LOOP_MODULES = "megatron_ext.training"  # the loop and its command: the top of t
 # table (checked below); a new package gets its floor here first.
 FLOORS = (
     ("errors", "lazy"),  # standard library only: the one error type, lazy package attributes
-    ("rope", "sizes"),  # the RoPE math (and Hugging Face's forms of it), model-size arithmetic
+    ("rope", "sizes", "context_parallel"),  # the RoPE math (and Hugging Face's forms of it), model-size arithmetic,
+    # which tokens each context-parallel rank holds
     ("compat", "data"),  # what megatron-core needs on this machine; tokenizers and datasets
     ("config", "distributed"),  # the settings; process groups
     ("checkpoint",),  # layout, state, store

@@ -318,3 +318,66 @@ def test_tokenizer_files_beyond_the_bound_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="tokenizer.json .*makes the tokenizer larger than"):
         mcore_to_hf(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# --- the commands a user runs: one line, exit 2 ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_and_damaged(tmp_path_factory):
+    """A tiny trained run (2 iterations, one checkpoint), and a copy whose largest shard's tensors were replaced and
+    whose manifest was rewritten to match."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from test_train import base_config
+
+    work = tmp_path_factory.mktemp("tamper_cli")
+    config = base_config(work / "cache")
+    config["training"]["train_iters"] = 2
+    config["checkpoint"] = dict(dir=str(work / "run"), save_interval=2, keep_last=None)
+    config["logging"] = dict(metrics_file=None, tensorboard_dir=None, progress_bar=False)
+    (work / "train.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "-m", "megatron_ext.cli", "train", "--config", str(work / "train.yaml")],
+                          env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(work / "run", work / "damaged")
+    checkpoint = work / "damaged" / "iter_0000002"
+    blobs = object_blobs(checkpoint)
+    shard = checkpoint / max(blobs, key=lambda name: (checkpoint / name).stat().st_size)
+    data = shard.read_bytes()
+    start = max(offset + length for _, offset, length in blobs[shard.name])
+    shard.write_bytes(data[:start] + random.Random(11).randbytes(len(data) - start))
+    rewrite_manifest(checkpoint)
+    config["checkpoint"]["dir"] = str(work / "damaged")
+    config["training"]["train_iters"] = 4
+    (work / "resume.yaml").write_text(yaml.safe_dump(config))
+    (work / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    return work, shard
+
+
+CLI_ENV = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["train --resume auto", "eval perplexity", "eval passkey", "convert mcore-to-hf"])
+def test_each_command_names_a_replaced_shard_in_one_line(trained_and_damaged, command):
+    import subprocess
+    import sys
+
+    work, shard = trained_and_damaged
+    damaged = str(work / "damaged")
+    argv = {"train --resume auto": ["train", "--config", str(work / "resume.yaml"), "--resume", "auto"],
+            "eval perplexity": ["eval", "perplexity", "--model", damaged, "--data", str(work / "text.txt"),
+                                "--lengths", "64", "--output-dir", str(work / "eval")],
+            "eval passkey": ["eval", "passkey", "--model", damaged, "--lengths", "256", "--trials", "1",
+                             "--output-dir", str(work / "eval")],
+            "convert mcore-to-hf": ["convert", "mcore-to-hf", "--ckpt", damaged, "--out", str(work / "hf")]}[command]
+    done = subprocess.run([sys.executable, "-m", "megatron_ext.cli", *argv], env=CLI_ENV, capture_output=True,
+                          text=True, timeout=300)
+    name = command.split()[0]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"megatron-ext {name}: {shard} cannot be read"), last

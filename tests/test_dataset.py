@@ -21,10 +21,9 @@ from megatron_ext.data import (
     build_tiny_corpus,
     global_sample_indices,
     preprocess,
-    slice_for_context_parallel,
     train_sentencepiece,
 )
-from megatron_ext.data.dataset import packed_sequences_on_this_cp_rank
+from megatron_ext.context_parallel import packed_sequences_on_this_cp_rank, slice_for_context_parallel
 from megatron_ext.rope.pose import pose_chunks, pose_position_ids
 
 SEQ_LENGTH = 32

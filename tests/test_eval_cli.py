@@ -137,6 +137,34 @@ def test_attention_with_pipeline_parallelism_stops_before_any_model_loads(capsys
     assert err.startswith("megatron-ext eval: attention holds every layer on one rank") and "size 1" in err
 
 
+@pytest.mark.parametrize("task", ["passkey", "needle", "ruler", "attention"])
+def test_lengths_too_short_for_the_prompt_are_refused_before_the_model_loads(task, llama_dir, capsys, monkeypatch):
+    """The prompts are built from the model's tokenizer alone: a length their fixed text does not fit in is one line
+    naming --lengths, and neither the model's nor the reference's weights are read."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("megatron_ext.eval.models.HFCausalLM.__init__", no_loading)
+    reference = ["--reference", str(llama_dir)] if task == "attention" else []
+    assert eval_main(task, "--model", str(llama_dir), *reference, "--lengths", "300", "20") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-ext eval: length 20 is too short for this prompt") and "(--lengths)" in err
+    assert err.count("\n") == 1
+
+
+def test_a_suite_with_lengths_too_short_is_refused_before_any_model_loads(llama_dir, tmp_path, capsys, monkeypatch):
+    """Every entry is resolved and its prompts built from its tokenizer before the first model loads."""
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("megatron_ext.eval.models.HFCausalLM.__init__", no_loading)
+    path = write_suite(tmp_path / "suite.yaml", models=[{"path": str(llama_dir), "name": "a"},
+                                                        {"path": str(llama_dir), "name": "b"}],
+                       tasks=["needle"], needle={"lengths": [300, 20]})
+    assert eval_main("suite", "--config", str(path)) == 2
+    assert capsys.readouterr().err.startswith("megatron-ext eval: length 20 is too short for this prompt")
+
+
 def test_missing_perplexity_data_stops_before_any_model_loads(capsys, tmp_path):
     assert eval_main("perplexity", "--model", "/nonexistent", "--data", str(tmp_path / "absent.jsonl")) == 2
     assert "perplexity.data" in capsys.readouterr().err

@@ -86,6 +86,42 @@ def test_a_checkpoint_argument_is_resolved_once_on_the_way_in(checkpoint, monkey
     assert resolved == [root] and loaded.source == str(root / "iter_0000007")
 
 
+def test_lengths_too_short_are_refused_with_the_checkpoints_tokenizer_before_its_weights_load(checkpoint, capsys,
+                                                                                               monkeypatch):
+    """`eval passkey` resolves the checkpoint once, reads its own tokenizer without the weights and refuses a length
+    shorter than the prompt's fixed text in one line; the weights are never loaded. A length that fits loads them."""
+    from megatron_ext.cli import main
+    from megatron_ext.checkpoint import state
+    from megatron_ext.models import builder
+
+    resolved, loads = [], []
+    resolve = state.resolve_checkpoint
+    monkeypatch.setattr(state, "resolve_checkpoint", lambda argument, **kw: resolved.append(argument) or
+                        resolve(argument, **kw))
+    monkeypatch.setattr(builder, "load_model", lambda *args, **kwargs: loads.append(args) or 1 / 0)
+    root, _ = checkpoint
+    assert main(["eval", "passkey", "--model", str(root), "--lengths", "200", "20", "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("megatron-ext eval: length 20 is too short for this prompt") and "(--lengths)" in err
+    assert loads == [] and resolved == [root]
+    with pytest.raises(ZeroDivisionError):  # the stand-in loader: reached once the lengths fit
+        main(["eval", "passkey", "--model", str(root), "--lengths", "200", "--trials", "1"])
+    assert len(loads) == 1 and resolved == [root, root]
+
+
+def test_a_process_whose_parallel_state_has_other_sizes_is_refused_naming_the_settings(single_rank):
+    """Evaluation joins the process group the one way (megatron_ext.distributed.join_parallel_state): inside a
+    process that has megatron's parallel state, that state is used when its sizes are the model's, else refused."""
+    from megatron_ext.config import ParallelConfig
+    from megatron_ext.distributed import LayoutError, join_parallel_state
+    from megatron_ext.eval.models import PARALLEL_SIZE_SETTINGS
+
+    assert join_parallel_state(ParallelConfig(), setting=PARALLEL_SIZE_SETTINGS) == torch.device("cpu")
+    with pytest.raises(LayoutError, match=r"TP, PP, CP = \(1, 1, 1\) but --tensor/--pipeline/--context-parallel-size "
+                                          r"\(suite: .*\) asks for \(2, 1, 1\)"):
+        join_parallel_state(ParallelConfig(tensor_model_parallel_size=2), setting=PARALLEL_SIZE_SETTINGS)
+
+
 def test_a_directory_that_is_no_model_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a megatron_ext checkpoint .* nor a Hugging Face"):
         load_eval_model(tmp_path)

@@ -34,6 +34,7 @@ def load_fake_model(path, name=None, **options):
 
 @pytest.fixture
 def toy_task(monkeypatch):
+    monkeypatch.setattr("megatron_ext.eval.models.resolve_eval_model", lambda path, **options: path)  # no files
     monkeypatch.setattr("megatron_ext.eval.models.load_eval_model", load_fake_model)
     register(TOY)
     yield TOY

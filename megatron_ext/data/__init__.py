@@ -20,7 +20,6 @@ _LOADED_ON_FIRST_USE = {
     "PoseDataset": "megatron_ext.data.dataset",
     "build_gpt_dataset": "megatron_ext.data.dataset",
     "global_sample_indices": "megatron_ext.data.dataset",
-    "slice_for_context_parallel": "megatron_ext.data.dataset",
 }
 
 if TYPE_CHECKING:
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
         PoseDataset,
         build_gpt_dataset,
         global_sample_indices,
-        slice_for_context_parallel,
     )
     from megatron_ext.data.tokenizer import SentencePieceTokenizer, TextTokenizer, load_tokenizer, train_sentencepiece
 
@@ -48,7 +46,6 @@ __all__ = [
     "load_tokenizer",
     "preprocess",
     "read_documents",
-    "slice_for_context_parallel",
     "train_sentencepiece",
 ]
 

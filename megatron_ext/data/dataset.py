@@ -1,6 +1,6 @@
 """Training samples: megatron-core GPTDataset over indexed datasets, document masking, PoSE position ids, the
-layout of global samples over iterations, micro-batches and data-parallel ranks, and context-parallel slicing
-(zig-zag for the SDPA attention, THD packed sequences for Transformer Engine).
+layout of global samples over iterations, micro-batches and data-parallel ranks (a context-parallel rank's share
+of a batch: megatron_ext/context_parallel.py).
 Imports megatron-core inside functions only: `megatron_ext.data` must stay cheap to import."""
 
 import contextlib
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_ext.context_parallel import DOCUMENT_IDS
 from megatron_ext.rope.pose import pose_chunks, pose_document_position_ids, pose_position_ids
 from megatron_ext.data.tokenizer_record import check_data_tokenizer
 from megatron_ext.errors import InputError, MissingFile
 
 TRAINING_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
-DOCUMENT_IDS = "document_ids"  # the field document masking adds: [L] int64, which document of the window
 
 # megatron-core reads path_to_cache=None as "next to the data" (`{prefix}/cache/...`) and an empty path as
 # "build in memory, write nothing".
@@ -587,88 +587,3 @@ class MicroBatchIterator:
             )
         samples = [self.dataset[index] for index in indices]
         return {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}
-
-
-# ----------------------------------------------------------------------------- context parallelism
-
-
-def slice_for_context_parallel(batch: dict, *, cp_group=None) -> dict:
-    """This context-parallel rank's part of a batch of [b, s] tensors (position ids included).
-
-    megatron's zig-zag (`megatron.core.utils.get_batch_on_this_cp_rank`): the sequence is cut into 2*cp chunks
-    and rank r keeps chunks r and 2*cp-1-r, so causal attention work is balanced. The CP group is
-    `cp_group`, or megatron's parallel state; with CP = 1 the batch comes back as it is. `batch` is not changed.
-    """
-    from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank, get_pg_size
-
-    cp_size = get_pg_size(cp_group) if cp_group is not None else parallel_state.get_context_parallel_world_size()
-    if cp_size <= 1:
-        return batch
-    for name, value in batch.items():
-        if value is None:
-            continue
-        seq_dim = 2 if name == "attention_mask" else 1  # megatron's rule
-        if value.dim() <= seq_dim or value.shape[seq_dim] % (2 * cp_size):
-            raise ValueError(
-                f"batch['{name}'] has shape {tuple(value.shape)}: its sequence length (dim {seq_dim}) must be a "
-                f"multiple of 2 * context parallel size = {2 * cp_size}: set seq_length to a multiple of "
-                f"{2 * cp_size}, or lower the context parallel size"
-            )
-    return get_batch_on_this_cp_rank(dict(batch), cp_group=cp_group)
-
-
-# ----------------------------------------------------------------------------- packed sequences (THD)
-
-
-def packed_sequences_on_this_cp_rank(batch: dict, *, cp_size: int = 1, cp_rank: int = 0, pad_multiple: int = 1):
-    """A document-masked batch in megatron's packed (THD) form, for Transformer Engine attention:
-    (batch of [1, T] tensors without document_ids, PackedSeqParams(qkv_format="thd", cu_seqlens...)).
-
-    Every document piece of every row becomes one sequence of the pack (rows are laid end to end, so T = b*s).
-    Under context parallelism TE splits each sequence into 2*cp zig-zag chunks: every piece is padded to a
-    multiple of 2*cp*pad_multiple (pad tokens: token, label and position 0, no loss; pass pad_multiple = TP size
-    under sequence parallelism), then megatron's `get_thd_batch_on_this_cp_rank` (Transformer Engine >= 1.10)
-    keeps this rank's part. T then varies from batch to batch, which pipeline parallelism cannot take.
-    """
-    from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.utils import get_thd_batch_on_this_cp_rank
-
-    document_ids = batch[DOCUMENT_IDS]
-    rows, seq_length = document_ids.shape
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    start_index = starts.reshape(-1).nonzero().squeeze(1)
-    total = torch.tensor([rows * seq_length], device=start_index.device)
-    lengths = torch.diff(start_index, append=total)
-    fields = {name: value.reshape(1, -1) for name, value in batch.items() if name != DOCUMENT_IDS}
-    cu_seqlens = _cumulative(lengths)
-    if cp_size == 1:
-        longest = int(lengths.max())
-        return fields, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                                       max_seqlen_q=longest, max_seqlen_kv=longest)
-    multiple = 2 * cp_size * pad_multiple
-    padded_lengths = (lengths + multiple - 1) // multiple * multiple
-    fields = _spread_into_padded_slots(fields, lengths, padded_lengths)
-    return get_thd_batch_on_this_cp_rank(fields, cu_seqlens, _cumulative(padded_lengths),
-                                         padded_lengths.max().reshape(1), cp_size=cp_size, cp_rank=cp_rank)
-
-
-def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
-    """[n] sequence lengths -> [n + 1] int32 offsets 0, l0, l0 + l1, ... (cu_seqlens)."""
-    return torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-
-
-def _spread_into_padded_slots(fields: dict, lengths: torch.Tensor, padded_lengths: torch.Tensor) -> dict:
-    """[1, T] tensors -> [1, sum(padded_lengths)]: sequence i starts at the i-th padded offset, zeros after it."""
-    padded_starts = torch.cumsum(padded_lengths, 0) - padded_lengths
-    starts = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(int(lengths.sum()), device=lengths.device) - torch.repeat_interleave(starts, lengths)
-    destination = torch.repeat_interleave(padded_starts, lengths) + within
-    padded_total = int(padded_lengths.sum())
-    spread = {}
-    for name, value in fields.items():
-        slots = value.new_zeros(1, padded_total)
-        slots[0, destination] = value[0]
-        spread[name] = slots
-    return spread

@@ -122,13 +122,10 @@ def evaluate_attention(model, settings: AttentionSettings, reference=None) -> At
     if reference is not None:
         _check_same_tokenizer(model, reference)
     filler = filler_tokens(model.tokenizer, settings.filler)
-    trials = [(length, key, depth) for length in settings.lengths
-              for key, depth in draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max)]
+    trials = attention_trials(settings)
 
     def statistics(trial):
-        length, key, depth = trial
-        prompt = passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler)
-        return _prompt_statistics(prompt, model, reference)
+        return _prompt_statistics(_trial_prompt(model.tokenizer, filler, trial), model, reference)
 
     with progress(len(trials), "attention") as bar:
         per_prompt = split_over_data_parallel(model, trials, statistics, bar=bar)
@@ -139,6 +136,23 @@ def evaluate_attention(model, settings: AttentionSettings, reference=None) -> At
         for layer, mean in _mean_per_layer(of_length).items():
             result.layers.append(LayerAttention(length=length, layer=layer, **mean))
     return result
+
+
+def attention_trials(settings: AttentionSettings) -> list[tuple[int, int, float]]:
+    """(length, key, depth) of each prompt, the prompts of a length consecutive."""
+    return [(length, key, depth) for length in settings.lengths
+            for key, depth in draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max)]
+
+
+def _trial_prompt(tokenizer, filler: list[int], trial):
+    length, key, depth = trial
+    return passkey_prompt(tokenizer, length, key=key, depth=depth, filler=filler)
+
+
+def attention_prompts(tokenizer, settings: AttentionSettings) -> list:
+    """Every prompt of the task (evaluate builds each when its rank computes it)."""
+    filler = filler_tokens(tokenizer, settings.filler)
+    return [_trial_prompt(tokenizer, filler, trial) for trial in attention_trials(settings)]
 
 
 def _mean_per_layer(per_prompt: list[dict]) -> dict:
@@ -182,6 +196,7 @@ def _check_same_tokenizer(model, reference) -> None:
 # --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
 
 evaluate = evaluate_attention
+prompts = attention_prompts
 
 
 def output_files(result: AttentionResult, directory) -> list[Path]:

@@ -101,7 +101,7 @@ def run_eval(args) -> int:
     settings = settings_from_args(args, task.settings)
     settings.validate()
     task.prepare(settings, pipeline_parallel_size=args.pipeline_parallel_size)
-    model, reference = _load_models(args)
+    model, reference = _load_models(args, lambda tokenizer: task.check_prompts(settings, tokenizer))
     result = task.evaluate(model, settings, reference=reference)
     if is_reporting_rank():
         output = Path(args.output_dir)
@@ -111,16 +111,28 @@ def run_eval(args) -> int:
     return 0
 
 
-def _load_models(args):
-    from megatron_ext.eval.models import load_eval_model
+def _load_models(args, check_before_loading):
+    """(model, reference or None), each argument resolved once; `check_before_loading(tokenizer)` runs first, with a
+    function that reads the model's tokenizer without its weights (the checks that count tokens)."""
+    from megatron_ext.eval.models import check_parallel_sizes, eval_tokenizer, load_eval_model, resolve_eval_model
 
+    sizes = dict(tensor=args.tensor_parallel_size, pipeline=args.pipeline_parallel_size,
+                 context=args.context_parallel_size)
+    check_parallel_sizes(sizes)
+    model_source = resolve_eval_model(args.model, setting="--model")
+    check_parallel_sizes(sizes, model_source, "--model")
+    reference_source = None
+    if getattr(args, "reference", None):
+        reference_source = resolve_eval_model(args.reference, setting="--reference")
+        check_parallel_sizes(sizes, reference_source, "--reference")
+    check_before_loading(lambda: eval_tokenizer(model_source, tokenizer_model=args.tokenizer))
     common = dict(precision=args.precision, tensor_parallel_size=args.tensor_parallel_size,
                   pipeline_parallel_size=args.pipeline_parallel_size,
                   context_parallel_size=args.context_parallel_size, tokenizer_model=args.tokenizer)
-    model = load_eval_model(args.model, name=args.name, **common)
+    model = load_eval_model(model_source, name=args.name, **common)
     reference = None
-    if getattr(args, "reference", None):
-        reference = load_eval_model(args.reference, name=args.reference_name, **common)
+    if reference_source is not None:
+        reference = load_eval_model(reference_source, name=args.reference_name, setting="--reference", **common)
     return model, reference
 
 

@@ -1,5 +1,5 @@
 """Evaluation spread over ranks as training is: data-parallel ranks split the trials, context-parallel ranks
-split each prompt's tokens with training's zig-zag and gather what they computed back into token order.
+split each prompt's tokens with training's zig-zag (megatron_ext/context_parallel.py), padded to fit it.
 
 Imports torch; megatron only inside the functions that need it. Never the training loop.
 """
@@ -73,35 +73,20 @@ def check_prompt_groups(model, groups: Sequence[Sequence], *, batch_size: int, n
 
 def tokens_on_this_cp_rank(tokens: torch.Tensor, position_ids: torch.Tensor, cp_group):
     """This context-parallel rank's zig-zag share of tokens and position ids [b, s], sliced as training slices
-    a batch (`megatron_ext.data.dataset.slice_for_context_parallel`: 2*cp chunks, rank r keeps r and 2*cp-1-r).
+    a batch (`megatron_ext.context_parallel.slice_for_context_parallel`).
 
     A length that 2*cp does not divide is padded at the end first: attention is causal, so the padding changes
     no earlier position. The padding repeats the last token and its position id, so the largest id (what the
-    'dynamic' RoPE scaling reads) stays that of the prompt.
+    'dynamic' RoPE scaling reads) stays that of the prompt. `context_parallel.gather_sequence` puts what the
+    ranks computed back in token order.
     """
     from megatron.core.utils import get_pg_size
 
-    from megatron_ext.data.dataset import slice_for_context_parallel
+    from megatron_ext.context_parallel import sequence_multiple, slice_for_context_parallel
 
-    multiple = 2 * get_pg_size(cp_group)
-    pad = -tokens.size(1) % multiple
+    pad = -tokens.size(1) % sequence_multiple(get_pg_size(cp_group))
     if pad:
         tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, pad)], dim=1)
         position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(-1, pad)], dim=1)
     local = slice_for_context_parallel(dict(tokens=tokens, position_ids=position_ids), cp_group=cp_group)
     return local["tokens"], local["position_ids"]
-
-
-def gather_sequence(local: torch.Tensor, cp_group, dim: int = 0) -> torch.Tensor:
-    """The whole sequence, in token order, on every rank of `cp_group`, from each rank's zig-zag share along `dim`
-    (padding included: the caller keeps the positions it wants)."""
-    from megatron.core.utils import get_pg_size
-
-    from megatron_ext.models.core_attention import zigzag_token_indices
-
-    cp_size = get_pg_size(cp_group)
-    parts = [torch.empty_like(local) for _ in range(cp_size)]
-    torch.distributed.all_gather(parts, local.contiguous(), group=cp_group)
-    held = torch.cat([zigzag_token_indices(local.size(dim), cp_size, rank) for rank in range(cp_size)])
-    # position p of the gathered tensor holds token held[p]; argsort inverts that permutation
-    return torch.cat(parts, dim=dim).index_select(dim, torch.argsort(held).to(local.device))

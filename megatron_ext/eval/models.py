@@ -12,9 +12,14 @@ from typing import Protocol
 
 import torch
 
+from megatron_ext.context_parallel import gather_sequence
 from megatron_ext.errors import InputError, MissingFile
-from megatron_ext.eval.distributed import ALONE, DataParallel, gather_sequence, tokens_on_this_cp_rank
+from megatron_ext.eval.distributed import ALONE, DataParallel, tokens_on_this_cp_rank
 from megatron_ext.eval.tokenizers import EvalTokenizer, hf_directory_tokenizer, load_eval_tokenizer
+
+# where the parallel sizes of an evaluation come from, for a layout refusal
+PARALLEL_SIZE_SETTINGS = ("--tensor/--pipeline/--context-parallel-size (suite: tensor_parallel_size, "
+                          "pipeline_parallel_size, context_parallel_size)")
 
 
 class EvalModel(Protocol):
@@ -47,24 +52,66 @@ def load_eval_model(path, *, name: str | None = None, precision: str | None = No
     (world / (TP x PP x CP)) are data-parallel replicas that split the trials.
     """
     sizes = dict(tensor=tensor_parallel_size, pipeline=pipeline_parallel_size, context=context_parallel_size)
+    check_parallel_sizes(sizes)
+    source = resolve_eval_model(path, setting=setting)  # the one resolution; what it found is passed along
+    check_parallel_sizes(sizes, source, setting)
+    if isinstance(source, Path):
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
+        return HFCausalLM(source, dtype=dtype, name=name)
+    return MegatronExtModel.from_checkpoint(source, tensor_parallel_size=tensor_parallel_size, precision=precision,
+                                            pipeline_parallel_size=pipeline_parallel_size,
+                                            context_parallel_size=context_parallel_size, name=name,
+                                            tokenizer_model=tokenizer_model, setting=setting)
+
+
+def check_parallel_sizes(sizes: dict, source=None, setting: str = "--model") -> None:
+    """TP/PP/CP sizes ({'tensor': .., 'pipeline': .., 'context': ..}) are >= 1, and 1 for a Hugging Face directory
+    (`source` as `resolve_eval_model` gives it; None: the sizes alone)."""
     if min(sizes.values()) < 1:
-        raise InputError(f"parallel sizes {sizes} must all be >= 1: set --tensor/--pipeline/--context-parallel-size "
-                         "(suite: tensor_parallel_size, pipeline_parallel_size, context_parallel_size)")
+        raise InputError(f"parallel sizes {sizes} must all be >= 1: set {PARALLEL_SIZE_SETTINGS}")
+    if isinstance(source, Path) and max(sizes.values()) > 1:
+        raise InputError(f"{setting} {source} is a Hugging Face directory: it runs on one device; "
+                         "set tensor/pipeline/context parallel sizes to 1")
+
+
+def resolve_eval_model(path, *, setting: str = "--model"):
+    """What a model argument names, resolved once: a Hugging Face model directory (config.json; its Path) or the
+    SavedCheckpoint of a megatron_ext checkpoint (run dir, root, `latest`, iter_ dir). An already resolved one
+    (what this returned) comes back as it is, so callers can resolve once and pass it to `load_eval_model` and
+    `eval_tokenizer`."""
+    from megatron_ext.checkpoint.state import SavedCheckpoint
+
+    if isinstance(path, SavedCheckpoint):
+        return path
     path = Path(path)
     if not path.exists():
         raise MissingFile(f"{setting} {path} does not exist: pass a megatron_ext checkpoint or a Hugging Face "
                           "model directory")
     if (path / "config.json").is_file():
-        if tensor_parallel_size * pipeline_parallel_size * context_parallel_size > 1:
-            raise InputError(f"{setting} {path} is a Hugging Face directory: it runs on one device; "
-                             "set tensor/pipeline/context parallel sizes to 1")
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[precision]
-        return HFCausalLM(path, dtype=dtype, name=name)
-    saved = _read_checkpoint_argument(path, setting)  # the one resolution; what it found is passed along
-    return MegatronExtModel.from_checkpoint(saved, tensor_parallel_size=tensor_parallel_size, precision=precision,
-                                            pipeline_parallel_size=pipeline_parallel_size,
-                                            context_parallel_size=context_parallel_size, name=name,
-                                            tokenizer_model=tokenizer_model, setting=setting)
+        return path
+    return _read_checkpoint_argument(path, setting)
+
+
+def eval_tokenizer(source, *, tokenizer_model=None, setting: str = "--model") -> EvalTokenizer:
+    """The tokenizer `load_eval_model(source, tokenizer_model=...)` gives its model, read without the weights: what
+    checks that count tokens (the prompts of a length) use before any model loads."""
+    source = resolve_eval_model(source, setting=setting)
+    if isinstance(source, Path):
+        from megatron_ext.convert.hf_directory import check_hf_directory
+
+        check_hf_directory(source)  # as HFCausalLM does: a hostile directory is refused before anything is read
+        return hf_directory_tokenizer(source)
+    return checkpoint_tokenizer(source, tokenizer_model)
+
+
+def checkpoint_tokenizer(saved, tokenizer_model=None) -> EvalTokenizer:
+    """A checkpoint's tokenizer: `tokenizer_model` (--tokenizer) if given, else the checkpoint's own copy."""
+    tokenizer_path = tokenizer_model or saved.tokenizer_path  # its own copy, wherever the checkpoint lies
+    if not tokenizer_model and not (tokenizer_path and Path(tokenizer_path).exists()):
+        raise MissingFile(f"the checkpoint's tokenizer {tokenizer_path} is gone: pass its new path "
+                          "(--tokenizer / tokenizer_model)")
+    return load_eval_tokenizer(tokenizer_path, setting="--tokenizer" if tokenizer_model else
+                               f"the tokenizer of {saved.path}")
 
 
 def _read_checkpoint_argument(path: Path, setting: str):
@@ -147,18 +194,12 @@ class MegatronExtModel:
         from megatron_ext.models.builder import load_model
 
         saved = checkpoint if isinstance(checkpoint, SavedCheckpoint) else read_checkpoint(checkpoint, setting=setting)
-        _join_parallel_state(ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
-                                            pipeline_model_parallel_size=pipeline_parallel_size,
-                                            context_parallel_size=context_parallel_size),
-                             seed=saved.state.config.training.seed)
-        device = _current_device()
+        tokenizer = checkpoint_tokenizer(saved, tokenizer_model)  # before the weights: a missing one costs no load
+        device = _join_parallel_state(ParallelConfig(tensor_model_parallel_size=tensor_parallel_size,
+                                                     pipeline_model_parallel_size=pipeline_parallel_size,
+                                                     context_parallel_size=context_parallel_size),
+                                      seed=saved.state.config.training.seed)
         model, _, state = load_model(saved, device, precision_override=precision, setting=setting)
-        tokenizer_path = tokenizer_model or saved.tokenizer_path  # its own copy, wherever the checkpoint lies
-        if not tokenizer_model and not (tokenizer_path and Path(tokenizer_path).exists()):
-            raise MissingFile(f"the checkpoint's tokenizer {tokenizer_path} is gone: pass its new path "
-                              "(--tokenizer / tokenizer_model)")
-        tokenizer = load_eval_tokenizer(tokenizer_path, setting="--tokenizer" if tokenizer_model else
-                                        f"the tokenizer of {saved.path}")
         # the vocabulary it was trained with, as training sized it and `convert mcore-to-hf` exports it
         vocab_size = state.config.model.vocab_size or state.tokenizer_vocab_size or tokenizer.vocab_size
         path = saved.path
@@ -286,40 +327,17 @@ def _context_parallel_group():
     return ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
 
 
-def _join_parallel_state(parallel, seed: int) -> None:
-    """Use megatron's parallel state if it is set up (it must match `parallel`), else start one as training does."""
-    from megatron.core import parallel_state as ps
+def _join_parallel_state(parallel, seed: int) -> torch.device:
+    """The process group and megatron's groups as training makes them (megatron_ext.distributed), or the ones this
+    process has (they must have these sizes); returns this rank's device."""
+    from megatron_ext.distributed import join_parallel_state
 
-    from megatron_ext.compat import prepare_megatron
-    from megatron_ext.distributed import LayoutError, setup_distributed
-
-    wanted = (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-              parallel.context_parallel_size)
-    if not ps.model_parallel_is_initialized():
-        try:
-            setup_distributed(parallel)
-        except LayoutError:  # say it with the evaluation's settings, not training's parallel section
-            blocks = wanted[0] * wanted[1] * wanted[2]
-            raise LayoutError(
-                f"{torch.distributed.get_world_size()} ranks do not split into model replicas of TP x PP x CP = "
-                f"{' x '.join(map(str, wanted))} = {blocks} ranks: launch a multiple of {blocks} ranks or change "
-                "--tensor/--pipeline/--context-parallel-size (suite: tensor_parallel_size, pipeline_parallel_size, "
-                "context_parallel_size)") from None
-    else:
-        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                ps.get_context_parallel_world_size())
-        if have != wanted:
-            raise LayoutError(f"megatron's parallel state has TP, PP, CP = {have} but the model asks for {wanted}: "
-                              "load every model of a run with the same tensor/pipeline/context parallel sizes")
-        prepare_megatron()
+    device = join_parallel_state(parallel, setting=PARALLEL_SIZE_SETTINGS)
     if torch.cuda.is_available():  # GPU init draws from megatron's CUDA RNG tracker; the weights are then loaded
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
-
-
-def _current_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return device
 
 
 # --- Hugging Face causal LMs ----------------------------------------------------------------

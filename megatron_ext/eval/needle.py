@@ -101,10 +101,7 @@ class NeedleResult(EvalResult):
 def evaluate_needle(model, settings: NeedleSettings) -> NeedleResult:
     """The grid's cells; a cell's prompts depend only on (seed, length, depth), data-parallel ranks split them."""
     settings.validate()
-    filler = filler_tokens(model.tokenizer, settings.filler)
-    cells = [(length, depth) for length in settings.lengths for depth in settings.depths]
-    prompts = [[passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler)
-                for key in needle_keys(settings, length, depth)] for length, depth in cells]
+    cells, prompts = needle_prompts(model.tokenizer, settings)
     with progress(len(cells) * settings.trials, "needle") as bar:
         checks = check_prompt_groups(model, prompts, batch_size=settings.batch_size, number_answer=True, bar=bar)
     result = NeedleResult(model=model.name, context_window=model.context_window, lengths=list(settings.lengths),
@@ -117,6 +114,15 @@ def evaluate_needle(model, settings: NeedleSettings) -> NeedleResult:
     return result
 
 
+def needle_prompts(tokenizer, settings: NeedleSettings) -> tuple[list, list[list]]:
+    """The grid's (length, depth) cells and the prompts of each."""
+    filler = filler_tokens(tokenizer, settings.filler)
+    cells = [(length, depth) for length in settings.lengths for depth in settings.depths]
+    prompts = [[passkey_prompt(tokenizer, length, key=key, depth=depth, filler=filler)
+                for key in needle_keys(settings, length, depth)] for length, depth in cells]
+    return cells, prompts
+
+
 def needle_keys(settings: NeedleSettings, length: int, depth: float) -> list[int]:
     """The keys of one cell's prompts, keyed by (seed, length, depth)."""
     rng = random.Random(f"needle/{settings.seed}/{length}/{depth}")
@@ -126,6 +132,7 @@ def needle_keys(settings: NeedleSettings, length: int, depth: float) -> list[int
 # --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
 
 evaluate = evaluate_needle
+prompts = needle_prompts
 
 
 def output_files(result: NeedleResult, directory) -> list[Path]:

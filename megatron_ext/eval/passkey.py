@@ -49,14 +49,20 @@ def draw_keys_and_depths(seed: int, length: int, trials: int, key_max: int) -> l
     return [(rng.randint(1, key_max), rng.random()) for _ in range(trials)]
 
 
+def passkey_prompts(tokenizer, settings: PasskeySettings) -> tuple[list, list[list]]:
+    """(length, its (key, depth) draws) per length and the prompts of each; they depend only on (seed, length)."""
+    filler = filler_tokens(tokenizer, settings.filler)
+    draws = [(length, draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max))
+             for length in settings.lengths]
+    prompts = [[passkey_prompt(tokenizer, length, key=key, depth=depth, filler=filler) for key, depth in drawn]
+               for length, drawn in draws]
+    return draws, prompts
+
+
 def evaluate_passkey(model, settings: PasskeySettings) -> PasskeyResult:
     """Accuracy per length; the prompts of a length depend only on (seed, length), data-parallel ranks split them."""
     settings.validate()
-    filler = filler_tokens(model.tokenizer, settings.filler)
-    draws = [(length, draw_keys_and_depths(settings.seed, length, settings.trials, settings.key_max))
-             for length in settings.lengths]
-    prompts = [[passkey_prompt(model.tokenizer, length, key=key, depth=depth, filler=filler) for key, depth in drawn]
-               for length, drawn in draws]
+    draws, prompts = passkey_prompts(model.tokenizer, settings)
     with progress(len(settings.lengths) * settings.trials, "passkey") as bar:
         checks = check_prompt_groups(model, prompts, batch_size=settings.batch_size, number_answer=True, bar=bar)
     result = PasskeyResult(model=model.name, context_window=model.context_window)
@@ -75,6 +81,7 @@ def evaluate_passkey(model, settings: PasskeySettings) -> PasskeyResult:
 # --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
 
 evaluate = evaluate_passkey
+prompts = passkey_prompts
 
 
 def report_section(settings: PasskeySettings, results: dict, files: dict, report_dir) -> list[str]:

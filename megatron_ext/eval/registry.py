@@ -9,6 +9,7 @@ working too: the task `lm_eval` (the suite's section) is `megatron-ext eval lm-e
 """
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -32,6 +33,8 @@ from megatron_ext.eval.settings import (
 #   summary_columns(result) -> {label: {length: value}}: its columns in the suite's summary (default: none)
 #   prepare(settings): checks beyond the settings' own values (an installed package, task data), run before
 #       any model loads (default: none)
+#   prompts(tokenizer, settings): the prompts evaluate asks, built from the model's tokenizer alone before the
+#       model loads, so a length too short for them is refused first (default: none)
 HOOKS = ("evaluate", "report_section")
 
 RESERVED_NAMES = ("suite",)  # `megatron-ext eval suite` is not a task
@@ -77,6 +80,13 @@ class EvalTask:
         check = getattr(self.implementation(), "prepare", None)
         if check:
             check(settings)
+
+    def check_prompts(self, settings, tokenizer: Callable[[], object]) -> None:
+        """Build the task's prompts (its `prompts` hook) from `tokenizer()`, the model's tokenizer read without the
+        weights, before the model loads: a length they do not fit in is a UserError now, not after the load."""
+        build = getattr(self.implementation(), "prompts", None)
+        if build:
+            build(tokenizer(), settings)
 
     def output_files(self, result, directory) -> list:
         write = getattr(self.implementation(), "output_files", None)

@@ -106,16 +106,22 @@ class RulerResult(EvalResult):
         return markdown_table(["length", *tasks, "mean"], rows)
 
 
-def evaluate_ruler(model, settings: RulerSettings) -> RulerResult:
-    """Score per task and length; a group's prompts depend only on (task, seed, length), data-parallel ranks
-    split them."""
-    settings.validate()
-    filler = filler_tokens(model.tokenizer, settings.filler)
+def ruler_prompts(tokenizer, settings: RulerSettings) -> tuple[list, list[list]]:
+    """The (task, length) groups and the prompts of each; a group's depend only on (task, seed, length)."""
+    filler = filler_tokens(tokenizer, settings.filler)
     groups = [(task, length) for task in settings.tasks for length in settings.lengths]
     prompts = []
     for task, length in groups:
         rng = random.Random(f"ruler/{task}/{settings.seed}/{length}")
-        prompts.append([TASKS[task](model.tokenizer, length, rng, filler, settings) for _ in range(settings.trials)])
+        prompts.append([TASKS[task](tokenizer, length, rng, filler, settings) for _ in range(settings.trials)])
+    return groups, prompts
+
+
+def evaluate_ruler(model, settings: RulerSettings) -> RulerResult:
+    """Score per task and length; a group's prompts depend only on (task, seed, length), data-parallel ranks
+    split them."""
+    settings.validate()
+    groups, prompts = ruler_prompts(model.tokenizer, settings)
     with progress(len(groups) * settings.trials, "ruler") as bar:
         checks = check_prompt_groups(model, prompts, batch_size=settings.batch_size, bar=bar)
     result = RulerResult(model=model.name, context_window=model.context_window)
@@ -129,6 +135,7 @@ def evaluate_ruler(model, settings: RulerSettings) -> RulerResult:
 # --- the task's hooks for megatron_ext/eval/registry.py ----------------------------------------
 
 evaluate = evaluate_ruler
+prompts = ruler_prompts
 
 
 def report_section(settings: RulerSettings, results: dict, files: dict, report_dir) -> list[str]:

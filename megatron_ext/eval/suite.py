@@ -10,6 +10,7 @@ regression.
 
 import dataclasses
 import difflib
+import functools
 import gc
 import re
 import time
@@ -120,6 +121,8 @@ def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
     One model is in memory at a time (a 7B checkpoint at 128k is tens of GiB): each is loaded, runs every
     task, and is released before the next one loads. The attention reference, when a task compares with it,
     stays loaded beside them."""
+    from megatron_ext.eval.models import eval_tokenizer
+
     started = time.perf_counter()
     for task in config.tasks:  # lm-eval installed, its tasks and their data here: before minutes of model loading
         TASKS[task].prepare(config.settings[task], pipeline_parallel_size=config.pipeline_parallel_size)
@@ -127,16 +130,22 @@ def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
     assets = output_dir / Path(config.report).stem
     tasks = [TASKS[task] for task in config.tasks]
     entries = config.model_entries()
+    sources = [_resolve(entry, index) for index, entry in enumerate(entries)]  # once, before any model loads
+    for index, (entry, source) in enumerate(zip(entries, sources)):  # prompts too long for a length: refused now
+        tokenizer = functools.cache(functools.partial(eval_tokenizer, source, tokenizer_model=entry.tokenizer_model,
+                                                      setting=f"models[{index}].path"))
+        for task in tasks:
+            task.check_prompts(config.settings[task.name], tokenizer)
     reference = None
     if any(task.uses_reference for task in tasks) and config.attention_reference is not None:
         index = next(i for i, entry in enumerate(entries) if entry.label == config.attention_reference)
-        reference = _load(config, entries[index], index)
+        reference = _load(config, entries[index], index, sources[index])
     results = {task: {} for task in config.tasks}  # task -> model name -> result
     files = {task: {} for task in config.tasks}  # task -> model name -> the files written besides the JSON
     models = {}  # model name -> LoadedModel, for the report
     for index, entry in enumerate(entries):
         is_reference = reference is not None and entry.label == reference.name
-        model = reference if is_reference else _load(config, entry, index)
+        model = reference if is_reference else _load(config, entry, index, sources[index])
         models[model.name] = LoadedModel(model.name, model.source, model.context_window)
         for task in tasks:
             if task.uses_reference and is_reference:
@@ -157,10 +166,17 @@ def run_suite(config: SuiteConfig, command: str | None = None) -> Path:
     return report
 
 
-def _load(config: SuiteConfig, entry: ModelEntry, index: int):
+def _resolve(entry: ModelEntry, index: int):
+    """The model directory or checkpoint a suite entry names (megatron_ext.eval.models.resolve_eval_model)."""
+    from megatron_ext.eval.models import resolve_eval_model
+
+    return resolve_eval_model(entry.path, setting=f"models[{index}].path")
+
+
+def _load(config: SuiteConfig, entry: ModelEntry, index: int, source):
     from megatron_ext.eval.models import load_eval_model
 
-    return load_eval_model(entry.path, name=entry.label, precision=config.precision,
+    return load_eval_model(source, name=entry.label, precision=config.precision,
                            tensor_parallel_size=config.tensor_parallel_size,
                            pipeline_parallel_size=config.pipeline_parallel_size,
                            context_parallel_size=config.context_parallel_size,

@@ -9,14 +9,16 @@ import torch
 import torch.nn.functional as F
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from megatron_ext.context_parallel import zigzag_causal_mask
+
 
 class SDPACoreAttention(torch.nn.Module):
     """q [sq, b, hq, d], k/v [sk, b, g, d] -> context [sq, b, hq*d], causal.
 
     Under context parallelism each rank holds two zig-zag chunks of the sequence (megatron's
-    layout: rank r keeps chunks r and 2*cp-1-r of 2*cp). K and V are all-gathered over the CP
-    group and the causal mask is built from the global token indices, so CP=n computes exactly
-    what CP=1 does. This is the simple, memory-hungry form of CP (O(s) K/V per rank); ring
+    layout, megatron_ext/context_parallel.py: rank r keeps chunks r and 2*cp-1-r of 2*cp). K and V
+    are all-gathered over the CP group and the causal mask is built from the global token indices,
+    so CP=n computes exactly what CP=1 does. This is the simple, memory-hungry form of CP (O(s) K/V per rank); ring
     attention is Transformer Engine's job on GPUs.
 
     Document masking: LongContextGPTModel hands the document ids of this rank's tokens, [b, s]
@@ -49,7 +51,7 @@ class SDPACoreAttention(torch.nn.Module):
         if cp_size > 1:
             key = _GatherSequence.apply(key, self.cp_group)
             value = _GatherSequence.apply(value, self.cp_group)
-            mask = _zigzag_causal_mask(query.size(0), cp_size, get_pg_rank(self.cp_group), query.device)
+            mask = zigzag_causal_mask(query.size(0), cp_size, get_pg_rank(self.cp_group), query.device)
         if document_ids is not None:
             mask = _block_causal_mask(document_ids, mask, self.cp_group if cp_size > 1 else None)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
@@ -76,20 +78,6 @@ def grouped_sdpa(q, k, v, **kwargs):
     repeats = q.size(1) // k.size(1)
     return F.scaled_dot_product_attention(q, k.repeat_interleave(repeats, dim=1),
                                           v.repeat_interleave(repeats, dim=1), **kwargs)
-
-
-def zigzag_token_indices(local_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
-    """Global indices of the tokens a CP rank holds: chunks r and 2*cp-1-r of 2*cp."""
-    chunk = local_len // 2
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
-    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk, device=device)
-    return torch.cat([first, second])
-
-
-def _zigzag_causal_mask(local_len, cp_size, cp_rank, device):
-    query_index = zigzag_token_indices(local_len, cp_size, cp_rank, device)
-    key_index = torch.cat([zigzag_token_indices(local_len, cp_size, r, device) for r in range(cp_size)])
-    return key_index[None, :] <= query_index[:, None]  # [sq, sk], True = may attend
 
 
 def _block_causal_mask(document_ids, causal_mask, cp_group):

@@ -20,7 +20,7 @@ class LongContextGPTModel(GPTModel):
     by layer spec: `document_ids` [b, s] (this rank's slice, like the tokens) for the SDPA core
     attention, which builds a block-causal mask from them (`takes_document_ids`); or megatron's
     `packed_seq_params` (THD, cu_seqlens) for Transformer Engine's attention
-    (megatron_ext.data.dataset.packed_sequences_on_this_cp_rank makes both batch and params).
+    (megatron_ext.context_parallel.packed_sequences_on_this_cp_rank makes both batch and params).
     """
 
     def __init__(self, config: LongContextTransformerConfig, transformer_layer_spec,
@@ -61,7 +61,7 @@ class LongContextGPTModel(GPTModel):
                 raise ValueError(
                     "LongContextGPTModel: this layer spec's attention (Transformer Engine) masks documents with "
                     "packed sequences: pass packed_seq_params (qkv_format='thd', see "
-                    "megatron_ext.data.dataset.packed_sequences_on_this_cp_rank) instead of document_ids"
+                    "megatron_ext.context_parallel.packed_sequences_on_this_cp_rank) instead of document_ids"
                 )
             attention_mask = document_ids  # the slot megatron threads to every layer's core attention
         return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)

@@ -320,7 +320,7 @@ def batch_on_this_rank(batch: dict, model: list, device):
     from megatron.core import parallel_state as ps
     from megatron.core.utils import unwrap_model
 
-    from megatron_ext.data.dataset import packed_sequences_on_this_cp_rank, slice_for_context_parallel
+    from megatron_ext.context_parallel import packed_sequences_on_this_cp_rank, slice_for_context_parallel
 
     cp_size = ps.get_context_parallel_world_size()
     gpt = unwrap_model(model[0])
