@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from megatron_ext.context_parallel import DOCUMENT_IDS
 from megatron_ext.rope.pose import pose_chunks, pose_document_position_ids, pose_position_ids
+from megatron_ext.data.indexed_file import check_loss_tokens, every_token_is
 from megatron_ext.data.tokenizer_record import check_data_tokenizer
 from megatron_ext.errors import InputError, MissingFile
 
@@ -24,12 +24,6 @@ TRAINING_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
 # megatron-core reads path_to_cache=None as "next to the data" (`{prefix}/cache/...`) and an empty path as
 # "build in memory, write nothing".
 _IN_MEMORY = ""
-# The `.idx` header megatron-core's IndexedDatasetBuilder writes: magic, version (8), dtype code (1), sequence
-# count (8), document count (8, boundaries incl. the leading 0); then int32 lengths, int64 byte pointers and
-# int64 document boundaries (+ int8 modes per sequence in a multimodal index).
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEADER = struct.Struct("<9sQBQQ")
-_REPREPROCESS = "re-run `megatron-ext preprocess` to write both files again"
 # Samples built per source beyond its share of a blend, as megatron's builder does (mid_level_dataset_surplus):
 # the blend's greedy draw may take one sample more than a source's exact share.
 _BLEND_SURPLUS = 0.005
@@ -79,9 +73,11 @@ def build_gpt_dataset(
     `split` is megatron's "train,valid,test" weights over each source's documents (contiguous ranges of its
     document index); `part` (0 train, 1 valid, 2 test) picks the range the samples come from.
 
-    Before any work, each prefix's `.bin` must hold exactly the tokens its `.idx` lists (`check_indexed_dataset`),
-    and it must have been made with `tokenizer`, no id beyond its vocabulary (`check_data_tokenizer`; `setting`
-    names where the prefixes came from in the refusal).
+    Before any work, each prefix's `.idx` must be whole and its `.bin` hold exactly the tokens it lists
+    (`data/indexed_file.py`), and it must have been made with `tokenizer`, no id beyond its vocabulary
+    (`check_data_tokenizer`; `setting` names where the prefixes came from in the refusal). A source whose
+    documents in `part` hold no token the loss counts (all EOD under `mask_eod_loss`, none marked under
+    `answer_only_loss`) is refused once its indices are built.
 
     Ranks: every rank builds its own copy (megatron's `is_built_on_rank` is always true here), so every TP,
     PP and CP rank can read its data locally. With torch.distributed initialized the call is collective (it
@@ -107,6 +103,8 @@ def build_gpt_dataset(
             megatron_dataset = _build_one_source(data_prefixes[0], num_samples, **settings)
         else:
             megatron_dataset = _build_blend(data_prefixes, weights, num_samples, **settings)
+    _check_loss_tokens(megatron_dataset, data_prefixes, tokenizer.eod if mask_eod_loss else None, answer_only_loss,
+                       setting=setting, split=split, part=part)
     eod = tokenizer.eod if document_mask or mask_eod_loss else None
     targets = _LossMaskSidecar(megatron_dataset, data_prefixes) if answer_only_loss else None
     return _TrainingSamples(megatron_dataset, num_samples, eod=eod, document_mask=document_mask,
@@ -161,6 +159,32 @@ class _LossMaskSidecar:
         return torch.cat([marks[1:], marks.new_zeros(1)])  # the last position has no label
 
 
+def _check_loss_tokens(megatron_dataset, prefixes, eod: int | None, answer_only_loss: bool, *, setting: str,
+                       split: str, part: int) -> None:
+    """Each source's documents of this split part hold a token the loss counts: one that is not EOD under
+    data.mask_eod_loss (`eod` given), one its loss-mask sidecar marks under data.answer_only_loss. Samples of a
+    source without one would all have zero loss tokens (a blend's other sources cannot make up for it: its
+    weight would train nothing)."""
+    from megatron_ext.data.retrieval import loss_mask_prefix
+
+    if eod is None and not answer_only_loss:
+        return
+    sources = megatron_dataset.datasets if len(prefixes) > 1 else [megatron_dataset]
+    whole = [float(weight) for weight in split.split(",")][part] == sum(float(weight) for weight in split.split(","))
+    named = "" if whole else f"the {('training', 'validation', 'test')[part]} part (split {split}) of "
+    for source, prefix in zip(sources, prefixes):
+        documents, boundaries = source.indices, source.dataset.document_indices
+        if documents.size == 0:  # an empty split part: check_split_part names it
+            continue
+        sequences = (int(boundaries[documents.min()]), int(boundaries[documents.max() + 1]))
+        if eod is not None:
+            check_loss_tokens(prefix, eod, setting=setting, sequences=sequences, part=named)
+        if answer_only_loss and every_token_is(loss_mask_prefix(prefix), 0, sequences):
+            raise InputError(f"{setting}: the loss-mask sidecar of {named}data prefix '{prefix}' marks no target "
+                             "token (data.answer_only_loss: true keeps the loss only there), so no sample has a token "
+                             "to learn from: write the data with its targets marked, or set data.answer_only_loss: false")
+
+
 def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> None:
     if isinstance(data_prefixes, (str, Path)) or not data_prefixes:
         raise ValueError(f"data_prefixes ({data_prefixes!r}) must be a non-empty list of indexed dataset prefixes")
@@ -171,7 +195,6 @@ def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> N
                 f"data prefix '{prefix}' has no {' or '.join(missing)}: pass the prefix of an indexed dataset "
                 "(run `megatron-ext preprocess` to make one)"
             )
-        check_indexed_dataset(prefix)
     if seq_length < 1:
         raise ValueError(f"seq_length ({seq_length}) must be >= 1")
     if num_samples < 1:
@@ -181,60 +204,6 @@ def _check_build_arguments(data_prefixes, seq_length, num_samples, weights) -> N
             f"weights ({weights}) must give one positive weight per data prefix ({len(data_prefixes)} prefixes): "
             "fix weights, or leave them out to blend by token count"
         )
-
-
-def check_indexed_dataset(prefix: str | Path) -> None:
-    """`{prefix}.idx` is whole and `{prefix}.bin` holds exactly the tokens it lists, else an `InputError` naming the
-    file, the bytes expected and found, and the fix. Reads the header and three numbers, never the data."""
-    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
-    idx_bytes, bin_bytes = idx_path.stat().st_size, bin_path.stat().st_size
-    with idx_path.open("rb") as idx:
-        header = idx.read(_IDX_HEADER.size)
-        if len(header) < _IDX_HEADER.size:
-            raise InputError(f"index file '{idx_path}' is truncated: expected at least {_IDX_HEADER.size} header "
-                             f"bytes, found {idx_bytes}: {_REPREPROCESS}")
-        magic, version, dtype_code, sequences, boundaries = _IDX_HEADER.unpack(header)
-        if magic != _IDX_MAGIC or version != 1:
-            raise InputError(f"'{idx_path}' is not a megatron indexed dataset index (version 1): {_REPREPROCESS}")
-        token_bytes = _token_bytes(idx_path, dtype_code)
-        arrays_start = _IDX_HEADER.size
-        pointers_start = arrays_start + 4 * sequences
-        boundaries_start = pointers_start + 8 * sequences
-        expected_idx = boundaries_start + 8 * boundaries
-        if idx_bytes not in (expected_idx, expected_idx + sequences):  # the second: a multimodal index
-            raise InputError(
-                f"index file '{idx_path}' is truncated or damaged: its header lists {sequences} sequences and "
-                f"{max(boundaries - 1, 0)} documents ({expected_idx} bytes), found {idx_bytes} bytes: {_REPREPROCESS}")
-        if sequences == 0:
-            expected_bin = 0
-        else:
-            last_length = _read_number(idx, arrays_start + 4 * (sequences - 1), "<i")
-            last_pointer = _read_number(idx, pointers_start + 8 * (sequences - 1), "<q")
-            expected_bin = last_pointer + last_length * token_bytes
-            last_boundary = _read_number(idx, boundaries_start + 8 * (boundaries - 1), "<q")
-            if last_boundary != sequences:
-                raise InputError(f"index file '{idx_path}' is damaged: its last document ends at sequence "
-                                 f"{last_boundary}, not at its sequence count {sequences}: {_REPREPROCESS}")
-    if bin_bytes != expected_bin:
-        raise InputError(
-            f"data file '{bin_path}' has {bin_bytes} bytes, but its index '{idx_path}' ({max(boundaries - 1, 0)} "
-            f"documents) lists {expected_bin} bytes ({expected_bin // token_bytes} tokens of {token_bytes} bytes): "
-            f"the .bin is truncated or the two files come from different runs: {_REPREPROCESS}")
-
-
-def _token_bytes(idx_path: Path, dtype_code: int) -> int:
-    from megatron.core.datasets.indexed_dataset import DType
-
-    try:
-        return DType.size(DType.dtype_from_code(dtype_code))
-    except (ValueError, KeyError):
-        raise InputError(f"index file '{idx_path}' names an unknown token dtype (code {dtype_code}): "
-                         f"{_REPREPROCESS}") from None
-
-
-def _read_number(file, offset: int, number_format: str) -> int:
-    file.seek(offset)
-    return struct.unpack(number_format, file.read(struct.calcsize(number_format)))[0]
 
 
 def _index_cache_dir(prefix: str, cache_dir: str) -> str:

@@ -239,18 +239,23 @@ class HuggingFaceFiles(TokenizerFiles):
         except ImportError:
             raise TokenizerError(f"tokenizer directory '{self.path}' is a Hugging Face tokenizer: reading it needs "
                                  "transformers (pip install 'transformers>=5')") from None
+        check_tokenizer_directory(self.path)
         try:
             self._auto = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise TokenizerError(f"tokenizer directory '{self.path}' does not load in transformers: {first_line}") \
-                from error
-        self._backend = getattr(self._auto, "backend_tokenizer", None)
-        self._class = type(self._auto).__name__
-        self.vocab_size = len(self._auto)
-        self.bos = _id_or_none(self._auto.bos_token_id)
-        self.eos = _id_or_none(self._auto.eos_token_id)
-        self.pad = _id_or_none(self._auto.pad_token_id)
+            self._backend = getattr(self._auto, "backend_tokenizer", None)
+            self._class = type(self._auto).__name__
+            self.vocab_size = len(self._auto)
+            self.bos = _id_or_none(self._auto.bos_token_id)
+            self.eos = _id_or_none(self._auto.eos_token_id)
+            self.pad = _id_or_none(self._auto.pad_token_id)
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - transformers only parses the directory's files here: whatever
+            # it raises (a list where an object belongs gives AttributeError) is about them, so it is named
+            text = " ".join(str(error).split())[:300] or "no message"
+            raise TokenizerError(f"tokenizer directory '{self.path}' does not load in transformers "
+                                 f"({type(error).__name__}: {text}): fix the file it names, or pass a directory "
+                                 "that transformers' AutoTokenizer loads") from None
 
     def __reduce__(self):
         if self._backend is None:
@@ -282,6 +287,30 @@ class HuggingFaceFiles(TokenizerFiles):
         """The keys of the directory's config.json that AutoTokenizer reads to pick the class (empty: none)."""
         config = _json_or_empty(self.path / "config.json")
         return {key: config[key] for key in AUTO_TOKENIZER_CONFIG_KEYS if config.get(key) is not None}
+
+
+def check_tokenizer_directory(directory: Path) -> None:
+    """What a Hugging Face tokenizer directory must be before transformers reads it: the files that define it (and
+    config.json) resolve inside it, a hub cache's snapshot -> blob links excepted, and nothing asks for the
+    directory's own Python (an auto_map for a tokenizer: megatron_ext never runs it, trust_remote_code is off)."""
+    root = directory.resolve()
+    for name in (*HF_DEFINING_FILES, "config.json"):
+        path = directory / name
+        if not (path.is_symlink() or path.exists()):
+            continue
+        target = path.resolve()
+        in_hub_cache = root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+        if not (target.is_relative_to(root) or in_hub_cache):
+            raise TokenizerError(f"tokenizer file '{path}' resolves to {target}, outside the tokenizer directory "
+                                 f"{root}: refusing to read it; put the file itself in the directory")
+    for name, key in (("tokenizer_config.json", None), ("config.json", "AutoTokenizer")):
+        auto_map = _json_or_empty(directory / name).get("auto_map")
+        wanted = auto_map if key is None or not isinstance(auto_map, dict) else auto_map.get(key)
+        if wanted:
+            raise TokenizerError(
+                f"tokenizer file '{directory / name}' asks for custom code (auto_map {str(wanted)[:200]}), which "
+                "megatron_ext never runs (trust_remote_code is off): use a tokenizer directory whose "
+                "tokenizer_config.json names a transformers class (tokenizer_class) and no auto_map")
 
 
 def _rebuilt_hf(path, backend_json: str, ids: tuple) -> HuggingFaceFiles:

@@ -5,7 +5,8 @@ was read with, the fingerprint of its files (megatron_ext.data.tokenizer_files),
 ids, the ids of a probe text, and the largest id written. Training and evaluation call `check_data_tokenizer`
 when they open a prefix: data made with another tokenizer is refused in one line (which prefix, which two
 tokenizers, what differs, the fix), and an id beyond the tokenizer's vocabulary is refused before any step.
-Data written before the sidecar existed is read with one warning and its ids checked (a memory-mapped max).
+Data written before the sidecar existed is read with one warning and its ids checked (a memory-mapped scan:
+none negative, none beyond the vocabulary). The files themselves are checked first (data/indexed_file.py).
 `checkpoint_tokenizer_files` is the tokenizer a checkpoint carries in its own `tokenizer/`.
 Imports no torch; megatron-core only to read a `.idx` dtype code, inside a function.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_ext.data.indexed_file import REPREPROCESS, check_indexed_dataset, check_loss_tokens, token_dtype
 from megatron_ext.data.tokenizer_files import TokenizerFiles
 from megatron_ext.errors import InputError
 
@@ -29,7 +31,7 @@ SIDECAR_FORMAT = 1
 PROBE_TEXT = ("The quick brown fox, it's 2024: 1234567 items.\n  def f(x):\n\treturn x**2  # ok\n"
               "Grüße, naïve café; Привет мир; 你好，世界; مرحبا 🌍")
 _WARNED: set[str] = set()  # prefixes already warned about (once per process)
-_SCANNED: dict[tuple, int] = {}  # (.bin path, size, mtime) -> its largest id, for data without a record
+_SCANNED: dict[tuple, tuple[int, int]] = {}  # (.bin path, size, mtime) -> its (smallest, largest) id
 
 
 def sidecar_path(prefix) -> Path:
@@ -69,15 +71,19 @@ def read_sidecar(prefix) -> dict | None:
 
 
 def check_training_data(prefixes, tokenizer_setting: str, tokenizer_path, tokenizer_kind: str | None = None, *,
-                        model_vocab_size: int | None = None, setting: str = "data.train_data") -> None:
-    """`check_data_tokenizer` for every prefix of a run, with the tokenizer its config names (what `train` runs
-    before any process starts)."""
+                        model_vocab_size: int | None = None, mask_eod_loss: bool = False,
+                        setting: str = "data.train_data") -> None:
+    """`check_data_tokenizer` for every prefix of a run, with the tokenizer its config names, and with
+    `mask_eod_loss` (data.mask_eod_loss) a token the loss counts in each (what `train` runs before any process
+    starts)."""
     from megatron_ext.data.tokenizer_files import open_encoder, require_eod
 
     encoder = require_eod(open_encoder(tokenizer_path, tokenizer_kind, setting=tokenizer_setting), tokenizer_setting)
     for prefix in prefixes:
         if Path(f"{prefix}.bin").is_file() and Path(f"{prefix}.idx").is_file():  # else the dataset names it
             check_data_tokenizer(prefix, encoder, setting=setting, model_vocab_size=model_vocab_size)
+            if mask_eod_loss:
+                check_loss_tokens(prefix, encoder.eod, setting=setting)
 
 
 def check_data_tokenizer(prefix, tokenizer, *, setting: str = "data.train_data",
@@ -85,7 +91,11 @@ def check_data_tokenizer(prefix, tokenizer, *, setting: str = "data.train_data",
     """Refuse data `prefix` unless it was made with `tokenizer` (an encoder of tokenizer_files, or megatron_ext's
     TextTokenizer) and all its ids are inside the tokenizer's vocabulary (and the model's, `model_vocab_size`, when
     that is smaller). `setting` names where the prefix came from. A tokenizer object that is neither (a user's own
-    megatron tokenizer) gets the id check only."""
+    megatron tokenizer) gets the id check only. The two files are checked first (`check_indexed_dataset`)."""
+    try:
+        check_indexed_dataset(prefix)
+    except InputError as error:
+        raise InputError(f"{setting}: {error}") from None
     encoder = getattr(tokenizer, "encoder", tokenizer)
     record = read_sidecar(prefix)
     if isinstance(encoder, TokenizerFiles):
@@ -93,8 +103,11 @@ def check_data_tokenizer(prefix, tokenizer, *, setting: str = "data.train_data",
             _warn_unrecorded(prefix, encoder)
         else:
             _check_same_tokenizer(prefix, record["tokenizer"], encoder, setting)
-    max_id = max_token_id(prefix, record)
+    min_id, max_id = _id_range(prefix, record)
     path = getattr(encoder, "path", None)
+    if min_id < 0:
+        raise InputError(f"{setting}: data prefix '{prefix}' holds token id {min_id}: ids are never negative, so the "
+                         f"data is damaged or no tokenized text: {REPREPROCESS}")
     limit, named = tokenizer.vocab_size, f"tokenizer '{path}'" if path is not None else "the tokenizer"
     if model_vocab_size is not None and model_vocab_size < limit:
         limit, named = model_vocab_size, "the model (model.vocab_size)"
@@ -154,29 +167,28 @@ def _warn_unrecorded(prefix, encoder: TokenizerFiles) -> None:
 def max_token_id(prefix, record: dict | None = None) -> int:
     """The largest id in `{prefix}.bin` (-1: no tokens): the sidecar's when it describes this very .bin (same size),
     else a scan of the memory-mapped file."""
-    bin_path = Path(f"{prefix}.bin")
-    size = bin_path.stat().st_size
+    return _id_range(prefix, record)[1]
+
+
+def _id_range(prefix, record: dict | None) -> tuple[int, int]:
+    """(smallest, largest) id of `{prefix}.bin`; from its sidecar when that describes this very .bin (same size: ids
+    preprocess wrote, none negative), else scanned."""
+    size = Path(f"{prefix}.bin").stat().st_size
     if record is not None and record.get("bin_bytes") == size and record.get("max_id") is not None:
-        return int(record["max_id"])
-    if size == 0:
-        return -1
-    key = (str(bin_path.absolute()), size, bin_path.stat().st_mtime_ns)
-    if key not in _SCANNED:  # the launcher and then the ranks' dataset open the same file: scanned once a process
-        tokens = np.memmap(bin_path, dtype=_token_dtype(Path(f"{prefix}.idx")), mode="r")
-        _SCANNED[key] = int(tokens.max()) if tokens.size else -1
+        return 0, int(record["max_id"])
+    return _scanned_id_range(prefix)
+
+
+def _scanned_id_range(prefix) -> tuple[int, int]:
+    """(smallest, largest) id in `{prefix}.bin` ((0, -1): no tokens), scanned once a process per version of the file
+    (the launcher and then the ranks' dataset open the same file)."""
+    bin_path = Path(f"{prefix}.bin")
+    stat = bin_path.stat()
+    key = (str(bin_path.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SCANNED:
+        tokens = np.memmap(bin_path, dtype=token_dtype(Path(f"{prefix}.idx")), mode="r") if stat.st_size else []
+        _SCANNED[key] = (int(tokens.min()), int(tokens.max())) if len(tokens) else (0, -1)
     return _SCANNED[key]
-
-
-def _token_dtype(idx_path: Path) -> np.dtype:
-    from megatron.core.datasets.indexed_dataset import DType
-
-    with idx_path.open("rb") as idx:
-        header = idx.read(18)  # magic (9), version (8), dtype code (1)
-    try:
-        return np.dtype(DType.dtype_from_code(header[17]))
-    except (IndexError, ValueError, KeyError):
-        raise InputError(f"index file '{idx_path}' names no known token dtype: re-run `megatron-ext preprocess` to "
-                         "write the data again") from None
 
 
 # ----------------------------------------------------------------------------- writing next to the data

@@ -297,7 +297,10 @@ def build_optimizer(config: TrainConfig, model: list):
 def loss_func(loss_mask, per_token_loss):
     """Per-token sum + token count: megatron divides by the global count (calculate_per_token_loss)."""
     mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    # where, not only a product: a masked position contributes 0 to the loss and its gradient even when its own
+    # loss is not finite (0 * inf is NaN); a micro-batch with no loss token adds 0 to the sum and to the count
+    counted = torch.where(mask > 0, per_token_loss.float().reshape(-1), 0.0)
+    loss_sum = (counted * mask).sum()
     tokens = mask.sum().to(torch.int)
     return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
@@ -350,7 +353,9 @@ def train_step(model, optimizer, scheduler, micro_batches, config: TrainConfig):
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss_sum, tokens = forward_losses(model, micro_batches, forward_only=False)
-    loss = loss_sum / tokens
+    # a global batch without a loss token has gradients of zero (megatron scales them by 1 / tokens only when
+    # tokens > 0) and a loss of 0, not 0 / 0
+    loss = loss_sum / tokens if tokens else 0.0
     with phase("optimizer step"):
         grad_norm, finite = step_if_finite(optimizer, loss, device)
     if finite:
