@@ -78,6 +78,13 @@ def test_every_claim_of_a_page_names_its_test(page):
     assert claims_without_a_test(text) == []
 
 
+def test_every_workflow_of_the_readmes_tour_names_its_tests():
+    tour = (ROOT / "README.md").read_text().split("\n## A tour\n", 1)[1].split("\n## ", 1)[0]
+    sections = tour.split("\n### ")[1:]
+    assert len(sections) >= 6
+    assert [section.splitlines()[0] for section in sections if not test_references(section)] == []
+
+
 def test_a_renamed_or_removed_test_is_caught():
     """The checks catch what they are for: a misspelt function, a missing file, a claim naming no test."""
     assert missing_tests("(tests/test_docs_claims.py::test_a_renamed_or_removed_test_is_caught)") == []
