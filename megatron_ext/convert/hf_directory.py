@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+from megatron_ext.convert.hf_config_fields import check_config_fields, check_implied_parameters
 from megatron_ext.errors import ConversionError
 
 SINGLE_FILE = "model.safetensors"
@@ -39,14 +40,33 @@ def check_hf_directory(directory) -> list[Path]:
     """Every check of this module on `directory` (its config.json already being there); the safetensors weight
     files, their headers checked. A ConversionError (a UserError: one line, exit 2) names the file at fault."""
     directory = Path(directory)
+    config = read_config(directory)
     for name in READ_FILES:
         if (directory / name).is_symlink() or (directory / name).exists():
             require_inside(directory, directory / name)
     refuse_custom_code(directory)
     files = weight_files(directory)
-    for path in files:
-        read_header(path)
+    stored = sum(math.prod(entry["shape"]) for path in files for entry in read_header(path)[0].values())
+    check_implied_parameters(config, directory / CONFIG_FILE, stored)
     return files
+
+
+def read_config(directory) -> dict:
+    """config.json of a model directory: a JSON object inside it whose known fields are of their kinds."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{directory}: no config.json; is it a Hugging Face model directory?")
+    config = read_json_object(require_inside(directory, path))
+    check_config_fields(config, path)
+    return config
+
+
+def unreadable(directory, what: str, error: BaseException) -> ConversionError:
+    """The one-line refusal of a directory whose `what` (its model, its tokenizer) transformers fails to read: any
+    exception of that reading is about the files (their parsing is all it does), so it is named, not a traceback."""
+    text = " ".join(str(error).split())[:300]
+    return ConversionError(f"{directory}: transformers cannot read its {what} ({type(error).__name__}: {text}): fix "
+                           f"the setting or file it names, or use a directory that transformers' from_pretrained loads")
 
 
 def read_json_object(path: Path) -> dict:
@@ -182,7 +202,7 @@ def _check_entry(path: Path, name: str, entry, data_bytes: int) -> tuple[int, in
     if not isinstance(entry, dict):
         raise ConversionError(f"{path}: tensor {name} has no dtype/shape/data_offsets entry; is the file damaged?")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise ConversionError(f"{path}: tensor {name} has dtype {str(dtype)[:40]!r}, which megatron_ext does not "
                               f"read (one of {', '.join(DTYPE_SIZES)})")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.convert import hf_directory
-from megatron_ext.convert.hf_directory import INDEX_FILE, SINGLE_FILE, read_header, read_json_object, weight_files
+from megatron_ext.convert.hf_directory import INDEX_FILE, SINGLE_FILE, read_config, read_header, weight_files
 from megatron_ext.errors import ConversionError
 
 # Travel with the weights untouched: tokenizers (sentencepiece, tokenizers' JSON, BPE vocab+merges),
@@ -31,13 +31,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "
            "BOOL": torch.bool}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def read_config(directory: Path) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{directory}: no config.json; is it a Hugging Face model directory?")
-    return read_json_object(hf_directory.require_inside(directory, path))
 
 
 class SafetensorsCheckpoint:

@@ -355,15 +355,21 @@ class HFCausalLM:
 
     def __init__(self, local_dir, *, device: str | None = None, dtype: torch.dtype | None = None,
                  name: str | None = None):
-        from megatron_ext.convert.hf_directory import check_hf_directory
+        from megatron_ext.convert.hf_directory import check_hf_directory, unreadable
+        from megatron_ext.errors import UserError
         from megatron_ext.hf import load_harpe_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         check_hf_directory(local_dir)  # refused by name before anything is read: custom code, pickles, links out
         self.tokenizer = hf_directory_tokenizer(local_dir)  # the cheaper load first: its refusals come before work
-        self.model = load_harpe_model(str(local_dir), local_files_only=True, dtype=dtype,
-                                      attn_implementation="sdpa").to(self.device).eval()
+        try:
+            model = load_harpe_model(str(local_dir), local_files_only=True, dtype=dtype, attn_implementation="sdpa")
+        except (UserError, MemoryError):
+            raise
+        except Exception as error:  # transformers' parsing of config.json and the weights it names
+            raise unreadable(local_dir, "model", error) from None
+        self.model = model.to(self.device).eval()
         self.name = name or Path(local_dir).name
         self.source = str(local_dir)
         self.context_window = getattr(self.model.config, "max_position_embeddings", None)
