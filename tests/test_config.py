@@ -45,7 +45,7 @@ def test_overrides_and_defaults(tmp_path):
 @pytest.mark.parametrize("raw, key", [
     ({"optimizer": {"lrr": 1e-3}}, "optimizer.lrr.*did you mean 'optimizer.lr'"),
     ({"modle": {}}, "unknown key 'modle'.*did you mean 'model'"),
-    ({"model": {"num_layers": "four"}}, "model.num_layers: 'four' is not a int"),
+    ({"model": {"num_layers": "four"}}, r"model.num_layers: 'four' \(a string\) is not an integer"),
     ({"model": {"num_layers": 0}}, "model.num_layers: 0 must be >= 1"),
     ({"model": {"hidden_size": 130}}, "model.hidden_size .130. must be divisible"),
     ({"model": {"num_query_groups": 3}}, "model.num_query_groups"),

@@ -7,6 +7,8 @@ import pytest
 
 from fuzz_harness import assert_clean_ending, run_cli_bounded
 
+pytestmark = pytest.mark.slow  # the first case imports megatron-core and the trainer (~6 s), to fork from them
+
 
 def test_a_refusal_is_a_clean_ending(tmp_path):
     outcome = run_cli_bounded(["train", "--config", str(tmp_path / "missing.yaml")], cwd=tmp_path, seconds=20)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from megatron_ext.config.layout import config_layout_problems
+from megatron_ext.config.limits import validate_sizes, validate_tiny_vocabulary
 from megatron_ext.config.reader import ConfigError, check, read_config
 from megatron_ext.rope.config import RopeConfig
 
@@ -20,6 +21,8 @@ from megatron_ext.rope.config import RopeConfig
 # its FREE_ON_RESUME ones, every field in exactly one (tests/test_start.py checks that each field has a class);
 # megatron_ext.training.start reads them.
 FIXED, FREE = "fixed", "free"
+
+MAX_LR = 1.0  # optimizer.lr above this is a typo (validate says why)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class DataConfig:
     tiny_corpus_passkey_prompts: int = 0
     tokenizer_vocab_size: int = 2000  # for the tokenizer trained on the tiny corpus
     cache_dir: str = "runs/cache"
-    upsample: dict[str, dict] = field(default_factory=dict)  # source -> {min_tokens, factor}
+    upsample: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> {min_tokens, factor}
     # validation (training.eval_interval): its own prefixes, or megatron's split string over the training data's
     # documents ("train,valid[,test]" weights, e.g. "98,2,0"; each source split alike)
     valid_data: list[str] = field(default_factory=list)
@@ -333,6 +336,7 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
         check(value >= 1, f"{key}: {value} must be >= 1")
+    validate_sizes(c)  # every size and count in its range (config/limits.py), before any arithmetic on them
     groups = m.num_query_groups or m.num_attention_heads
     check(m.hidden_size % m.num_attention_heads == 0,
            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
@@ -384,10 +388,16 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
         check(Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file(),
                f"data.train_data: {prefix}.bin/.idx not found; make them with `megatron-ext preprocess`")
     _validate_tokenizer(c.data, check_files, pretrained=c.checkpoint.pretrained)
+    if check_files:
+        validate_tiny_vocabulary(c)
     try:
         c.rope.validate(num_attention_heads=m.num_attention_heads, num_query_groups=groups)
-    except ValueError as error:
+    except (ValueError, ArithmeticError) as error:
         raise ConfigError(f"rope: {error}") from None
+    except TypeError as error:  # the params are passed as keywords: an unknown or ill-typed one lands here
+        raise ConfigError(f"rope.head_base_params / rope.scaling_params ({c.rope.head_base_params}, "
+                          f"{c.rope.scaling_params}) do not fit rope.head_base_strategy "
+                          f"{c.rope.head_base_strategy!r} / rope.scaling {c.rope.scaling!r}: {error}") from None
 
 
 def _validate_numbers(c: TrainConfig) -> None:
@@ -398,6 +408,16 @@ def _validate_numbers(c: TrainConfig) -> None:
                        ("model.norm_epsilon", m.norm_epsilon), ("model.init_method_std", m.init_method_std)):
         check(math.isfinite(value), f"{key} ({value}) must be a finite number: set it to an ordinary value")
     check(o.lr > 0, f"optimizer.lr ({o.lr}) must be > 0: set e.g. optimizer.lr=3e-4")
+    # Adam moves every weight by about lr per step; weights start near init_method_std (0.02): an lr above 1
+    # replaces them with noise at the first step and ends in the non-finite stop (1e39 used to exit 1)
+    check(o.lr <= MAX_LR, f"optimizer.lr ({o.lr}) must be at most {MAX_LR}: Adam moves every weight by about lr "
+                          "per step; set e.g. optimizer.lr=3e-4")
+    # decoupled weight decay multiplies every weight by (1 - lr x weight_decay) per step: >= 1 zeroes or flips them
+    check(o.weight_decay >= 0 and o.lr * o.weight_decay < 1,
+          f"optimizer.weight_decay ({o.weight_decay}) must be >= 0 with lr x weight_decay < 1 (now "
+          f"{o.lr * o.weight_decay:g}; each step scales the weights by 1 - lr x weight_decay): set e.g. 0.1")
+    check(c.logging.gpu_peak_tflops is None or c.logging.gpu_peak_tflops > 0,
+          f"logging.gpu_peak_tflops ({c.logging.gpu_peak_tflops}) must be > 0 TFLOP/s, or null to look it up")
     check(o.adam_eps > 0, f"optimizer.adam_eps ({o.adam_eps}) must be > 0 (it keeps Adam's division finite): "
                           "set e.g. optimizer.adam_eps=1e-8")
     check(m.norm_epsilon > 0, f"model.norm_epsilon ({m.norm_epsilon}) must be > 0 (it keeps the norm's division "
