@@ -154,6 +154,12 @@ class EvalModelLM(TemplateLM):
 
     def _generate(self, context: str, gen_kwargs: dict, task: str | None) -> str:
         """Greedy continuation of `context`, cut before the first stop string; stops at EOS or max_gen_toks."""
+        prompt, max_new_tokens, until = self._generation_job(context, gen_kwargs, task)
+        generated = greedy_tokens(self.model, prompt, max_new_tokens, lambda tokens: self._stops(tokens, until))
+        return self._decoded(generated, until)
+
+    def _generation_job(self, context: str, gen_kwargs: dict, task: str | None) -> tuple[list[int], int, list[str]]:
+        """(prompt ids, most new tokens, stop strings) of a greedy request; sampling requests are refused."""
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         if kwargs["do_sample"]:
             raise EvalSettingsError(f"lm_eval: task {task} samples (do_sample / temperature > 0): megatron-ext "
@@ -164,14 +170,16 @@ class EvalModelLM(TemplateLM):
             raise EvalSettingsError(f"lm_eval: task {task} generates up to {max_new_tokens} tokens, max_length is "
                                     f"{self.max_length}: raise --max-length")
         prompt = self.tok_encode(context)[-room:] or [self.prefix_token_id]  # an empty context without BOS
-        eos = self.eot_token_id
+        return prompt, max_new_tokens, until
 
-        def stop(generated: list[int]) -> bool:
-            text = self.tok_decode(generated)
-            return generated[-1] == eos or any(s and s in text for s in until)
+    def _stops(self, generated: list[int], until: list[str]) -> bool:
+        """Generation ends after this token: EOS, or a stop string in the text so far."""
+        text = self.tok_decode(generated)
+        return generated[-1] == self.eot_token_id or any(s and s in text for s in until)
 
-        generated = greedy_tokens(self.model, prompt, max_new_tokens, stop)
-        if generated[-1] == eos:
+    def _decoded(self, generated: list[int], until: list[str]) -> str:
+        """The response: the text without a final EOS, cut before the first stop string."""
+        if generated and generated[-1] == self.eot_token_id:
             generated = generated[:-1]
         return postprocess_generated_text(self.tok_decode(generated), until, None)
 

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 from megatron_ext.eval.settings import EvalSettingsError
 
-LM_EVAL_VERSION = "0.4.13"  # what setup.py's `eval` extra installs and the tests run
+LM_EVAL_VERSION = "0.4.13"  # what setup.py's `eval` extra (and tools/serve_env.sh) installs and the tests run
+BACKENDS = ("default", "vllm")
+SERVE_ENV_HINT = ("make serve-env, then run .venv-serve/bin/megatron-ext eval lm-eval --backend vllm ... "
+                  "(vLLM has its own environment: it pins its own torch)")
 
 
 @dataclass
@@ -29,6 +32,10 @@ class LmEvalSettings:
         help="tokens generated when a task sets no max_gen_toks (lm-eval's own default)"))
     log_samples: bool = field(default=False, metadata=dict(
         help="also write every request with the model's response (samples_<task>.jsonl)"))
+    backend: str = field(default="default", metadata=dict(
+        help="what computes the scores: 'default' (megatron_ext's own forward passes on the loaded model) or "
+             "'vllm' (a vLLM engine on the model's export, a checkpoint exported first; run it from the serving "
+             "environment, `make serve-env`: .venv-serve/bin/megatron-ext eval lm-eval --backend vllm ...)"))
     metadata: str | None = field(default=None, metadata=dict(
         help="JSON object handed to the tasks, as lm-eval's --metadata; its RULER tasks need "
              "'{\"tokenizer\": \"<Hugging Face tokenizer dir>\", \"max_seq_lengths\": [4096]}'"))
@@ -44,6 +51,8 @@ class LmEvalSettings:
             raise EvalSettingsError(f"lm_eval.num_fewshot ({self.num_fewshot}) must be >= 0")
         if self.max_length is not None and self.max_length < 2:
             raise EvalSettingsError(f"lm_eval.max_length ({self.max_length}) must be >= 2")
+        if self.backend not in BACKENDS:
+            raise EvalSettingsError(f"lm_eval.backend ({self.backend!r}) must be one of {', '.join(BACKENDS)}")
         if self.metadata is not None and not isinstance(_json_or_none(self.metadata), dict):
             raise EvalSettingsError(f"lm_eval.metadata ({self.metadata}) must be a JSON object, e.g. "
                                     '\'{"max_seq_lengths": [4096]}\'')
@@ -62,3 +71,9 @@ def require_lm_eval() -> str:
         raise EvalSettingsError(f"lm_eval: lm-evaluation-harness is not installed: pip install -e \".[eval]\" "
                                 f"(lm-eval=={LM_EVAL_VERSION})")
     return importlib.metadata.version("lm_eval")
+
+
+def require_vllm() -> None:
+    """An EvalSettingsError naming the serving environment where this Python has no vLLM."""
+    if importlib.util.find_spec("vllm") is None:
+        raise EvalSettingsError(f"lm_eval.backend vllm: vLLM is not installed in this Python: {SERVE_ENV_HINT}")

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_ext.eval.harness.settings import LM_EVAL_VERSION, LmEvalSettings, require_lm_eval
+from megatron_ext.eval.harness.settings import LM_EVAL_VERSION, LmEvalSettings, require_lm_eval, require_vllm
 from megatron_ext.eval.results import EvalResult, markdown_table
 
 log = logging.getLogger("megatron_ext")
@@ -59,19 +59,32 @@ def prepare(settings: LmEvalSettings) -> None:
     from megatron_ext.eval.harness.tasks import load_tasks
 
     version = require_lm_eval()
+    if settings.backend == "vllm":
+        require_vllm()
     if version != LM_EVAL_VERSION:
         log.warning(f"megatron_ext: lm-eval {version} is installed; megatron-ext is tested with {LM_EVAL_VERSION}")
     load_tasks(settings.tasks, settings.metadata)
 
 
 def evaluate_lm_eval(model, settings: LmEvalSettings) -> LmEvalResult:
-    """The settings' lm-eval tasks on `model` (an EvalModel), through EvalModelLM."""
-    from megatron_ext.eval.harness.lm import EvalModelLM
-
+    """The settings' lm-eval tasks on `model` (an EvalModel), through EvalModelLM, or with backend 'vllm' through
+    VllmLM (the same requests and tokens, scored by a vLLM engine on the model's export)."""
     settings.validate()
-    lm = EvalModelLM(model, max_length=settings.max_length, batch_size=settings.batch_size,
-                     max_gen_tokens=settings.max_gen_tokens)
-    harness = run_harness(lm, settings)
+    sizes = dict(max_length=settings.max_length, batch_size=settings.batch_size,
+                 max_gen_tokens=settings.max_gen_tokens)
+    if settings.backend == "vllm":
+        from megatron_ext.eval.harness.vllm_lm import VllmLM
+
+        lm = VllmLM(model, **sizes)
+        try:
+            harness = run_harness(lm, settings)
+        finally:
+            lm.close()
+    else:
+        from megatron_ext.eval.harness.lm import EvalModelLM
+
+        lm = EvalModelLM(model, **sizes)
+        harness = run_harness(lm, settings)
     return LmEvalResult(model=model.name, context_window=model.context_window, max_length=lm.max_length,
                         lm_eval_version=require_lm_eval(), rows=rows_of(harness), harness=harness)
 
