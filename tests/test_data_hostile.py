@@ -125,6 +125,15 @@ def test_a_damaged_index_is_refused_naming_it(tokenizer, tmp_path, damage):
         check_data_tokenizer(prefix, tokenizer)
 
 
+def test_data_of_empty_documents_only_is_refused_naming_the_bin(tokenizer, tmp_path):
+    """Found by tests/test_fuzz_data.py: an index of empty documents and its empty .bin passed every check, then
+    megatron's dataset failed with "cannot mmap an empty file"."""
+    prefix = megatron_indexed(tmp_path / "empty", [[], []], np.uint16)
+    with pytest.raises(InputError, match=rf"data file '{prefix}\.bin' holds no tokens \(its index lists 2 documents, "
+                                         r"all empty\)"):
+        build_gpt_dataset([prefix], 8, tokenizer, num_samples=4, seed=0)
+
+
 def test_negative_token_ids_are_refused_naming_the_data(tokenizer, tmp_path):
     prefix = megatron_indexed(tmp_path / "negative", [[5, 6, -1, 2]] * 10, np.int32)
     with pytest.raises(InputError, match=rf"data.train_data: data prefix '{prefix}' holds token id -1: ids are "

@@ -12,6 +12,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -58,7 +59,9 @@ def seed(tmp_path_factory) -> dict:
     tokenizer.save(str(hf / "tokenizer.json"))
     (hf / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return dict(work=work, model=model, data=work / "data", hf=hf, corpus=corpus)
+    encoder = SentencePieceTokenizer(model)
+    return dict(work=work, model=model, data=work / "data", hf=hf, corpus=corpus, vocab_size=encoder.vocab_size,
+                eod=encoder.eod)
 
 
 def case_dir(seed) -> Path:
@@ -144,14 +147,45 @@ def mutated_index(draw, original: bytes):
     return bytes(index)
 
 
+@st.composite
+def regrouped_index(draw, original: bytes):
+    """The original .idx with its sequences grouped into other documents: still a valid index."""
+    index = bytearray(original)
+    sequences, boundaries = struct.unpack_from("<QQ", index, 18)
+    inner = draw(st.lists(st.integers(1, sequences - 1), min_size=boundaries - 2, max_size=boundaries - 2))
+    for at, value in enumerate([0, *sorted(inner), sequences]):
+        struct.pack_into("<q", index, HEADER + 12 * sequences + 8 * at, value)
+    return bytes(index)
+
+
+@st.composite
+def written_dataset(draw, vocab_size: int, eod: int) -> tuple[bytes, bytes]:
+    """(idx, bin) of documents megatron's own builder writes: empty ones, single tokens, EOD runs, long ones."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    token = st.integers(0, vocab_size - 1) | st.just(eod)
+    documents = draw(st.lists(st.lists(token, max_size=40) | st.lists(st.just(eod), max_size=5), min_size=1,
+                              max_size=12))
+    scratch = Path(tempfile.mkdtemp(prefix="written_"))
+    builder = IndexedDatasetBuilder(str(scratch / "d.bin"), dtype=DType.optimal_dtype(vocab_size))
+    for document in documents:
+        builder.add_document(np.asarray(document, dtype=np.int64), [len(document)])
+    builder.finalize(str(scratch / "d.idx"))
+    return (scratch / "d.idx").read_bytes(), (scratch / "d.bin").read_bytes()
+
+
 @fuzz_settings(70)
 @given(data=st.data())
 def test_fuzzed_index_files_end_in_a_clean_refusal_or_train(seed, data):
     original = Path(f"{seed['data']}.idx").read_bytes()
-    idx = data.draw(st.one_of(mutated_index(original), st.binary(max_size=200),
-                              st.binary(max_size=200).map(lambda tail: original[:HEADER] + tail)), label="idx")
-    open_with_train(seed, idx, Path(f"{seed['data']}.bin").read_bytes(), sidecar=data.draw(st.booleans()),
-                    mask_eod_loss=data.draw(st.booleans()))
+    original_bin = Path(f"{seed['data']}.bin").read_bytes()
+    pairs = st.one_of(
+        st.one_of(mutated_index(original), regrouped_index(original), st.binary(max_size=200),
+                  st.binary(max_size=200).map(lambda tail: original[:HEADER] + tail)).map(lambda idx: (idx, original_bin)),
+        written_dataset(seed["vocab_size"], seed["eod"]))
+    idx, bin_ = data.draw(pairs, label="idx, bin")
+    open_with_train(seed, idx, bin_, sidecar=bin_ is original_bin and data.draw(st.booleans(), label="sidecar"),
+                    mask_eod_loss=data.draw(st.booleans(), label="mask_eod_loss"))
 
 
 @fuzz_settings(20)
@@ -174,10 +208,19 @@ def json_values():
                         max_leaves=6)
 
 
+def good_lines():
+    """A valid record: text of any characters (escaped or raw UTF-8), with or without a source."""
+    text = st.text(max_size=80)
+    return st.one_of(st.builds(lambda t: json.dumps({"text": t}).encode(), text),
+                     st.builds(lambda t: json.dumps({"text": t}, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+                               text),
+                     st.builds(lambda t, s: json.dumps({"text": t, "source": s}).encode(), text, st.text(max_size=8)))
+
+
 def jsonl_lines():
     """One line each: a good record, or one of the ways a line goes wrong."""
     text = st.text(max_size=80)
-    good = st.builds(lambda t: json.dumps({"text": t}).encode(), text)
+    good = good_lines()
     good_with_source = st.builds(lambda t, s: json.dumps({"text": t, "source": s}).encode(), text, json_values())
     wrong_text = st.builds(lambda v: json.dumps({"text": v}).encode(), json_values())
     missing = st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(st.text(max_size=6).filter(
@@ -217,7 +260,8 @@ def valid_records(content: bytes) -> int | None:
 
 
 @fuzz_settings(60)
-@given(lines=st.lists(jsonl_lines(), max_size=6), trailing_newline=st.booleans())
+@given(lines=st.lists(jsonl_lines(), max_size=6) | st.lists(good_lines(), min_size=1, max_size=6),
+       trailing_newline=st.booleans())
 def test_fuzzed_jsonl_lines_end_in_a_clean_refusal_or_a_dataset_of_their_records(seed, lines, trailing_newline):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -249,7 +293,7 @@ CUSTOM_CODE = ("import pathlib\npathlib.Path(__file__).with_name('EXECUTED').wri
 
 def tokenizer_json_variants(seed):
     good = (seed["hf"] / "tokenizer.json").read_bytes()
-    return st.sampled_from([
+    return st.just(("good", good)) | st.sampled_from([
         ("good", good), ("missing", None), ("garbage", b"\x00\xff not json {"), ("truncated", good[: len(good) // 2]),
         ("list", b"[1, 2, 3]"), ("wrong model", json.dumps({"model": {"type": "Nonexistent"}}).encode()),
         ("empty", b""), ("string", b'"tokenizer"'),
@@ -259,7 +303,7 @@ def tokenizer_json_variants(seed):
 def tokenizer_config_variants():
     base = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
             "unk_token": "<unk>"}
-    return st.sampled_from([
+    return st.just(("good", base)) | st.sampled_from([
         ("good", base), ("missing", None), ("garbage", b"{{{ \xfe"), ("list", []),
         ("custom code", dict(base, tokenizer_class="EvilTokenizer",
                              auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]})),
@@ -272,7 +316,7 @@ def tokenizer_config_variants():
 
 
 def model_config_variants():
-    return st.sampled_from([
+    return st.just(("missing", None)) | st.sampled_from([
         ("missing", None), ("llama", {"model_type": "llama"}), ("unknown type", {"model_type": "nonexistent"}),
         ("garbage", b"\x00"), ("custom code", {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}),
     ])
@@ -297,8 +341,8 @@ def test_fuzzed_tokenizer_directories_end_in_a_clean_refusal_or_preprocess_and_n
     write_variant(directory / "config.json", data.draw(model_config_variants(), label="config.json"))
     (directory / "tokenization_evil.py").write_text(CUSTOM_CODE)
     (directory / "evil.py").write_text(CUSTOM_CODE)
-    linked = data.draw(st.sampled_from([None, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]),
-                       label="symlinked out of the directory")
+    linked = data.draw(st.sampled_from([None] * 9 + ["tokenizer.json", "tokenizer_config.json",
+                                                     "special_tokens_map.json"]), label="symlinked out of the directory")
     if linked is not None:
         outside = case / f"outside_{linked}"
         outside.write_bytes((seed["hf"] / linked).read_bytes() if (seed["hf"] / linked).is_file() else b"{}")

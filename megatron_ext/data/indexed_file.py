@@ -28,9 +28,9 @@ def check_indexed_dataset(prefix: str | Path) -> None:
 
     Checked: magic and version; an integer token dtype (megatron's code table knows float32/float64 too, which
     no tokenizer writes and the dataset cannot cast to ids); the file size the header's counts imply; no negative
-    length; every sequence's bytes inside the .bin, the last one ending at its end; document boundaries that start
-    at 0, never decrease and end at the sequence count. Reads the index in chunks (12 bytes per sequence, as
-    megatron itself reads it when it builds its sample index), never the tokens."""
+    length; the sequences back to back from byte 0, the last one ending where the .bin ends; document boundaries
+    that start at 0, never decrease and end at the sequence count; at least one token. Reads the index in chunks
+    (12 bytes per sequence, as megatron itself reads it when it builds its sample index), never the tokens."""
     idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     idx_bytes, bin_bytes = idx_path.stat().st_size, bin_path.stat().st_size
     with idx_path.open("rb") as idx:
@@ -51,6 +51,9 @@ def check_indexed_dataset(prefix: str | Path) -> None:
             f"{max(boundaries - 1, 0)} documents ({expected_idx} bytes), found {idx_bytes} bytes: {REPREPROCESS}")
     _check_sequences(idx_path, bin_path, sequences, boundaries - 1, token_bytes, bin_bytes)
     _check_document_boundaries(idx_path, boundaries_start, boundaries, sequences)
+    if bin_bytes == 0:  # whole, but nothing to read (megatron cannot even map an empty .bin)
+        raise InputError(f"data file '{bin_path}' holds no tokens (its index lists {boundaries - 1} documents, all "
+                         "empty): preprocess documents that are not empty, or leave this prefix out")
 
 
 def token_dtype(idx_path: Path, dtype_code: int | None = None) -> np.dtype:
