@@ -252,7 +252,6 @@ def by_hand(model, micro_batches) -> tuple[float, float]:
     return loss_sum, tokens
 
 
-@pytest.mark.slow
 def test_a_micro_batch_without_loss_tokens_adds_nothing_and_a_step_without_any_is_not_nan(single_rank, tmp_path):
     """Micro-batches [a, none, b] (none: every loss_mask 0) give the loss and the gradients of [a, b]: the token
     mean over a's and b's tokens by hand, gradients equal. A step of micro-batches without any loss token reports
