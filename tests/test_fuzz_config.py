@@ -73,21 +73,51 @@ values = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4),
                             st.dictionaries(st.one_of(st.text(max_size=8), st.integers(-2, 2)), inner, max_size=4)),
     max_leaves=12,
-) | st.builds(nested, st.integers(20, 150), scalars)  # YAML's emitter recurses
+
+)
+values = st.one_of(values, values, values, st.builds(nested, st.integers(20, 150), scalars))  # deep: 1 in 4
+
+
+def plausible(path: tuple[str, ...]):
+    """A value of the setting's declared kind in an ordinary range: such mutations often keep the config valid, so
+    the accepting path (up to where training begins) is fuzzed too, not only refusals."""
+    import typing
+
+    from megatron_ext.config import TrainConfig
+
+    if len(path) != 2:
+        return st.integers(1, 10)
+    section = typing.get_type_hints(TrainConfig)[path[0]]
+    hint = typing.get_type_hints(section)[path[1]]
+    kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    options = []
+    for kind in kinds:
+        if kind is bool:
+            options.append(st.booleans())
+        elif kind is int:
+            options.append(st.sampled_from([1, 2, 4, 8, 16, 64]))
+        elif kind is float:
+            options.append(st.sampled_from([1e-5, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0]))
+        elif kind is str:
+            options.append(st.sampled_from(["none", "auto", "code", "paper", "uniform", "cosine", "p2p", "x"]))
+    return st.one_of(options) if options else st.none()
 
 
 @st.composite
 def mutated_config(draw) -> str:
-    """A YAML document: the tiny config with 1-4 mutations (of values, keys, sections, aliases or the text)."""
+    """A YAML document: the tiny config with 1-3 mutations (of values, keys, sections, aliases or the text)."""
     import copy
 
     raw = copy.deepcopy(BASE)
     alias_prelude = ""
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["value", "value", "value", "unknown", "section", "alias", "none"]))
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["value", "value", "plausible", "plausible", "plausible", "unknown", "section",
+                                     "alias", "none"]))
         path = draw(st.sampled_from(setting_paths()))
         if kind == "value":
             _set(raw, path, draw(values))
+        elif kind == "plausible":
+            _set(raw, path, draw(plausible(path)))
         elif kind == "unknown":
             section = draw(st.sampled_from([None, *BASE]))
             name = draw(st.text(min_size=1, max_size=30) | st.sampled_from(["lrr", "num_layer"])

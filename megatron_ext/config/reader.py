@@ -193,7 +193,8 @@ def from_dict(cls, raw: dict, prefix: str):
             close = likely_meant(name, [*known, *renamed]) if len(name) <= 64 else None
             close = renamed.get(close, close)
             hint = f"did you mean '{prefix}{close}'?" if close else f"known keys: {', '.join(sorted(known))}"
-            shown_key = name if len(name) <= 64 else name[:64] + "..."
+            shown_key = (name if name.isprintable() else repr(name)[1:-1])  # no control characters on a terminal
+            shown_key = shown_key if len(shown_key) <= 64 else shown_key[:64] + "..."
             raise ConfigError(f"unknown key '{prefix}{shown_key}': {hint}")
     values = {}
     for key, value in raw.items():
