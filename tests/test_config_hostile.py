@@ -81,6 +81,14 @@ def test_deep_nesting_and_broken_yaml_are_one_line(tmp_path):
         load(tmp_path, TINY, ["model.num_layers=["])
 
 
+def test_a_file_too_large_for_a_config_is_refused_unread(tmp_path):
+    path = tmp_path / "c.yaml"
+    with open(path, "w") as f:
+        f.write(TINY + "# " + "x" * (17 * 2**20) + "\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: \d+ bytes is more than a config holds \(at most 16 MiB\)"):
+        load_config(path, check_files=False)
+
+
 def test_a_huge_unknown_key_is_named_short_and_fast(tmp_path):
     started = time.monotonic()
     text = TINY + "model:\n  ? " + "k" * 200_000 + "\n  : 1\n"  # YAML's explicit key: plain ones stop at 1024
