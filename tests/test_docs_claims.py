@@ -85,6 +85,46 @@ def test_every_workflow_of_the_readmes_tour_names_its_tests():
     assert [section.splitlines()[0] for section in sections if not test_references(section)] == []
 
 
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+DOTTED_NAME = re.compile(r"`(megatron_ext(?:\.\w+)+)")
+
+
+def missing_links(page: str) -> list[str]:
+    """The relative links of a page whose target is not there (web addresses left alone)."""
+    text = (ROOT / page).read_text()
+    return [target for target in LINK.findall(text)
+            if "://" not in target and not ((ROOT / page).parent / target).exists()]
+
+
+def undefined_names(text: str) -> list[str]:
+    """Each `megatron_ext.module.name` in `text` that names no module, or no name its module defines (read from the
+    source: a def, class, assignment or import, or a name in its lazy table or __all__), importing nothing."""
+    undefined = []
+    for dotted in sorted(set(DOTTED_NAME.findall(text))):
+        parts = dotted.split(".")
+        for split in range(len(parts), 0, -1):  # the longest prefix that is a module or package
+            base = ROOT.joinpath(*parts[:split])
+            source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+            if source.is_file():
+                break
+        else:
+            undefined.append(dotted)
+            continue
+        rest = parts[split:]
+        defined = rf"^(def|class) {rest[0]}\b|^{rest[0]} *[:=]|^from \S+ import .*\b{rest[0]}\b|\"{rest[0]}\"" \
+            if rest else ""
+        if len(rest) > 1 or (rest and not re.search(defined, source.read_text(), re.M)):
+            undefined.append(dotted)
+    return undefined
+
+
+@pytest.mark.parametrize("page", CLAIM_PAGES)
+def test_every_link_and_name_a_page_gives_is_there(page):
+    """A moved module or a renamed function leaves no stale pointer (e.g. a writer that moved to another package)."""
+    assert missing_links(page) == []
+    assert undefined_names((ROOT / page).read_text().replace("megatron_ext.json", "")) == []
+
+
 def test_a_renamed_or_removed_test_is_caught():
     """The checks catch what they are for: a misspelt function, a missing file, a claim naming no test."""
     assert missing_tests("(tests/test_docs_claims.py::test_a_renamed_or_removed_test_is_caught)") == []
@@ -95,6 +135,9 @@ def test_a_renamed_or_removed_test_is_caught():
             "- a claim over two lines, its test\n  on the second (tests/test_docs_claims.py::claims)\n"
             "- a claim with none\n- a limit (no test: needs a GPU)\n")
     assert claims_without_a_test(page) == ["- a claim with none"]
+    assert undefined_names("`megatron_ext.data.passkey_data.write_passkey_dataset`, `megatron_ext.rope`") == []
+    assert undefined_names("`megatron_ext.data.retrieval.write_passkey_dataset` `megatron_ext.nowhere`") == [
+        "megatron_ext.data.retrieval.write_passkey_dataset", "megatron_ext.nowhere"]
 
 
 def test_the_pages_name_hundreds_of_tests():
