@@ -159,6 +159,15 @@ def regrouped_index(draw, original: bytes):
 
 
 @st.composite
+def overwritten_tokens(draw, original: bytes) -> bytes:
+    """The original .bin with a few bytes overwritten: ids beyond the vocabulary among them."""
+    tokens = bytearray(original)
+    for _ in range(draw(st.integers(1, 4))):
+        tokens[draw(st.integers(0, len(tokens) - 1))] = draw(st.integers(0, 255))
+    return bytes(tokens)
+
+
+@st.composite
 def written_dataset(draw, vocab_size: int, eod: int) -> tuple[bytes, bytes]:
     """(idx, bin) of documents megatron's own builder writes: empty ones, single tokens, EOD runs, long ones."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -182,8 +191,10 @@ def test_fuzzed_index_files_end_in_a_clean_refusal_or_train(seed, data):
     pairs = st.one_of(
         st.one_of(mutated_index(original), regrouped_index(original), st.binary(max_size=200),
                   st.binary(max_size=200).map(lambda tail: original[:HEADER] + tail)).map(lambda idx: (idx, original_bin)),
-        written_dataset(seed["vocab_size"], seed["eod"]))
+        written_dataset(seed["vocab_size"], seed["eod"]),
+        overwritten_tokens(original_bin).map(lambda bin_: (original, bin_)))
     idx, bin_ = data.draw(pairs, label="idx, bin")
+    # the record's largest id is trusted for a .bin of the size it records: only the original .bin may have it
     open_with_train(seed, idx, bin_, sidecar=bin_ is original_bin and data.draw(st.booleans(), label="sidecar"),
                     mask_eod_loss=data.draw(st.booleans(), label="mask_eod_loss"))
 
