@@ -180,6 +180,16 @@ def test_a_lock_held_by_an_orphaned_rank_is_named_with_the_command_that_ends_it(
     assert len(lines) == 1, lines
     assert f"in use by process {orphan}" in lines[0] and f"process {orphan} on {socket.gethostname()} is an orphan" \
         in lines[0] and f"kill {orphan}" in lines[0], lines[0]
+    # a holder whose launcher lives (here: this test) is a live job, not an orphan
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / "orphaned" / "megatron_ext.lock").write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": holder.pid, "heartbeat_s": 30.0}))
+        assert main(["train", "--config", str(config), "--nproc-per-node", "2"]) == 2
+    finally:
+        holder.kill()
+    line = capsys.readouterr().err.strip()
+    assert f"in use by process {holder.pid}" in line and "is an orphan" not in line, line
 
 
 # --- case 9: a rank that does not answer ----------------------------------------------------------
@@ -232,7 +242,7 @@ def test_distributed_timeout_minutes_reaches_the_process_groups():
     config = from_dict(TrainConfig, {"parallel": {"distributed_timeout_minutes": 0.1}}, prefix="")
     assert collective_timeout(config.parallel).total_seconds() == pytest.approx(6.0)
     assert collective_timeout(from_dict(TrainConfig, {}, prefix="").parallel).total_seconds() == 600
-    with pytest.raises(ConfigError, match=r"parallel.distributed_timeout_minutes \(0\) must be > 0"):
+    with pytest.raises(ConfigError, match=r"parallel.distributed_timeout_minutes \(0(\.0)?\) must be > 0"):
         validate(from_dict(TrainConfig, {"parallel": {"distributed_timeout_minutes": 0},
                                          "data": {"tiny_corpus": True}}, prefix=""), check_files=False)
 

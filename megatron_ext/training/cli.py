@@ -152,9 +152,8 @@ def describe_orphan(root) -> str:
         command = " ".join(holder.cmdline())[:160]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, psutil.Error):
         return ""
-    launcher_gone = parent is None or parent.pid == 1 or (
-        "torch.distributed.run" not in " ".join(parent.cmdline()) and "megatron" not in " ".join(parent.cmdline()))
-    if not launcher_gone:
+    # re-parented: to init (pid 1) or a session's reaper (systemd --user); a holder whose parent lives is no orphan
+    if parent is not None and parent.pid != 1 and parent.name() not in ("systemd", "init"):
         return ""
     return (f"; process {holder.pid} on {owner['host']} is an orphan: its launcher is gone (parent now "
             f"{parent.pid if parent else 'none'} {parent.name() if parent else ''}), command: {command!r}. "
