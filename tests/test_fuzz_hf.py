@@ -10,6 +10,7 @@ Seeded (derandomize): CI runs the same cases every time. Each case is a fork of 
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 SECONDS = 30  # per case: a refusal takes milliseconds, a successful conversion or evaluation about a second
 MEMORY_MB = 2048  # address space a case may add to the forked parent's
-EXAMPLES = 12  # per test: 8 tests keep the file near 40 s on a quiet 2-core machine
+EXAMPLES = int(os.environ.get("FUZZ_HF_EXAMPLES", 12))  # per test: 8 tests keep the file near 40 s on a quiet 2-core machine
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -32,6 +33,7 @@ PRELOAD = ("megatron_ext.eval.models", "megatron_ext.eval.perplexity", "megatron
            "megatron_ext.convert.mcore_io", "transformers.models.llama.modeling_llama",
            "transformers.models.auto.tokenization_auto")
 ENDINGS: Counter = Counter()  # (test family, command, exit code) -> cases, printed at the end of the module
+REFUSALS: Counter = Counter()  # the first words of each refusal -> cases
 
 # --- values ---------------------------------------------------------------------------------------
 
@@ -78,6 +80,9 @@ def seed_dir(tmp_path_factory):
     print("\nfuzz_hf endings (family, command, exit code): cases")
     for key, count in sorted(ENDINGS.items(), key=str):
         print(f"  {key}: {count}")
+    print("refusals, by their first words:")
+    for words, count in REFUSALS.most_common():
+        print(f"  {count:4d}  {words}")
 
 
 def run_case(seed: Path, command: str, family: str, mutate) -> None:
@@ -97,6 +102,9 @@ def run_case(seed: Path, command: str, family: str, mutate) -> None:
                     "--output-dir", Path(scratch) / "eval"]
         outcome = run_cli_bounded(argv, cwd=scratch, seconds=SECONDS, memory_mb=MEMORY_MB)
         ENDINGS[(family, command, outcome.exit_code)] += 1
+        if outcome.exit_code == 2:  # what the refusals say, by their first words (paths left out)
+            message = outcome.stderr.strip().splitlines()[-1].replace(str(scratch), "")
+            REFUSALS[" ".join(message.split()[2:8])] += 1
         ENDINGS[(family, command, "slowest seconds")] = max(ENDINGS[(family, command, "slowest seconds")],
                                                             math.ceil(outcome.seconds))
         if outcome.seconds > 5:
@@ -183,7 +191,8 @@ def test_hostile_safetensors_header_ends_cleanly(seed_dir, command, mutation):
 
 # --- model.safetensors.index.json --------------------------------------------------------------------
 
-SHARD_NAMES = st.one_of(st.sampled_from(["model.safetensors", "../model.safetensors", "/etc/hostname", "missing.bin",
+SOUND = "the weight file's own name"
+SHARD_NAMES = st.one_of(st.sampled_from([SOUND, SOUND, "model.safetensors", "../model.safetensors", "/etc/hostname", "missing.bin",
                                          "", ".", "sub/../model.safetensors", "config.json", "tokenizer.json",
                                          "model.safetensors\0x", "../seed/model.safetensors"]), JUNK)
 INDEX = st.one_of(  # ("every tensor in", shard name) or ("as written", the index file's JSON)
@@ -198,13 +207,17 @@ INDEX = st.one_of(  # ("every tensor in", shard name) or ("as written", the inde
 def mutate_index(index, keep_single_file: bool):
     def mutate(model: Path) -> None:
         how, body = index
+        own_name = "model.safetensors" if keep_single_file else "model-00001-of-00001.safetensors"
         if how == "every tensor in":
             raw = (model / "model.safetensors").read_bytes()
             names = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
             body = {"weight_map": {name: body for name in names if name != "__metadata__"}}
+        if isinstance(body, dict) and isinstance(body.get("weight_map"), dict):
+            body["weight_map"] = {name: own_name if shard == SOUND else shard
+                                  for name, shard in body["weight_map"].items()}
         (model / "model.safetensors.index.json").write_text(json.dumps(body))
         if not keep_single_file:
-            (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+            (model / "model.safetensors").rename(model / own_name)
     return mutate
 
 

@@ -292,3 +292,72 @@ def test_hub_cache_links_and_a_sound_directory_pass(tmp_path):
         shutil.copy(file, blobs / f"blob{index}")
         os.symlink(Path("..") / ".." / "blobs" / f"blob{index}", snapshot / file.name)
     assert check_hf_directory(snapshot) == [snapshot / "model.safetensors"]
+
+
+# --- config.json values of the wrong kind, and sizes its weights cannot fill ------------------------------
+
+
+WRONG_KINDS = {  # field -> (value, what the refusal says it must be)
+    "attention_dropout": (None, "not a number from 0 to 1"),
+    "attention_bias": ("yes", "not true or false"),
+    "hidden_size": ("64", "not an integer from 1 to"),
+    "num_key_value_heads": (-1, "not null or an integer from 1 to"),
+    "rms_norm_eps": (float("nan"), "not a number between 0 and 1"),
+    "rope_scaling": ([1, 2], "not null or an object of RoPE settings"),
+    "architectures": ("LlamaForCausalLM", "not a list of class names"),
+    "rope_parameters": ({"rope_type": "longrope", "long_factor": "a"}, "not null or an object of RoPE settings"),
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("field", WRONG_KINDS)
+def test_config_value_of_the_wrong_kind_is_refused_by_name(hf_dir, capsys, command, field):
+    value, phrase = WRONG_KINDS[field]
+    settings = json.loads((hf_dir / "config.json").read_text())
+    settings[field] = value
+    (hf_dir / "config.json").write_text(json.dumps(settings))
+    code, err = COMMANDS[command](hf_dir, capsys)
+    assert_refused(code, err, command, "config.json", f"{field} is {value!r}", phrase)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("field, value", [("hidden_size", 2**20), ("num_hidden_layers", 10**6),
+                                          ("vocab_size", 2**31 - 1), ("intermediate_size", 2**30)])
+def test_config_claiming_a_model_its_weights_cannot_fill_is_refused_before_allocating(tmp_path, command, field,
+                                                                                       value):
+    """Run in a forked child with a memory bound (tests/fuzz_harness.py): without the check it asks for gigabytes
+    to terabytes (a MemoryError traceback, or a kill for the bound), with it one line within a second."""
+    from fuzz_harness import assert_clean_ending, run_cli_bounded
+
+    model = write_tiny_hf_dir(tmp_path / "model")
+    settings = json.loads((model / "config.json").read_text())
+    settings[field] = value
+    (model / "config.json").write_text(json.dumps(settings))
+    (tmp_path / "doc.txt").write_text(" ".join(f"w{i % 50}" for i in range(40)))
+    argv = (["convert", "hf-to-mcore", "--hf", model, "--out", tmp_path / "out", "--no-progress"] if command == "convert"
+            else ["eval", "perplexity", "--model", model, "--data", tmp_path / "doc.txt", "--lengths", "8",
+                  "--output-dir", tmp_path / "eval"])
+    outcome = run_cli_bounded(argv, seconds=60, memory_mb=2048)
+    assert_clean_ending(outcome, command)
+    assert outcome.exit_code == 2 and "implies a model of" in outcome.stderr, outcome.describe()
+    assert outcome.seconds < 10, outcome.describe()
+
+
+def test_a_model_transformers_fails_to_build_is_refused_in_one_line(hf_dir, capsys):
+    """longrope factors of the wrong length pass the field checks (lists of numbers); transformers' model fails to
+    build (a RuntimeError deep in its RoPE init): one line naming the directory and transformers' reason."""
+    settings = json.loads((hf_dir / "config.json").read_text())
+    settings["rope_parameters"] = {"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3,
+                                   "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+    (hf_dir / "config.json").write_text(json.dumps(settings))
+    code, err = evaluate(hf_dir, capsys)
+    assert_refused(code, err, "eval", "transformers cannot read its model", "RuntimeError")
+
+
+def test_a_sound_directory_still_converts_and_evaluates(hf_dir, capsys):
+    """The checks refuse nothing of a plain directory: it converts and its perplexity is computed."""
+    code, err = convert(hf_dir, capsys)
+    assert code == 0 and (hf_dir.parent / "out" / "latest").exists(), err
+    code, err = evaluate(hf_dir, capsys)
+    assert code == 0 and (hf_dir.parent / "eval" / "perplexity.json").exists(), err

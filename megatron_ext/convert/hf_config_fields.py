@@ -26,6 +26,17 @@ def _token_id(value) -> bool:
     return value is None or _count(value, 0) or (isinstance(value, list) and all(_count(v, 0) for v in value))
 
 
+def _rope_settings(value) -> bool:
+    """null, or RoPE settings as Hugging Face writes them: rope_type (or type) a string, every other value a finite
+    number, true/false, null or a list of finite numbers (longrope's factors, HARPE's head_bases)."""
+    if value is None:
+        return True
+    if not isinstance(value, dict) or not isinstance(value.get("rope_type", value.get("type", "")), str):
+        return False
+    return all(key in ("rope_type", "type") or v is None or isinstance(v, bool) or _number(v)
+               or (isinstance(v, list) and all(_number(x) for x in v)) for key, v in value.items())
+
+
 # field -> (test, what it must be)
 FIELDS = {
     **{name: (lambda v: _count(v, 1), f"an integer from 1 to {MAX_SIZE}") for name in (
@@ -45,8 +56,8 @@ FIELDS = {
         "dtype", "torch_dtype")},
     "architectures": (lambda v: v is None or (isinstance(v, list) and all(isinstance(a, str) for a in v)),
                       "a list of class names such as [\"LlamaForCausalLM\"]"),
-    **{name: (lambda v: v is None or isinstance(v, dict), "null or an object of RoPE settings") for name in (
-        "rope_scaling", "rope_parameters")},
+    **{name: (_rope_settings, "null or an object of RoPE settings (rope_type a string, the others numbers or "
+                              "lists of numbers)") for name in ("rope_scaling", "rope_parameters")},
 }
 
 

@@ -42,7 +42,7 @@ def hf_directory_tokenizer(local_dir) -> EvalTokenizer:
     except (UserError, MemoryError):
         raise
     except Exception as error:  # transformers' parsing of tokenizer files and config.json
-        raise unreadable(local_dir, "tokenizer", error) from None
+        raise unreadable(local_dir, "tokenizer (AutoTokenizer reads config.json too)", error) from None
 
 
 __all__ = ["EvalTokenizer", "HFEvalTokenizer", "SentencePieceEvalTokenizer", "encode_continuation",
