@@ -106,6 +106,21 @@ def test_a_shard_replaced_by_another_file_is_refused_in_one_line_naming_it(tmp_p
         assert_one_line_naming(error, shard)
 
 
+def test_metadata_of_allowed_classes_in_another_shape_or_random_bytes_is_refused_in_one_line(tmp_path):
+    from collections import OrderedDict
+
+    from megatron_ext.checkpoint.safe_metadata import SafeFileSystemReader, UnsafeCheckpointMetadata
+
+    path = save(tmp_path / "ckpt")
+    payloads = [pickle.dumps(OrderedDict(a=1)), pickle.dumps(__import__("torch").Size([3]))]
+    payloads += [random.Random(seed).randbytes(256) for seed in range(40)]
+    for payload in payloads:
+        (path / ".metadata").write_bytes(payload)
+        with pytest.raises(UnsafeCheckpointMetadata) as error:
+            SafeFileSystemReader(str(path)).read_metadata()
+        assert_one_line_naming(error, path / ".metadata")
+
+
 # --- case 11: files swapped between the vetting and the load -------------------------------------------------------
 
 @pytest.fixture

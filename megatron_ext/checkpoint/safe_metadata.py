@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.futures import Future
 
 from megatron_ext.checkpoint.layout import CheckpointError
@@ -97,11 +97,12 @@ class _MetadataUnpickler(pickle.Unpickler):
 def load_dcp_metadata(data: bytes, where: str):
     """Unpickle a `.metadata` payload with the allow-list; an UnsafeCheckpointMetadata naming `where` otherwise."""
     try:
-        return _MetadataUnpickler(io.BytesIO(data)).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as error:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except READ_ERRORS as error:  # damaged bytes fail in any way; the allow-list's own refusal is one of them
         raise UnsafeCheckpointMetadata(
             f"{where} is not plain checkpoint metadata ({error}); refusing to load it. Was the checkpoint "
             f"written by megatron_ext or megatron-core? Re-create it from a trusted source") from None
+    return metadata
 
 
 def check_dcp_metadata(checkpoint: str | Path) -> SafeFileSystemReader | None:
@@ -128,17 +129,20 @@ def _check_storage(checkpoint: Path, metadata) -> None:
                 raise UnsafeCheckpointMetadata(
                     f"{checkpoint / name} (object {index.fqn!r}) is stored transformed ({info.transform_descriptors});"
                     " megatron_ext cannot vet such objects before loading. Re-save the checkpoint without them")
-            with open(checkpoint / name, "rb") as handle:
-                handle.seek(info.offset)
-                _require_plain_data(handle.read(info.length), f"{checkpoint / name} (object {index.fqn!r} at byte "
-                                                              f"{info.offset})")
+            try:
+                with open(checkpoint / name, "rb") as handle:
+                    handle.seek(info.offset)
+                    blob = handle.read(info.length)
+            except OSError as error:
+                raise unreadable(checkpoint / name, error) from None
+            _require_plain_data(blob, f"{checkpoint / name} (object {index.fqn!r} at byte {info.offset})")
 
 
 def _require_plain_data(blob: bytes, where: str) -> None:
     """Refuse an object blob that torch's weights-only unpickler does not take (code, or not a pickle at all)."""
     try:
         torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+    except READ_ERRORS as error:
         raise UnsafeCheckpointMetadata(
             f"{where} is not plain data or is damaged ({short_reason(error)}); torch would unpickle it with "
             "weights_only=False, which can run code, so it is refused. Was the checkpoint written by megatron_ext "
@@ -160,7 +164,17 @@ class SafeFileSystemReader(FileSystemReader):
             path = self._get_metadata_path(rank)
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = load_dcp_metadata(stream.read(), str(path))
-            _check_storage(Path(self.path), metadata)
+            if not isinstance(metadata, Metadata):
+                raise UnsafeCheckpointMetadata(f"{path} holds a {type(metadata).__name__}, not checkpoint metadata; "
+                                               "refusing to load it. Re-create the checkpoint from a trusted source")
+            try:
+                _check_storage(Path(self.path), metadata)
+            except UserError:
+                raise
+            except READ_ERRORS as error:  # entries of allowed classes, but not in the shape torch writes them
+                raise UnsafeCheckpointMetadata(f"{path} does not describe the checkpoint's files as torch writes them "
+                                               f"({short_reason(error)}); refusing to load it. Re-create the "
+                                               "checkpoint from a trusted source") from None
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             self._vetted[rank] = metadata
