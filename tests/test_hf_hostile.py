@@ -278,6 +278,32 @@ def test_file_symlinked_out_of_the_directory_is_refused(hf_dir, capsys, command,
                    "Replace the link with the file itself")
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_directory_under_a_weight_file_name_is_refused(hf_dir, capsys, command):
+    os.replace(hf_dir / "model.safetensors", hf_dir / "weights")
+    (hf_dir / "model.safetensors").mkdir()
+    code, err = COMMANDS[command](hf_dir, capsys)
+    assert_refused(code, err, command, "model.safetensors is not a regular file")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_fifo_under_a_tokenizer_file_name_is_refused_not_waited_on(tmp_path, command):
+    """Reading a FIFO waits for a writer forever: run in a bounded child (tests/fuzz_harness.py)."""
+    from fuzz_harness import assert_clean_ending, run_cli_bounded
+
+    model = write_tiny_hf_dir(tmp_path / "model")
+    (model / "tokenizer.json").unlink()
+    os.mkfifo(model / "tokenizer.json")
+    (tmp_path / "doc.txt").write_text(" ".join(f"w{i % 50}" for i in range(40)))
+    argv = (["convert", "hf-to-mcore", "--hf", model, "--out", tmp_path / "out", "--no-progress"] if command == "convert"
+            else ["eval", "perplexity", "--model", model, "--data", tmp_path / "doc.txt", "--lengths", "8",
+                  "--output-dir", tmp_path / "eval"])
+    outcome = run_cli_bounded(argv, seconds=30, memory_mb=2048)
+    assert_clean_ending(outcome, command)
+    assert outcome.exit_code == 2 and "tokenizer.json is not a regular file" in outcome.stderr, outcome.describe()
+
+
 def test_hub_cache_links_and_a_sound_directory_pass(tmp_path):
     """The hub cache's snapshots/<rev>/ -> blobs/ links are no escape; a plain sound directory passes every check."""
     from megatron_ext.convert.hf_directory import check_hf_directory

@@ -37,13 +37,13 @@ SAFE_FORMAT_FIX = "re-save the model with transformers' save_pretrained(..., saf
 
 
 def check_hf_directory(directory) -> list[Path]:
-    """Every check of this module on `directory` (its config.json already being there); the safetensors weight
-    files, their headers checked. A ConversionError (a UserError: one line, exit 2) names the file at fault."""
+    """Every check of this module on `directory`; its safetensors weight files, their headers checked. A
+    ConversionError (a UserError: one line, exit 2) names the file at fault."""
     directory = Path(directory)
     config = read_config(directory)
     for name in READ_FILES:
         if (directory / name).is_symlink() or (directory / name).exists():
-            require_inside(directory, directory / name)
+            require_regular(require_inside(directory, directory / name))
     refuse_custom_code(directory)
     files = weight_files(directory)
     stored = sum(math.prod(entry["shape"]) for path in files for entry in read_header(path)[0].values())
@@ -71,8 +71,7 @@ def unreadable(directory, what: str, error: BaseException) -> ConversionError:
 
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`, size bounded; a ConversionError naming the file if it is anything else."""
-    if not path.is_file():
-        raise ConversionError(f"{path} is not a regular file: replace it with the file itself")
+    require_regular(path)
     if path.stat().st_size > MAX_JSON_BYTES:
         raise ConversionError(f"{path} is {path.stat().st_size} bytes, more than any model's {path.name} "
                               f"({MAX_JSON_BYTES} at most): is it the right file?")
@@ -117,6 +116,15 @@ def require_inside(directory: Path, path: Path, action: str = "read it") -> Path
                           f"the file itself if it is meant to be part of the model directory")
 
 
+def require_regular(path: Path) -> Path:
+    """`path` if it is a regular file: a directory, FIFO or device under a model file's name is refused (reading a
+    FIFO would wait forever, a device never end)."""
+    if not path.is_file():
+        raise ConversionError(f"{path} is not a regular file (a directory, FIFO or device?): replace it with the "
+                              "model's file")
+    return path
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of `directory`: the index's shards (each a file inside the directory), else
     model.safetensors, else every *.safetensors. Pickle-only weights are refused by name."""
@@ -124,10 +132,10 @@ def weight_files(directory: Path) -> list[Path]:
     if index.exists():
         return index_shards(directory, index)
     if (directory / SINGLE_FILE).exists():
-        return [require_inside(directory, directory / SINGLE_FILE)]
+        return [require_regular(require_inside(directory, directory / SINGLE_FILE))]
     files = sorted(directory.glob("*.safetensors"))
     if files:
-        return [require_inside(directory, path) for path in files]
+        return [require_regular(require_inside(directory, path)) for path in files]
     pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in directory.glob(pattern))
     if pickles:
         raise ConversionError(
@@ -156,10 +164,7 @@ def index_shards(directory: Path, index: Path) -> list[Path]:
         if not path.exists():
             raise ConversionError(f"{index}: shard {name} (of tensor {tensor!r}) is not in {directory}: "
                                   "is the download complete?")
-        require_inside(directory, path)
-        if not path.is_file():
-            raise ConversionError(f"{index}: shard {name} is not a regular file")
-        files.append(path)
+        files.append(require_regular(require_inside(directory, path)))
     return files
 
 
