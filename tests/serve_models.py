@@ -69,9 +69,11 @@ def build_export(root: Path, *, rope, family: str, qkv_bias: bool = False, pose_
         loss.backward()
         optimizer.step()
     model.eval()
+    # the checkpoint carries its tokenizer as training's do (a relative record): exports take it only from inside
+    carried = f"tokenizer/{tokenizer.name}"
     state = dict(iteration=steps, config=config.to_dict(), head_bases=config.rope.group_bases(2).tolist(),
-                 padded_vocab_size=PADDED_VOCAB, tokenizer_model=str(tokenizer), tokenizer_vocab_size=VOCAB)
-    save_checkpoint(root / "ckpt", steps, model=[model], state=state)
+                 padded_vocab_size=PADDED_VOCAB, tokenizer_model=carried, tokenizer_vocab_size=VOCAB)
+    save_checkpoint(root / "ckpt", steps, model=[model], state=state, extra_files={carried: tokenizer.read_bytes()})
     return mcore_to_hf(root / "ckpt", root / "hf", family=family), model
 
 
