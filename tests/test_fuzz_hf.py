@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 SECONDS = 30  # per case: a refusal takes milliseconds, a successful conversion or evaluation about a second
 MEMORY_MB = 2048  # address space a case may add to the forked parent's
-EXAMPLES = int(os.environ.get("FUZZ_HF_EXAMPLES", 12))  # per test: 8 tests keep the file near 40 s on a quiet 2-core machine
+EXAMPLES = int(os.environ.get("FUZZ_HF_EXAMPLES", 8))  # per test: 64 cases, about 35 s (FUZZ_HF_EXAMPLES=40 for a deep run)
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -152,8 +152,11 @@ HEADER_CHANGE = st.one_of(
 @st.composite
 def header_mutations(draw):
     changes = draw(st.lists(st.tuples(st.integers(0, 100), HEADER_CHANGE), min_size=0, max_size=3))
-    length = draw(st.one_of(st.none(), st.integers(0, 2**64 - 1), st.integers(0, 20000)))
-    cut = draw(st.one_of(st.just(0), st.integers(1, 64)))
+    # the header length and the file's end are left alone in 3 cases of 4: the header's own lies get through to
+    # the checks of its entries
+    length = draw(st.sampled_from(["as written"] * 3 + ["any"]).flatmap(
+        lambda how: st.none() if how == "as written" else st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 20000))))
+    cut = draw(st.sampled_from([0, 0, 0, None]).flatmap(lambda c: st.just(0) if c == 0 else st.integers(1, 64)))
     return changes, length, cut
 
 
@@ -196,6 +199,7 @@ SHARD_NAMES = st.one_of(st.sampled_from([SOUND, SOUND, "model.safetensors", "../
                                          "", ".", "sub/../model.safetensors", "config.json", "tokenizer.json",
                                          "model.safetensors\0x", "../seed/model.safetensors"]), JUNK)
 INDEX = st.one_of(  # ("every tensor in", shard name) or ("as written", the index file's JSON)
+    st.tuples(st.just("every tensor in"), SHARD_NAMES),
     st.tuples(st.just("every tensor in"), SHARD_NAMES),
     st.tuples(st.just("as written"), st.fixed_dictionaries(
         {"weight_map": st.one_of(JUNK, st.dictionaries(st.text(max_size=30), SHARD_NAMES, max_size=3))},
