@@ -104,8 +104,8 @@ def test_load_yaml_counts_without_expanding():
 def test_train_data_as_a_list_of_lists_is_refused_by_name(tmp_path):
     """It reached the data code as `can only concatenate list (not "str") to list`."""
     message = refused(tmp_path, "data: {train_data: [[a, b], c], tokenizer: t.model}\n",
-                      r"data\.train_data\[0\]: \['a', 'b'\] \(a list\) is not a string")
-    assert "data.train_data takes a list of strings" in message
+                      r"data\.train_data\[0\]: \['a', 'b'\] \(a list\) is not a path")
+    assert "data.train_data takes a list of paths" in message
 
 
 @pytest.mark.parametrize("upsample, match", [
@@ -129,8 +129,8 @@ def test_upsample_of_the_wrong_shape_is_refused_by_name(tmp_path, upsample, matc
      r"data\.train_data_weights\[1\]: 'heavy' \(a string\) is not a number; data\.train_data_weights takes a list "
      r"of numbers or null"),
     ("data: {tiny_corpus: true, valid_data: [a, {b: 1}]}", r"data\.valid_data\[1\]: \{'b': 1\} \(a mapping\) is not "
-                                                           r"a string"),
-    ("data: {tiny_corpus: true, valid_data: a}", r"data\.valid_data: 'a' \(a string\) is not a list of strings"),
+                                                           r"a path"),
+    ("data: {tiny_corpus: true, valid_data: a}", r"data\.valid_data: 'a' \(a string\) is not a list of paths"),
     ("parallel: {hierarchical_context_parallel_sizes: [2, 1.5]}\n" + TINY,
      r"parallel\.hierarchical_context_parallel_sizes\[1\]: 1\.5 \(a number\) is not an integer"),
     ("training: {rampup_batch_size: [4, 4, '1000']}\n" + TINY, r"training\.rampup_batch_size\[2\]: '1000' \(a string\) "
@@ -146,7 +146,7 @@ def test_upsample_of_the_wrong_shape_is_refused_by_name(tmp_path, upsample, matc
     ("model: {num_layers: null}\n" + TINY, r"model\.num_layers: null is not allowed; give an integer"),
     ("model: 4\n" + TINY, r"model: expected a mapping of settings, got 4 \(an integer\)"),
     ("data: {tiny_corpus: true, cache_dir: 2020-01-01}", r"data\.cache_dir: datetime\.date\(2020, 1, 1\) \(a date\) "
-                                                         r"is not a string"),
+                                                         r"is not a path"),
     ("data: {tiny_corpus: true, upsample: {7: {min_tokens: 1, factor: 2}}}",
      r"data\.upsample key 7: 7 \(an integer\) is not a string"),
 ])
@@ -178,6 +178,20 @@ def test_declared_types_are_read_generically():
         with pytest.raises(ConfigTypeError, match=match) as caught:
             check_value(value, hint, "k")
         assert len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize("setting", ["checkpoint.dir", "checkpoint.pretrained", "checkpoint.resume", "data.cache_dir",
+                                     "data.tokenizer", "logging.metrics_file", "logging.tensorboard_dir"])
+def test_paths_no_file_system_takes_are_refused_when_read(tmp_path, setting):
+    """A NUL in checkpoint.dir or a path over the system's limits ended in a ValueError / OSError traceback from the
+    checkpoint code; path settings (config/types.py FilePath) are checked when the config is read."""
+    for value, match in [('"a\\0b"', r"'a\\x00b' \(a string\) contains a NUL character"),
+                         ('"' + "x" * 5000 + '"', r"a path of 5000 bytes is longer than the system's limit \(4096\)"),
+                         ('"runs/' + "n" * 300 + '/x"', r"'runs/nnn.*\.\.\. \(a string\) has a component of 300 bytes, longer than a file name can be "
+                                                       r"\(255\)")]:
+        refused(tmp_path, TINY, rf"{setting}: {match}", [f"{setting}={value}"])
+    refused(tmp_path, 'data: {train_data: [ok, "a\\0b"], tokenizer: t.model}\n',
+            r"data\.train_data\[1\]: 'a\\x00b' \(a string\) contains a NUL character")
 
 
 # --- case 6: non-finite and absurd numbers -----------------------------------------------------------------------

@@ -65,7 +65,7 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([1e39, -1e39, 1e-320, -0.0, math.inf, -math.inf, math.nan, 3.4e38, 0.5, 2.0]),
     st.text(max_size=20), st.sampled_from(["", "auto", "none", "WSD", "a2a+p2p", "../../etc/passwd", "/dev/zero",
-                                           "1e-4", "nan", "12abc"]),
+                                           "1e-4", "nan", "12abc", "a\x00b", "d/" + "n" * 300]),
     st.builds(lambda: "x" * 100_000),  # a big string (built, so that the strategy's repr stays short)
 )
 values = st.recursive(

@@ -182,7 +182,7 @@ def from_dict(cls, raw: dict, prefix: str):
     """Build dataclass `cls` from `raw`, rejecting unknown keys and values of the wrong type."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of settings, got {shown(raw)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with Annotated's marks (config/types.py: FilePath)
     known = {f.name for f in dataclasses.fields(cls)}
     raw = _rename_old_keys(cls, raw, prefix)
     renamed = getattr(cls, RENAMED, {})

@@ -13,6 +13,7 @@ from typing import ClassVar
 from megatron_ext.config.layout import config_layout_problems
 from megatron_ext.config.limits import validate_sizes, validate_tiny_vocabulary
 from megatron_ext.config.reader import ConfigError, check, read_config
+from megatron_ext.config.types import FilePath
 from megatron_ext.rope.config import RopeConfig
 
 
@@ -84,11 +85,11 @@ class DataConfig:
         "split")  # which documents train
     FREE_ON_RESUME: ClassVar[tuple[str, ...]] = ("cache_dir", "valid_data")
 
-    train_data: list[str] = field(default_factory=list)  # indexed-dataset prefixes ({prefix}.bin/.idx)
+    train_data: list[FilePath] = field(default_factory=list)  # indexed-dataset prefixes ({prefix}.bin/.idx)
     train_data_weights: list[float] | None = None
-    tokenizer: str | None = None  # a sentencepiece .model, a Hugging Face tokenizer directory, a tiktoken BPE file
+    tokenizer: FilePath | None = None  # a sentencepiece .model, a Hugging Face tokenizer directory, a tiktoken BPE file
     tokenizer_type: str | None = None  # sentencepiece | huggingface | tiktoken; None: detected from the files
-    tokenizer_model: str | None = None  # a sentencepiece .model (the older name of `tokenizer` for that kind)
+    tokenizer_model: FilePath | None = None  # a sentencepiece .model (the older name of `tokenizer` for that kind)
     document_mask: bool = False  # packed documents: positions restart at each document, attention stays inside it
     mask_eod_loss: bool = False  # no loss at EOD tokens (megatron's eod_mask_loss: an EOD predicts the next doc)
     # megatron's add_extra_token_to_sequence: false reads seq_length tokens per sample (no overlap, last position
@@ -101,11 +102,11 @@ class DataConfig:
     # loss on the key: megatron_ext.data.passkey_data) instead of its text, which then only trains the tokenizer
     tiny_corpus_passkey_prompts: int = 0
     tokenizer_vocab_size: int = 2000  # for the tokenizer trained on the tiny corpus
-    cache_dir: str = "runs/cache"
+    cache_dir: FilePath = "runs/cache"
     upsample: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> {min_tokens, factor}
     # validation (training.eval_interval): its own prefixes, or megatron's split string over the training data's
     # documents ("train,valid[,test]" weights, e.g. "98,2,0"; each source split alike)
-    valid_data: list[str] = field(default_factory=list)
+    valid_data: list[FilePath] = field(default_factory=list)
     split: str | None = None
 
     def tokenizer_source(self) -> tuple[str, str | None, str | None]:
@@ -211,11 +212,11 @@ class OptimizerConfig:
 class CheckpointConfig:
     ON_RESUME: ClassVar[str] = FREE
 
-    dir: str = "runs/checkpoints"
+    dir: FilePath = "runs/checkpoints"
     save_interval: int = 50
     keep_last: int | None = 2
-    resume: str = "auto"  # auto (newest complete one, if any) | none | a checkpoint directory
-    pretrained: str | None = None  # weights to start from when there is nothing to resume (e.g. a converted HF model)
+    resume: FilePath = "auto"  # auto (newest complete one, if any) | none | a checkpoint directory
+    pretrained: FilePath | None = None  # weights to start from when there is nothing to resume (e.g. a converted HF model)
     from_scratch: bool = False  # a model of >= 1B parameters starts from random weights only when this says so
     load_optimizer: bool = True
     verify: bool = True  # check every file against the checkpoint's manifest (size, CRC-32) before loading
@@ -227,13 +228,13 @@ class LoggingConfig:
     ON_RESUME: ClassVar[str] = FREE
 
     log_interval: int = 1
-    tensorboard_dir: str | None = "runs/tensorboard"
-    metrics_file: str | None = "runs/metrics.jsonl"  # one JSON line per iteration (appended on resume)
+    tensorboard_dir: FilePath | None = "runs/tensorboard"
+    metrics_file: FilePath | None = "runs/metrics.jsonl"  # one JSON line per iteration (appended on resume)
     wandb_project: str | None = None
     progress_bar: bool = True
     gpu_peak_tflops: float | None = None  # for MFU; None: looked up from the device name
     profile: dict | None = None  # {start_iter, end_iter, ranks}: a torch.profiler trace of those iterations; None: off
-    profile_dir: str = "runs/profile"  # where profile traces go (Chrome trace JSON, read by TensorBoard's plugin too)
+    profile_dir: FilePath = "runs/profile"  # where profile traces go (Chrome trace JSON, read by TensorBoard's plugin too)
 
     def profile_window(self) -> "ProfileWindow | None":
         """`profile` checked and typed (None when profiling is off)."""

@@ -23,6 +23,14 @@ INT64_MAX = 2**63 - 1  # integers reach numpy and torch as int64
 
 _SHOWN = 60  # characters of a wrong value quoted in a message (a value can be a megabyte of YAML)
 
+# A setting that names a file or directory: `FilePath` (or `FilePath | None`, `list[FilePath]`). Beyond being a
+# string it must be one the operating system can take: no NUL character (Python raises "embedded null byte"
+# wherever it is used), at most PATH_MAX bytes, no component over NAME_MAX bytes (Linux's limits; ENAMETOOLONG
+# otherwise), checked when the config is read, before any file is looked at.
+PATH = "a file or directory path"
+FilePath = typing.Annotated[str, PATH]
+PATH_MAX, NAME_MAX = 4096, 255
+
 
 class ConfigTypeError(ValueError):
     """Raised with the one-line message; the reader turns it into its ConfigError."""
@@ -41,6 +49,8 @@ def describe(hint) -> str:
     if hint in (typing.Any, object):
         return "any value"
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return "a path" if PATH in hint.__metadata__ else describe(args[0])
     if _is_union(hint):
         return " or ".join(describe(arg) for arg in args)
     if origin is typing.Literal:
@@ -74,6 +84,8 @@ _PLURALS = {bool: "true/false values", int: "integers", float: "numbers", str: "
 def _plural(hint) -> str:
     if hint in _PLURALS:
         return _PLURALS[hint]
+    if typing.get_origin(hint) is typing.Annotated:
+        return "paths" if PATH in hint.__metadata__ else _plural(typing.get_args(hint)[0])
     if typing.get_origin(hint) in (list, tuple):
         return "lists" if not typing.get_args(hint) else f"lists of {_plural(typing.get_args(hint)[0])}"
     if typing.get_origin(hint) is dict:
@@ -129,6 +141,12 @@ class _Checker:
         if _is_union(hint):
             return self._union(value, hint, key)
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is typing.Annotated:
+            if PATH not in hint.__metadata__:
+                return self.check(value, args[0], key)
+            if not isinstance(value, str):
+                self.fail(value, hint, key)
+            return _usable_path(value, key)
         if origin is typing.Literal:
             if any(value == arg and type(value) is type(arg) for arg in args):
                 return value
@@ -218,6 +236,21 @@ class _Checker:
         return tuple(self.check(item, arg, f"{key}[{i}]") for i, (item, arg) in enumerate(zip(value, args)))
 
 
+def _usable_path(path: str, key: str) -> str:
+    """`path` if the operating system can take it as a file name; ConfigTypeError naming the setting otherwise."""
+    if "\0" in path:
+        raise ConfigTypeError(f"{key}: {shown(path)} contains a NUL character, which no file name can: fix the path")
+    encoded = path.encode("utf-8", "surrogateescape")
+    if len(encoded) > PATH_MAX:
+        raise ConfigTypeError(f"{key}: a path of {len(encoded)} bytes is longer than the system's limit "
+                              f"({PATH_MAX}): fix the path")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise ConfigTypeError(f"{key}: {shown(path)} has a component of {len(longest)} bytes, longer than a file "
+                              f"name can be ({NAME_MAX}): fix the path")
+    return path
+
+
 def _finite_inside(value, key: str):
     """`value` (a list or mapping whose contents the config does not declare: RoPE parameters, the profile window)
     with no NaN or infinity anywhere inside; ConfigTypeError naming the first. The reader bounds its size."""
@@ -237,6 +270,8 @@ def _same_kind(value, hint) -> bool:
     """Whether `value` is the kind of thing `hint` declares (not yet whether its contents are right)."""
     if hint in (typing.Any, object):
         return True
+    if typing.get_origin(hint) is typing.Annotated:
+        return _same_kind(value, typing.get_args(hint)[0])
     origin = typing.get_origin(hint) or hint
     if _is_union(hint):
         return any(_same_kind(value, arg) for arg in typing.get_args(hint))
