@@ -11,6 +11,8 @@ from serve_models import SERVE_PYTHON, build_export, harpe_rope, needs_serve_env
 
 from megatron_ext.cli import main
 
+pytest_plugins = ["test_eval_support"]  # sp_tokenizer
+
 
 def test_missing_vllm_is_one_line_naming_the_install_command(tmp_path, capsys, monkeypatch):
     import importlib.util
@@ -128,3 +130,20 @@ def _still_running(pids: list[int], within_s: float) -> list[int]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(2)
+
+
+@pytest.mark.slow  # trains a tokenizer, saves and exports a checkpoint (~25 s)
+def test_a_checkpoint_without_its_own_tokenizer_is_exported_with_the_named_one(tmp_path, single_rank, sp_tokenizer):
+    """A checkpoint recording a tokenizer outside itself (written by hand, or by an older megatron_ext) is refused by
+    convert's rule, naming --tokenizer; `serve --tokenizer PATH` exports it with that tokenizer."""
+    from test_serve_lm_eval import save_harpe_checkpoint
+
+    from megatron_ext.errors import UserError
+    from megatron_ext.serve.server import export_dir_for
+
+    checkpoint = save_harpe_checkpoint(tmp_path, sp_tokenizer)
+    with pytest.raises(UserError, match="outside the checkpoint.*--tokenizer"):
+        export_dir_for(str(checkpoint), None)
+    export = export_dir_for(str(checkpoint), None, str(sp_tokenizer.path))
+    assert export == checkpoint / "hf_exports" / "iter_0000005"
+    assert (export / "config.json").is_file() and (export / "tokenizer.model").is_file()

@@ -26,6 +26,9 @@ def add_serve_args(subparsers) -> argparse.ArgumentParser:
                         help="weights and activations (default: the export's)")
     parser.add_argument("--export-dir", metavar="DIR",
                         help="where a checkpoint is exported (default: <checkpoint root>/hf_exports)")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="a checkpoint's tokenizer to export with it, where the checkpoint carries none of its own "
+                             "(default: the copy inside the checkpoint)")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
                         help="after `--`: arguments for vLLM's server (e.g. -- --enforce-eager)")
     parser.set_defaults(func=run_serve)

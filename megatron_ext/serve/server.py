@@ -28,7 +28,7 @@ def require_vllm() -> None:
         raise ServeError(f"vLLM is not installed in this Python ({sys.executable}): {INSTALL_HINT}")
 
 
-def export_dir_for(model: str, export_root: str | None) -> Path:
+def export_dir_for(model: str, export_root: str | None, tokenizer: str | None = None) -> Path:
     """The Hugging Face directory to serve: `model` itself if it is one, else its checkpoint's export (made once,
     under EXPORT_ROOT/iter_XXXXXXX, by default <checkpoint root>/hf_exports)."""
     path = Path(model).expanduser()
@@ -43,7 +43,7 @@ def export_dir_for(model: str, export_root: str | None) -> Path:
         return out
     from megatron_ext.convert import mcore_to_hf
 
-    return mcore_to_hf(saved.path, out)
+    return mcore_to_hf(saved.path, out, tokenizer=tokenizer)
 
 
 def check_servable(export: Path, max_model_len: int | None) -> dict:
@@ -88,7 +88,7 @@ def run_serve(args) -> int:
     if not Path(args.model).expanduser().exists():
         raise MissingFile(f"--model ({args.model!r}) does not exist: give an exported model directory or a checkpoint")
     require_vllm()
-    export = export_dir_for(args.model, args.export_dir)
+    export = export_dir_for(args.model, args.export_dir, getattr(args, "tokenizer", None))
     env = check_servable(export, args.max_model_len)
     command = vllm_command(export, host=args.host, port=args.port, max_model_len=args.max_model_len,
                            tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, on_gpu=gpu_present(),
