@@ -19,6 +19,7 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 CHECKSUM = "crc32"
 _BLOCK = 4 << 20
+MANIFEST_MAX_BYTES = 64 << 20  # about 500k files listed; a larger one is not ours
 _UNLISTED = ("complete", MANIFEST_FILE)  # the marker and the manifest itself are written after it
 
 
@@ -62,18 +63,26 @@ def write_manifest(checkpoint: Path, files: dict[str, dict]) -> None:
 
 
 def read_manifest(checkpoint: Path) -> dict[str, dict] | None:
-    """The files the manifest lists; None for a checkpoint saved before manifests existed."""
+    """The files the manifest lists; None for a checkpoint saved before manifests existed. A manifest that is not a
+    regular file (a FIFO, a device, a directory) or larger than MANIFEST_MAX_BYTES is refused unread."""
     path = Path(checkpoint) / MANIFEST_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        if not path.is_file():
+            raise ValueError("not a regular file")
+        with open(path, "rb") as handle:
+            raw = handle.read(MANIFEST_MAX_BYTES + 1)
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise ValueError(f"larger than {MANIFEST_MAX_BYTES} bytes")
+        manifest = json.loads(raw.decode("utf-8"))
         files = manifest["files"]
         if manifest.get("checksum") != CHECKSUM or not all(
                 isinstance(entry["size"], int) and isinstance(entry[CHECKSUM], str) for entry in files.values()):
             raise ValueError("unexpected entries")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointCorrupt(f"{path} is not a readable manifest ({error})") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise CheckpointCorrupt(f"{path} is not a readable manifest ({type(error).__name__}: "
+                                f"{str(error)[:200]})") from None
     return files
 
 
@@ -81,16 +90,24 @@ def file_problems(checkpoint: Path, listed: dict[str, dict]) -> list[str]:
     """What differs between these listed files and the disk, cheapest check first (size, then CRC-32)."""
     problems = []
     for name, entry in listed.items():
-        path = Path(checkpoint) / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            problems.append(f"{name}: names a file outside the checkpoint")
-        elif not path.is_file():
-            problems.append(f"{name}: missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{name}: {path.stat().st_size} bytes, the save wrote {entry['size']}")
-        elif f"{file_crc32(path):08x}" != entry[CHECKSUM]:
-            problems.append(f"{name}: CRC-32 {file_crc32(path):08x} differs from the saved {entry[CHECKSUM]}")
+        try:
+            problems += _file_problem(Path(checkpoint), name, entry)
+        except (OSError, ValueError) as error:  # a name no file can have (a NUL, too long), an unreadable file
+            problems.append(f"{name[:100]!r}: cannot be read ({type(error).__name__})")
     return problems
+
+
+def _file_problem(checkpoint: Path, name: str, entry: dict) -> list[str]:
+    path = checkpoint / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        return [f"{name[:100]}: names a file outside the checkpoint"]
+    if not path.is_file():
+        return [f"{name[:100]}: missing"]
+    if path.stat().st_size != entry["size"]:
+        return [f"{name}: {path.stat().st_size} bytes, the save wrote {entry['size']}"]
+    if f"{file_crc32(path):08x}" != entry[CHECKSUM]:
+        return [f"{name}: CRC-32 {file_crc32(path):08x} differs from the saved {entry[CHECKSUM][:16]}"]
+    return []
 
 
 _verified: dict[tuple, list[str]] = {}  # (path, manifest mtime, share) -> problems: find, then load, read once

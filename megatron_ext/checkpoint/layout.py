@@ -38,6 +38,7 @@ COMMON_KEY = "megatron_ext"  # our entry in megatron's common.pt
 TMP_INFIX = ".tmp-"
 DISTRIB_OPTIM_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable")
 _CHECKPOINT_NAME = re.compile(r"^iter_(\d{7,})$")
+LATEST_MAX_BYTES = 4096  # `latest` holds one directory name
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -68,10 +69,21 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 def latest_target(root: Path) -> Path | None:
     """The checkpoint `root/latest` names (complete or not), if it names an iter_ directory inside root.
-    A `latest` that is binary, a directory, or names anything else is ignored with a warning."""
+    A `latest` that is binary, not a regular file (a directory, a FIFO, a device), longer than a name can be, or
+    names anything else is ignored with a warning: it is a hint (see _newest_verified), of which no more than
+    LATEST_MAX_BYTES are read."""
     latest = Path(root) / LATEST_FILE
     try:
-        name = latest.read_bytes().decode("utf-8").strip()
+        if not latest.is_file():  # follows a symlink: /dev/zero or a FIFO behind one is no regular file either
+            if latest.exists() or latest.is_symlink():
+                log.warning(f"megatron_ext: ignoring {latest}: not a regular file")
+            return None
+        with open(latest, "rb") as handle:
+            raw = handle.read(LATEST_MAX_BYTES + 1)
+        if len(raw) > LATEST_MAX_BYTES:
+            log.warning(f"megatron_ext: ignoring {latest}: longer than {LATEST_MAX_BYTES} bytes, no checkpoint name")
+            return None
+        name = raw.decode("utf-8").strip()
     except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, UnicodeDecodeError) as error:
