@@ -1,5 +1,5 @@
 """Property-based fuzz of training configs (issue 30): hostile YAML documents, made by mutating a valid tiny config,
-fed to `megatron-ext train --config` (and `plan --config`) through tests/fuzz_harness.py. Every case ends cleanly
+fed to `megatron-ext train --config` (and `plan --config`, and `train --set` overrides) through tests/fuzz_harness.py. Every case ends cleanly
 within its bounds: success up to the point where training would begin (the harness stops it there), or exit 2 with
 one line `megatron-ext train: ...`; never a traceback, a hang (> SECONDS) or a memory blow-up (> MEMORY_MB).
 
@@ -25,6 +25,7 @@ SECONDS = 20  # per case: validation of a tiny config takes ~0.1 s; the bound is
 MEMORY_MB = 1024  # per case, beyond the forked parent's address space: a billion laughs needs GBs
 TRAIN_EXAMPLES = 150
 PLAN_EXAMPLES = 40
+OVERRIDE_EXAMPLES = 40
 STOP = "megatron_ext.training.train:train"
 
 BASE = {
@@ -178,6 +179,30 @@ def test_plan_ends_cleanly_on_any_config(tmp_path_factory, text):
     outcome = run_cli_bounded(["plan", "--config", str(path), "--gpus", "8"], cwd=work, seconds=SECONDS,
                               memory_mb=MEMORY_MB)
     assert_clean_ending(outcome, "plan")
+    event(f"exit {outcome.exit_code}")
+
+
+@st.composite
+def override(draw) -> str:
+    """A `--set` argument: a known or nested setting = a value written as YAML (inline), or arbitrary text."""
+    path = ".".join(draw(st.sampled_from(setting_paths())))
+    value = yaml.safe_dump(draw(values | plausible(tuple(path.split(".")))), default_flow_style=True,
+                           width=2**20).strip().removesuffix("...").strip()
+    return draw(st.sampled_from([f"{path}={value}", f"{path}=&a [*a]", f"{path}.x={value}", f"{path}",
+                                 f"={value}", f"{path}=" + value.replace("'", ""), "..=1", ".=1"])
+                 | st.text(max_size=40))
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=OVERRIDE_EXAMPLES)
+@given(overrides=st.lists(override(), min_size=1, max_size=3))
+def test_train_ends_cleanly_on_any_override(tmp_path_factory, overrides):
+    work = tmp_path_factory.mktemp("fuzz_set")
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    argv = ["train", "--config", str(path)] + [part for item in overrides for part in ("--set", item)]
+    outcome = run_cli_bounded(argv, cwd=work, seconds=SECONDS, memory_mb=MEMORY_MB, stop_before=[STOP])
+    assert_clean_ending(outcome, "train")
     event(f"exit {outcome.exit_code}")
 
 
