@@ -89,6 +89,12 @@ def test_a_file_too_large_for_a_config_is_refused_unread(tmp_path):
         load_config(path, check_files=False)
 
 
+@pytest.mark.parametrize("path", ["/dev/zero", "/"])
+def test_a_config_that_is_not_a_regular_file_is_refused_unread(path):
+    with pytest.raises(ConfigError, match=rf"--config {path}: not a regular file; give a YAML file"):
+        load_config(path, check_files=False)
+
+
 def test_a_huge_unknown_key_is_named_short_and_fast(tmp_path):
     started = time.monotonic()
     text = TINY + "model:\n  ? " + "k" * 200_000 + "\n  : 1\n"  # YAML's explicit key: plain ones stop at 1024

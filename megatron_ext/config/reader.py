@@ -141,6 +141,8 @@ def read_raw(path: str | Path, overrides: list[str] = (), *, example: str) -> di
     """The YAML mapping of `path` with the overrides applied (no dataclass yet)."""
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # a directory, a device (/dev/zero), a pipe: nothing to read a bounded config from
+            raise ConfigError(f"--config {path}: not a regular file; give a YAML file, see {example}")
         raise ConfigError(f"--config {path}: no such file; see {example}")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size} bytes is more than a config holds (at most "
