@@ -324,9 +324,11 @@ def harpe_model(tmp_path_factory, single_rank):
     tokens = torch.randint(0, 300, (BATCH, 48), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = model(tokens, torch.arange(48).expand(BATCH, 48), None)[..., :300]
+    # the checkpoint carries its tokenizer as training's do (a relative record): exports take it only from inside
+    carried = f"tokenizer/{tokenizer.name}"
     state = dict(iteration=7, config=config.to_dict(), head_bases=config.rope.group_bases(4).tolist(),
-                 padded_vocab_size=384, tokenizer_model=str(tokenizer), tokenizer_vocab_size=300)
-    save_checkpoint(root / "ckpt", 7, model=[model], state=state)
+                 padded_vocab_size=384, tokenizer_model=carried, tokenizer_vocab_size=300)
+    save_checkpoint(root / "ckpt", 7, model=[model], state=state, extra_files={carried: tokenizer.read_bytes()})
     exported = mcore_to_hf(root / "ckpt", root / "hf")
     return config, tokens, logits, exported, root
 
