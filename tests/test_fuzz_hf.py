@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 SECONDS = 30  # per case: a refusal takes milliseconds, a successful conversion or evaluation about a second
 MEMORY_MB = 2048  # address space a case may add to the forked parent's
-EXAMPLES = int(os.environ.get("FUZZ_HF_EXAMPLES", 8))  # per test: 64 cases, about 35 s (FUZZ_HF_EXAMPLES=40 for a deep run)
+EXAMPLES = int(os.environ.get("FUZZ_HF_EXAMPLES", 8))  # per test: 64 cases, ~35 s (FUZZ_HF_EXAMPLES=40: deeper)
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -88,19 +88,13 @@ def seed_dir(tmp_path_factory):
 def run_case(seed: Path, command: str, family: str, mutate) -> None:
     """Copy the seed directory, let `mutate` make it hostile, run `command` on it: it must end cleanly."""
     from fuzz_harness import assert_clean_ending, run_cli_bounded
+    from test_hf_hostile import command_argv
 
     with tempfile.TemporaryDirectory(prefix="fuzz_hf_") as scratch:
         model = Path(scratch) / "model"
         shutil.copytree(seed, model)
         mutate(model)
-        if command == "convert":
-            argv = ["convert", "hf-to-mcore", "--hf", model, "--out", Path(scratch) / "out", "--no-progress"]
-        else:
-            document = Path(scratch) / "doc.txt"
-            document.write_text(" ".join(f"w{i % 50}" for i in range(40)))
-            argv = ["eval", "perplexity", "--model", model, "--data", document, "--lengths", "8",
-                    "--output-dir", Path(scratch) / "eval"]
-        outcome = run_cli_bounded(argv, cwd=scratch, seconds=SECONDS, memory_mb=MEMORY_MB)
+        outcome = run_cli_bounded(command_argv(command, model), cwd=scratch, seconds=SECONDS, memory_mb=MEMORY_MB)
         ENDINGS[(family, command, outcome.exit_code)] += 1
         if outcome.exit_code == 2:  # what the refusals say, by their first words (paths left out)
             message = outcome.stderr.strip().splitlines()[-1].replace(str(scratch), "")
@@ -195,7 +189,8 @@ def test_hostile_safetensors_header_ends_cleanly(seed_dir, command, mutation):
 # --- model.safetensors.index.json --------------------------------------------------------------------
 
 SOUND = "the weight file's own name"
-SHARD_NAMES = st.one_of(st.sampled_from([SOUND, SOUND, "model.safetensors", "../model.safetensors", "/etc/hostname", "missing.bin",
+SHARD_NAMES = st.one_of(st.sampled_from([SOUND, SOUND, "model.safetensors", "../model.safetensors", "/etc/hostname",
+                                         "missing.bin",
                                          "", ".", "sub/../model.safetensors", "config.json", "tokenizer.json",
                                          "model.safetensors\0x", "../seed/model.safetensors"]), JUNK)
 INDEX = st.one_of(  # ("every tensor in", shard name) or ("as written", the index file's JSON)

@@ -28,12 +28,11 @@ def llama_tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (vocab, hidden)}
     for layer in range(config["num_hidden_layers"]):
-        prefix = f"model.layers.{layer}."
-        shapes.update({prefix + "input_layernorm.weight": (hidden,), prefix + "post_attention_layernorm.weight": (hidden,),
-                       prefix + "self_attn.q_proj.weight": (hidden, hidden), prefix + "self_attn.k_proj.weight": (kv, hidden),
-                       prefix + "self_attn.v_proj.weight": (kv, hidden), prefix + "self_attn.o_proj.weight": (hidden, hidden),
-                       prefix + "mlp.gate_proj.weight": (ffn, hidden), prefix + "mlp.up_proj.weight": (ffn, hidden),
-                       prefix + "mlp.down_proj.weight": (hidden, ffn)})
+        layer_shapes = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,),
+                        "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                        "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+                        "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn)}
+        shapes.update({f"model.layers.{layer}.{name}.weight": shape for name, shape in layer_shapes.items()})
     return shapes
 
 
@@ -45,9 +44,9 @@ def write_tiny_hf_dir(directory: Path) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    generator = torch.Generator().manual_seed(0)
-    tensors = {name: (1 + 0.0 * torch.randn(shape, generator=generator)) if name.endswith("norm.weight")
-               else 0.1 * torch.randn(shape, generator=generator) for name, shape in llama_tensor_shapes(CONFIG).items()}
+    seed = torch.Generator().manual_seed(0)
+    tensors = {name: torch.ones(shape) if name.endswith("norm.weight") else 0.1 * torch.randn(shape, generator=seed)
+               for name, shape in llama_tensor_shapes(CONFIG).items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -70,15 +69,22 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def command_argv(command: str, hf_dir: Path) -> list:
+    """`convert hf-to-mcore` or `eval perplexity` on `hf_dir`, writing next to it (out/, eval/, doc.txt)."""
+    if command == "convert":
+        return ["convert", "hf-to-mcore", "--hf", hf_dir, "--out", hf_dir.parent / "out", "--no-progress"]
+    document = hf_dir.parent / "doc.txt"
+    document.write_text(" ".join(f"w{i % 50}" for i in range(40)))
+    return ["eval", "perplexity", "--model", hf_dir, "--data", document, "--lengths", "8",
+            "--output-dir", hf_dir.parent / "eval"]
+
+
 def convert(hf_dir: Path, capsys) -> tuple[int, str]:
-    return run_cli(["convert", "hf-to-mcore", "--hf", hf_dir, "--out", hf_dir.parent / "out", "--no-progress"], capsys)
+    return run_cli(command_argv("convert", hf_dir), capsys)
 
 
 def evaluate(hf_dir: Path, capsys) -> tuple[int, str]:
-    document = hf_dir.parent / "doc.txt"
-    document.write_text(" ".join(f"w{i % 50}" for i in range(40)))
-    return run_cli(["eval", "perplexity", "--model", hf_dir, "--data", document, "--lengths", "8",
-                    "--output-dir", hf_dir.parent / "eval"], capsys)
+    return run_cli(command_argv("eval", hf_dir), capsys)
 
 
 COMMANDS = {"convert": convert, "eval": evaluate}
@@ -295,11 +301,7 @@ def test_a_fifo_under_a_tokenizer_file_name_is_refused_not_waited_on(tmp_path, c
     model = write_tiny_hf_dir(tmp_path / "model")
     (model / "tokenizer.json").unlink()
     os.mkfifo(model / "tokenizer.json")
-    (tmp_path / "doc.txt").write_text(" ".join(f"w{i % 50}" for i in range(40)))
-    argv = (["convert", "hf-to-mcore", "--hf", model, "--out", tmp_path / "out", "--no-progress"] if command == "convert"
-            else ["eval", "perplexity", "--model", model, "--data", tmp_path / "doc.txt", "--lengths", "8",
-                  "--output-dir", tmp_path / "eval"])
-    outcome = run_cli_bounded(argv, seconds=30, memory_mb=2048)
+    outcome = run_cli_bounded(command_argv(command, model), seconds=30, memory_mb=2048)
     assert_clean_ending(outcome, command)
     assert outcome.exit_code == 2 and "tokenizer.json is not a regular file" in outcome.stderr, outcome.describe()
 
@@ -360,11 +362,7 @@ def test_config_claiming_a_model_its_weights_cannot_fill_is_refused_before_alloc
     settings = json.loads((model / "config.json").read_text())
     settings[field] = value
     (model / "config.json").write_text(json.dumps(settings))
-    (tmp_path / "doc.txt").write_text(" ".join(f"w{i % 50}" for i in range(40)))
-    argv = (["convert", "hf-to-mcore", "--hf", model, "--out", tmp_path / "out", "--no-progress"] if command == "convert"
-            else ["eval", "perplexity", "--model", model, "--data", tmp_path / "doc.txt", "--lengths", "8",
-                  "--output-dir", tmp_path / "eval"])
-    outcome = run_cli_bounded(argv, seconds=60, memory_mb=2048)
+    outcome = run_cli_bounded(command_argv(command, model), seconds=60, memory_mb=2048)
     assert_clean_ending(outcome, command)
     assert outcome.exit_code == 2 and "implies a model of" in outcome.stderr, outcome.describe()
     assert outcome.seconds < 10, outcome.describe()
