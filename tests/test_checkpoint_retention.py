@@ -174,3 +174,48 @@ def test_a_failed_write_says_where_resume_auto_goes_when_latest_lags(tmp_path):
     error = store.write_failed(tmp_path / "iter_0000003", OSError(errno.ENOSPC, "No space left on device"))
     assert "Nothing else changed: latest names iter_0000001, the newest complete checkpoint is iter_0000002" in str(
         error)
+
+
+# --- several ranks ---------------------------------------------------------------------------------------------
+
+def fake_checkpoint(root, iteration, files=4):
+    """A complete checkpoint of `files` small files with its manifest, as far as retention can tell."""
+    from megatron_ext.checkpoint.integrity import describe_files, write_manifest
+
+    path = root / layout.checkpoint_name(iteration)
+    path.mkdir(parents=True)
+    for index in range(files):
+        (path / f"__{index}_0.distcp").write_bytes(bytes([iteration, index]) * 512)
+    write_manifest(path, describe_files(path, [f"__{index}_0.distcp" for index in range(files)]))
+    (path / layout.COMPLETE_MARKER).write_text(path.name + "\n")
+    return path
+
+
+@pytest.mark.slow  # two torch processes: about 8 s
+@pytest.mark.distributed
+def test_two_ranks_share_the_verification_and_agree_on_what_to_keep(tmp_path):
+    """Each rank reads half of a checkpoint's files; a damaged file in rank 1's half makes both keep iter_1 aside."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import _free_port
+
+    for iteration in (1, 2, 3):
+        fake_checkpoint(tmp_path, iteration)
+    damaged = tmp_path / "iter_0000002" / "__1_0.distcp"  # sorted names: rank 1 checks __1 and __3
+    damaged.write_bytes(b"\xff" + damaged.read_bytes()[1:])
+    port = _free_port()
+    worker = Path(__file__).with_name("retention_worker.py")
+    ranks = [subprocess.Popen([sys.executable, str(worker), str(rank), "2", str(port), str(tmp_path), "iter_0000003",
+                               "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert reports[0]["removed"] == [] and reports[1]["removed"] == []  # iter_1 kept aside: nothing else is due
+    assert reports[0]["read"] == {"iter_0000002": ["__0_0.distcp", "__2_0.distcp"],
+                                  "iter_0000001": ["__0_0.distcp", "__2_0.distcp"]}
+    assert reports[1]["read"] == {"iter_0000002": ["__1_0.distcp", "__3_0.distcp"],
+                                  "iter_0000001": ["__1_0.distcp", "__3_0.distcp"]}
+    assert names(tmp_path) == ["iter_0000001", "iter_0000002", "iter_0000003"]
