@@ -3,6 +3,7 @@ score the same. The checkpoint's vocabulary is padded for TP=2 (1003 -> 1024 row
 export keeps 1003 rows; a HARPE export (rope_type 'harpe') loads for every task, as --model and as --reference."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,10 +40,12 @@ def save_padded_checkpoint(root, tokenizer, rope: RopeConfig):
     with torch.no_grad():
         output = model.output_layer.weight  # [PADDED, hidden]
         output[VOCAB:] = output[:VOCAB].std() * torch.randn_like(output[VOCAB:]) + output[:VOCAB].mean(0)
+    # the checkpoint carries its tokenizer as training's do (a relative record): exports take it only from inside
+    carried = f"tokenizer/{Path(tokenizer.path).name}"
     state = CheckpointState.of_run(config, iteration=5, padded_vocab_size=PADDED, parallel=dict(tp=2, pp=1),
-                                   tokenizer_model=str(tokenizer.path),
-                                   tokenizer_vocab_size=tokenizer.vocab_size)
-    save_checkpoint(root / "ckpt", 5, model=[model], state=state.to_json())
+                                   tokenizer_model=carried, tokenizer_vocab_size=tokenizer.vocab_size)
+    save_checkpoint(root / "ckpt", 5, model=[model], state=state.to_json(),
+                    extra_files={carried: Path(tokenizer.path).read_bytes()})
     return root / "ckpt", mcore_to_hf(root / "ckpt", root / "hf")
 
 
