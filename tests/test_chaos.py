@@ -73,6 +73,7 @@ class Segment:
     latest_after: str | None = None
     note: str = ""
     left_behind: list[int] = field(default_factory=list)
+    log: str = ""  # the run's output (wrapper, torchrun and ranks)
 
 
 def write_config(work: Path, name: str, train_iters: int) -> Path:
@@ -160,6 +161,7 @@ class ChaosRun:
                  if fault == "SIGSTOP one rank" else [])
         rows_before = len(rows(self.metrics))
         wrapper, log = self.start(async_save, *extra)
+        segment.log = str(log)
         self.wait_for_progress(wrapper, log, rows_before, advance)
         ranks = ranks_of(wrapper.pid)
         family = psutil.Process(wrapper.pid).children(recursive=True)
@@ -338,7 +340,8 @@ def check_replay(chaos: ChaosRun, reference: dict[int, dict]) -> int:
     assert differing == [], differing[:10]
     for segment in chaos.segments:
         if segment.fault in PROCESS_FAULTS:
-            assert segment.exit_code in expected_exit(segment.fault), asdict(segment)
+            assert segment.exit_code in expected_exit(segment.fault), (asdict(segment),
+                                                                       Path(segment.log).read_text()[-4000:])
     return len(written)
 
 
@@ -398,7 +401,7 @@ def write_record(out: Path, chaos: ChaosRun, reference: dict, seconds: float, co
     """chaos.json (the schedule and its outcome) and chaos.png (iteration over time, one colour per run)."""
     out.mkdir(parents=True, exist_ok=True)
     record = dict(seconds=round(seconds, 1), rows_compared=compared, train_iters=chaos.train_iters,
-                  segments=[asdict(s) for s in chaos.segments])
+                  segments=[{k: v for k, v in asdict(s).items() if k != "log"} for s in chaos.segments])
     (out / "chaos.json").write_text(json.dumps(record, indent=1) + "\n")
     import matplotlib
     matplotlib.use("Agg")

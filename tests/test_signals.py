@@ -271,3 +271,23 @@ def test_only_gloo_failures_become_the_one_line_error(monkeypatch):
     assert "lost its connection to another rank" in str(distributed.lost_rank_error(closed, 10, None))
     assert distributed.lost_rank_error(RuntimeError("shape mismatch"), 10, None) is None
     assert distributed.lost_rank_error(ValueError("Timed out waiting"), 10, None) is None
+
+
+def test_a_stop_signal_during_the_teardown_of_a_finished_rank_does_not_kill_it(tmp_path):
+    """The chaos test's double SIGTERM once ended a rank that had saved and finished with "killed by SIGTERM": the
+    interpreter restores the default action of Python-handled signals while it tears down. A finished run's
+    ranks ignore stop signals from then on; here the teardown is slowed and signalled (-15 before the fix)."""
+    script = ("import time, sys\n"
+              "from megatron_ext.training.train import StopSignal\n"
+              "StopSignal(enabled=True)\n"
+              "StopSignal.ignore_from_now_on()\n"
+              "class Slow:\n"
+              "    def __del__(self, sleep=time.sleep):  # module globals are gone by then\n"
+              "        print('tearing down', flush=True); sleep(3)\n"
+              "keep = Slow()\n")
+    rank = subprocess.Popen([sys.executable, "-c", script], env=dict(ENV, RANK="0"), stdout=subprocess.PIPE, text=True)
+    assert rank.stdout.readline().strip() == "tearing down"
+    time.sleep(0.3)
+    rank.send_signal(signal.SIGTERM)
+    rank.communicate(timeout=60)
+    assert rank.returncode == 0

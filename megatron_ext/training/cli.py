@@ -46,7 +46,7 @@ def run_train(args) -> int:
     if relaunching:
         return relaunch(args.argv, args.nproc_per_node)
     from megatron_ext.distributed import lost_rank_error
-    from megatron_ext.training.train import train
+    from megatron_ext.training.train import StopSignal, train
 
     try:
         result = train(config, start)
@@ -56,6 +56,9 @@ def run_train(args) -> int:
         if lost is None:
             raise
         raise lost from None
+    finally:
+        if "RANK" in os.environ:  # a launched rank, which exits next (not a caller's process, e.g. a test's)
+            StopSignal.ignore_from_now_on()
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
         print(f"checkpoint: {result.last_checkpoint}")
         print(f"metrics: {config.logging.metrics_file}  tensorboard: {config.logging.tensorboard_dir}")

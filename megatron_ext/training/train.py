@@ -557,6 +557,15 @@ class StopSignal:
             threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="megatron_ext-parent-watch",
                              daemon=True).start()
 
+    @classmethod
+    def ignore_from_now_on(cls) -> None:
+        """Once the run is over (saved, or failed): further stop signals have nothing left to stop. Ignored, not
+        left to Python's handler, because the interpreter puts the default action (death) back while it tears
+        down (torch's and gloo's destructors can take a while), so a second SIGTERM then would end a rank that
+        saved and finished with "killed by SIGTERM" (the chaos test caught it)."""
+        for sig in cls.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _watch_parent(self, parent: int) -> None:
         while os.getppid() == parent:
             time.sleep(self.PARENT_CHECK_SECONDS)
