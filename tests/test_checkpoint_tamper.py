@@ -144,7 +144,8 @@ def swap_metadata_after_vetting(monkeypatch):
     return swaps
 
 
-def test_metadata_swapped_after_vetting_runs_nothing_and_the_vetted_metadata_loads(tmp_path, swap_metadata_after_vetting):
+def test_metadata_swapped_after_vetting_runs_nothing_and_the_vetted_metadata_loads(tmp_path,
+                                                                                    swap_metadata_after_vetting):
     import os
 
     path = save(tmp_path / "ckpt", seed=0)
@@ -335,7 +336,7 @@ def test_tokenizer_files_beyond_the_bound_are_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "hf").exists()
 
 
-# --- the commands a user runs: one line, exit 2 ------------------------------------------------------------------------
+# --- the commands a user runs: one line, exit 2 -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def trained_and_damaged(tmp_path_factory):

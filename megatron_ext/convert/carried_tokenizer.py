@@ -85,5 +85,6 @@ def _read_regular(path: Path, checkpoint: Path, budget: int, key: str) -> bytes:
             raise refuse("is not a regular file (a device, a pipe or a socket)")
         data = handle.read(budget + 1)
     if len(data) > budget:
-        raise refuse(f"makes the tokenizer larger than {MAX_TOKENIZER_BYTES >> 20} MiB, more than any tokenizer's files")
+        raise refuse(f"makes the tokenizer larger than {MAX_TOKENIZER_BYTES >> 20} MiB, more than any tokenizer's "
+                     "files take")
     return data
