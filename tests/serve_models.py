@@ -15,7 +15,7 @@ SERVE_PYTHON = Path(os.environ.get("MEGATRON_EXT_SERVE_PYTHON",
                                    Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "python"))
 needs_serve_env = pytest.mark.skipif(
     not SERVE_PYTHON.exists(),
-    reason=f"no serving environment at {SERVE_PYTHON}: run `make serve-env` (vLLM; ~7 min on CPU)")
+    reason=f"no serving environment at {SERVE_PYTHON}: run `make serve-env` (vLLM + lm-eval; ~6 min on CPU)")
 
 VOCAB, PADDED_VOCAB = 300, 384
 WINDOW = 32  # the training sequence length: served prompts go well beyond it

@@ -29,7 +29,10 @@ def test_tp2_serves_the_tokens_of_tp1(tmp_path, single_rank):
                           "engine": {**ENGINE, "tensor_parallel_size": 2, "distributed_executor_backend": "mp"}}],
                         tmp_path / "tp2", env={**env, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
     assert tp1["architecture"] == tp2["architecture"] == ["HarpeLlamaForCausalLM"]
+    worst = 0.0
     for one, two in zip(tp1["results"]["batch"], tp2["results"]["batch"]):
         assert one["tokens"] == two["tokens"]
-        # fp32; the two ranks' partial sums are added by an all-reduce, in another order than one rank's matmul
-        assert max(abs(a - b) for a, b in zip(one["logprobs"], two["logprobs"])) < 1e-4
+        worst = max(worst, *(abs(a - b) for a, b in zip(one["logprobs"], two["logprobs"])))
+    print(f"TP 2 against TP 1: {len(PROMPTS)} x 8 greedy tokens equal, largest log-probability difference {worst:.1e}")
+    # fp32; the two ranks' partial sums are added by an all-reduce, in another order than one rank's matmul
+    assert worst < 1e-4
