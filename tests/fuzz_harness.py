@@ -1,9 +1,9 @@
 """Run `megatron-ext <argv>` in a forked child with a time bound and a memory bound, for the fuzz tests of hostile
 inputs (issue 30): every generated case must end cleanly, fast and small.
 
-    from fuzz_harness import run_cli_bounded, assert_clean_ending   # tests/ is on sys.path (pytest's rootdir
+    from fuzz_harness import run_cli_bounded, assert_clean_ending   # tests/ is on sys.path, as for train_checks
     outcome = run_cli_bounded(["train", "--config", str(path)], cwd=tmp_path, seconds=20, memory_mb=2048)
-    assert_clean_ending(outcome, "train")                            #  conftest), like train_checks
+    assert_clean_ending(outcome, "train")
 
 The heavy imports (megatron_ext.cli's parser, torch, megatron-core, the training/eval/convert/preprocess code) are
 done once, in the parent; each case is a fork of that process, so it costs milliseconds, not a torch import.
