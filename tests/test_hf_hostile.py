@@ -333,7 +333,11 @@ WRONG_KINDS = {  # field -> (value, what the refusal says it must be)
     "rms_norm_eps": (float("nan"), "not a number between 0 and 1"),
     "rope_scaling": ([1, 2], "not null or an object of RoPE settings"),
     "architectures": ("LlamaForCausalLM", "not a list of class names"),
-    "rope_parameters": ({"rope_type": "longrope", "long_factor": "a"}, "not null or an object of RoPE settings"),
+}
+ROPE_WRONG_KINDS = {  # RoPE setting -> (value, what the refusal says it must be)
+    "long_factor": ("a", "not null or a list of finite numbers"),  # was a TypeError in transformers' forward
+    "factor": ("x", "not null or a finite number"),
+    "rope_type": (3, "not a string"),
 }
 
 
@@ -346,6 +350,18 @@ def test_config_value_of_the_wrong_kind_is_refused_by_name(hf_dir, capsys, comma
     (hf_dir / "config.json").write_text(json.dumps(settings))
     code, err = COMMANDS[command](hf_dir, capsys)
     assert_refused(code, err, command, "config.json", f"{field} is {value!r}", phrase)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("key", ROPE_WRONG_KINDS)
+def test_rope_setting_of_the_wrong_kind_is_refused_by_name(hf_dir, capsys, command, key):
+    value, phrase = ROPE_WRONG_KINDS[key]
+    settings = json.loads((hf_dir / "config.json").read_text())
+    settings["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                   "long_factor": [1.0] * 4, "factor": 2.0, key: value}
+    (hf_dir / "config.json").write_text(json.dumps(settings))
+    code, err = COMMANDS[command](hf_dir, capsys)
+    assert_refused(code, err, command, "config.json", f"rope_parameters.{key} is {value!r}", phrase)
 
 
 @pytest.mark.slow

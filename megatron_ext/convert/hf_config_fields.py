@@ -26,15 +26,29 @@ def _token_id(value) -> bool:
     return value is None or _count(value, 0) or (isinstance(value, list) and all(_count(v, 0) for v in value))
 
 
-def _rope_settings(value) -> bool:
-    """null, or RoPE settings as Hugging Face writes them: rope_type (or type) a string, every other value a finite
-    number, true/false, null or a list of finite numbers (longrope's factors, HARPE's head_bases)."""
+# the RoPE settings transformers (and megatron_ext.rope.hf_forms) compute with, by the kind each must be; other keys
+# (megatron_ext's scaling_params and head_base_params objects, flags) are read and checked by hf_forms
+ROPE_KINDS = {
+    **{key: (lambda v: isinstance(v, str), "a string") for key in (
+        "rope_type", "type", "scaling", "head_base_strategy")},
+    **{key: (lambda v: v is None or _number(v), "null or a finite number") for key in (
+        "rope_theta", "factor", "attention_factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor",
+        "original_max_position_embeddings", "mscale", "mscale_all_dim", "partial_rotary_factor")},
+    **{key: (lambda v: v is None or (isinstance(v, list) and all(_number(x) for x in v)),
+             "null or a list of finite numbers") for key in ("short_factor", "long_factor", "head_bases")},
+}
+
+
+def _check_rope(value, path, field: str) -> None:
     if value is None:
-        return True
-    if not isinstance(value, dict) or not isinstance(value.get("rope_type", value.get("type", "")), str):
-        return False
-    return all(key in ("rope_type", "type") or v is None or isinstance(v, bool) or _number(v)
-               or (isinstance(v, list) and all(_number(x) for x in v)) for key, v in value.items())
+        return
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path}: {field} is {_shown(value)}, not null or an object of RoPE settings: is "
+                              f"config.json the right one for this model, and whole?")
+    for key, (test, wanted) in ROPE_KINDS.items():
+        if key in value and not test(value[key]):
+            raise ConversionError(f"{path}: {field}.{key} is {_shown(value[key])}, not {wanted}: is config.json the "
+                                  f"right one for this model, and whole?")
 
 
 # field -> (test, what it must be)
@@ -42,7 +56,8 @@ FIELDS = {
     **{name: (lambda v: _count(v, 1), f"an integer from 1 to {MAX_SIZE}") for name in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")},
     **{name: (lambda v: v is None or _count(v, 1), f"null or an integer from 1 to {MAX_SIZE}") for name in (
-        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "max_window_layers")},
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")},
+    "max_window_layers": (lambda v: v is None or _count(v, 0), f"null or an integer from 0 to {MAX_SIZE}"),
     **{name: (_token_id, "null, a token id >= 0 or a list of them") for name in (
         "bos_token_id", "eos_token_id", "pad_token_id")},
     "rms_norm_eps": (lambda v: _number(v) and 0 < v < 1, "a number between 0 and 1 (e.g. 1e-5)"),
@@ -56,8 +71,6 @@ FIELDS = {
         "dtype", "torch_dtype")},
     "architectures": (lambda v: v is None or (isinstance(v, list) and all(isinstance(a, str) for a in v)),
                       "a list of class names such as [\"LlamaForCausalLM\"]"),
-    **{name: (_rope_settings, "null or an object of RoPE settings (rope_type a string, the others numbers or "
-                              "lists of numbers)") for name in ("rope_scaling", "rope_parameters")},
 }
 
 
@@ -67,6 +80,8 @@ def check_config_fields(config: dict, path) -> None:
         if name in config and not test(config[name]):
             raise ConversionError(f"{path}: {name} is {_shown(config[name])}, not {wanted}: is config.json the "
                                   f"right one for this model, and whole?")
+    for name in ("rope_scaling", "rope_parameters"):
+        _check_rope(config.get(name), path, name)
 
 
 def _shown(value) -> str:
@@ -97,12 +112,16 @@ def implied_parameters(config: dict) -> int | None:
     return embeddings + layers * per_layer + hidden
 
 
+SLACK_PARAMETERS = 2**24  # what a model may exceed twice its weights by before it is refused unbuilt
+
+
 def check_implied_parameters(config: dict, path, stored_elements: int) -> None:
-    """A Llama-family config.json must not imply more parameters than its safetensors hold: a model the weights
-    cannot fill would be allocated (at any size the config claims) before its missing tensors are named."""
+    """A Llama-family config.json must not imply a model far larger than its safetensors hold: one the weights cannot
+    fill would be allocated (at any size the config claims) before its missing tensors are named. A near miss (a
+    tensor missing, a size off) is left to the tensor-by-tensor check, which names the tensor."""
     implied = implied_parameters(config)
-    if implied is not None and implied > stored_elements:
+    if implied is not None and implied > 2 * stored_elements + SLACK_PARAMETERS:
         raise ConversionError(
-            f"{path} implies a model of {implied:,} parameters, but the safetensors weights of {Path(path).parent} "
-            f"hold {stored_elements:,} values: is config.json the right one for these weights (hidden_size, "
-            f"intermediate_size, num_hidden_layers, vocab_size)?")
+            f"{path} implies a model of {implied:,} parameters, more than twice the {stored_elements:,} values the "
+            f"safetensors weights of {Path(path).parent} hold: is config.json the right one for these weights "
+            f"(hidden_size, intermediate_size, num_hidden_layers, vocab_size)?")
