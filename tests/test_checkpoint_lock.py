@@ -226,3 +226,23 @@ def test_of_many_processes_taking_over_one_stale_lock_at_once_exactly_one_gets_i
     assert [len(w) for w in winners] == [1] * TRIALS, winners
     assert owners == [w[0] for w in winners]  # the winner's record is the lock's
     assert sorted(p.name for p in root.iterdir()) == []  # no guard or record file left behind
+
+
+def test_a_takeover_guard_left_by_a_crashed_contender_is_passed_over_once_abandoned(slurm_job, tmp_path, monkeypatch):
+    """A process that died between winning a stale lock's guard and moving its record in leaves the guard: while it
+    is fresh others wait and then refuse, naming it; once it is older than GUARD_ABANDONED_SECONDS the next guard
+    is taken and the lock with it."""
+    root = tmp_path / "ckpt"
+    lock = write_lock(root, dict(OTHER_NODE, heartbeat_s=30.0), age_seconds=3600)
+    _, identity, _ = lock_module._read_lock(lock)
+    guard = root / f"{LOCK_FILE}.takeover-{identity}-1"
+    guard.touch()
+    monkeypatch.setattr(lock_module, "TAKEOVER_WAIT_SECONDS", 0.3)
+    with pytest.raises(CheckpointDirLocked, match=r"another process has been taking over the stale lock .*takeover"):
+        take(root)
+    assert owner_of(root)["pid"] == 4242
+
+    abandoned = time.time() - lock_module.GUARD_ABANDONED_SECONDS - 5
+    os.utime(guard, (abandoned, abandoned))
+    assert take(root) is True
+    assert sorted(p.name for p in root.iterdir()) == []  # taken, given back; guards and records gone
