@@ -5,6 +5,7 @@ Imports torch and megatron only inside the functions that need them (launch/slur
 imports the mapping before anything heavy); never the training loop, the launcher or the CLI.
 """
 
+import atexit
 import contextlib
 import logging
 import os
@@ -277,8 +278,15 @@ class RankHeartbeat:
         import threading
 
         heartbeat = cls(rank, world)
-        threading.Thread(target=heartbeat._beat, name="megatron_ext-rank-heartbeat", daemon=True).start()
+        heartbeat._stop = threading.Event()
+        thread = threading.Thread(target=heartbeat._beat, name="megatron_ext-rank-heartbeat", daemon=True)
+        thread.start()
         cls._running = heartbeat
+
+        def stop():  # before the interpreter tears down: a thread still inside the store's C++ client then can
+            heartbeat._stop.set()  # abort the process ("terminate called without an active exception")
+            thread.join(timeout=2 * cls.interval + 5)
+        atexit.register(stop)
 
     @staticmethod
     def _store(seconds: float):
@@ -292,14 +300,13 @@ class RankHeartbeat:
 
     def _beat(self) -> None:
         import socket
-        import time
 
         try:
             store = self._store(60)
             store.set(f"{HEARTBEAT_PREFIX}/where/{self.rank}", f"pid {os.getpid()} on {socket.gethostname()}")
-            while True:
+            while not self._stop.is_set():
                 store.add(f"{HEARTBEAT_PREFIX}/count/{self.rank}", 1)
-                time.sleep(self.interval)
+                self._stop.wait(self.interval)
         except Exception:  # the store is gone: the run is ending (or its host is); nothing left to tell
             return
 

@@ -175,7 +175,7 @@ class ChaosRun:
             for rank in ranks.values():
                 rank.kill()
         elif fault == FLIP_THEN_KILL:
-            segment.note = self.flip_fallback(wrapper, log)
+            segment.note = self.flip_fallback(wrapper, log, ranks)
             for rank in ranks.values():
                 rank.kill()
         elif fault == "kill-9 wrapper":
@@ -200,12 +200,20 @@ class ChaosRun:
         segment.ended_s = self.now()
         return segment
 
-    def flip_fallback(self, wrapper: subprocess.Popen, log: Path) -> str:
+    def flip_fallback(self, wrapper: subprocess.Popen, log: Path, ranks: dict[int, psutil.Process]) -> str:
         """A bit flipped in the newest checkpoint while the run goes on; returns once a newer one is saved (keep_last
-        then keeps the damaged one as the fallback, and must keep an older one that verifies aside)."""
+        then keeps the damaged one as the fallback, and must keep an older one that verifies aside). The ranks are
+        paused for the flip, so that it lands before anything they do next (else a save finishing meanwhile could
+        verify the fallback just before the damage)."""
         from megatron_ext.checkpoint.layout import list_checkpoints
 
-        damaged = self.flip_a_bit(newest_checkpoint(self.root))
+        for rank in ranks.values():
+            rank.suspend()
+        try:
+            damaged = self.flip_a_bit(newest_checkpoint(self.root))
+        finally:
+            for rank in ranks.values():
+                rank.resume()
         deadline = time.monotonic() + 300
         while list_checkpoints(self.root)[-1].name <= damaged.split("/")[0]:
             assert wrapper.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -227,7 +235,8 @@ class ChaosRun:
             rank.send_signal(signal.SIGTERM)
         deadline, during = time.monotonic() + 20, False
         while time.monotonic() < deadline and alive(ranks.values()):
-            if any(".tmp-" in path.name and path.name.startswith("iter_") for path in self.root.iterdir()):
+            if any(path.name.startswith("iter_") and ".tmp-" in path.name and "retired" not in path.name
+                   for path in self.root.iterdir()):  # a save's staging directory (not a removal's)
                 during = True
                 break
             time.sleep(0.002)
@@ -439,10 +448,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write chaos.json and chaos.png here")
     parser.add_argument("--seed", type=int, default=None, help="a random schedule from this seed (default: the fixed one)")
     parser.add_argument("--faults", type=int, default=30)
+    parser.add_argument("--work", type=Path, default=None, help="run here and keep it (default: a temporary directory)")
     args = parser.parse_args()
     schedule = FIXED_SCHEDULE if args.seed is None else random_schedule(args.seed, args.faults)
     iters = FIXED_ITERS if args.seed is None else 4 * args.faults + 20
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as temporary:
+        work = args.work or temporary
+        Path(work).mkdir(parents=True, exist_ok=True)
         chaos, reference, seconds = run_chaos(Path(work), schedule, iters, 30 if args.seed is None else args.seed)
         compared = check_replay(chaos, reference)
         print(f"{'fault':28} {'async':6} {'at it.':>6} {'exit':>5} {'resumed':>8} {'latest after':14} note")
