@@ -273,6 +273,7 @@ def test_only_gloo_failures_become_the_one_line_error(monkeypatch):
     assert distributed.lost_rank_error(ValueError("Timed out waiting"), 10, None) is None
 
 
+@pytest.mark.slow  # a subprocess that imports the training loop
 def test_a_stop_signal_during_the_teardown_of_a_finished_rank_does_not_kill_it(tmp_path):
     """The chaos test's double SIGTERM once ended a rank that had saved and finished with "killed by SIGTERM": the
     interpreter restores the default action of Python-handled signals while it tears down. A finished run's

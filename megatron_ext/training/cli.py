@@ -244,7 +244,7 @@ def torchrun_main(argv: list[str]) -> int:
         def how(code):
             return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
         print("megatron-ext train: " + "; ".join(f"rank {rank} {how(f.exitcode)}" for rank, f in failures)
-              + " (its output is above)", file=sys.stderr)
+              + " (the ranks' output is above)", file=sys.stderr)
         return 1
     return 0
 
