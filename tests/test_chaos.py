@@ -392,7 +392,7 @@ def test_random_fault_schedule_replays_the_uninterrupted_run_bitwise(tmp_path):
     seed = int(os.environ.get("MEGATRON_EXT_CHAOS_SEED", "0"))
     faults = int(os.environ.get("MEGATRON_EXT_CHAOS_FAULTS", "30"))
     schedule = random_schedule(seed, faults)
-    chaos, reference, _ = run_chaos(tmp_path, schedule, train_iters=4 * faults + 20, seed=seed)
+    chaos, reference, _ = run_chaos(tmp_path, schedule, train_iters=6 * faults + 20, seed=seed)
     check_replay(chaos, reference)
 
 
@@ -451,7 +451,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="run here and keep it (default: a temporary directory)")
     args = parser.parse_args()
     schedule = FIXED_SCHEDULE if args.seed is None else random_schedule(args.seed, args.faults)
-    iters = FIXED_ITERS if args.seed is None else 4 * args.faults + 20
+    iters = FIXED_ITERS if args.seed is None else 6 * args.faults + 20
     with tempfile.TemporaryDirectory() as temporary:
         work = args.work or temporary
         Path(work).mkdir(parents=True, exist_ok=True)
