@@ -147,3 +147,45 @@ def test_a_checkpoint_without_its_own_tokenizer_is_exported_with_the_named_one(t
     export = export_dir_for(str(checkpoint), None, str(sp_tokenizer.path))
     assert export == checkpoint / "hf_exports" / "iter_0000005"
     assert (export / "config.json").is_file() and (export / "tokenizer.model").is_file()
+
+
+def _pickle_only_directory(directory):
+    """A Llama directory whose only weights are a pickle that would write `ran` next to it when unpickled."""
+    import pickle
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_attention_heads": 4,
+              "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "vocab_size": 128, "max_position_embeddings": 64}
+    (directory / "config.json").write_text(json.dumps(config))
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(directory / "ran"), "w"))
+
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+
+
+def test_a_hostile_export_is_refused_before_vllm_is_asked_for(tmp_path, capsys, monkeypatch):
+    """serve vets a Hugging Face directory as eval and convert do (here: pickle-only weights), before it looks
+    for vLLM, and nothing of the directory runs."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    _pickle_only_directory(tmp_path)
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "pytorch_model.bin holds pickle weights" in error, error
+    assert not (tmp_path / "ran").exists()
+
+
+def test_vllm_is_told_to_load_safetensors_only(tmp_path):
+    from megatron_ext.serve.server import vllm_command
+
+    command = vllm_command(tmp_path, host="127.0.0.1", port=8000, max_model_len=None, tensor_parallel_size=1,
+                           dtype="float32", on_gpu=False, extra=[])
+    assert command[command.index("--load-format") + 1] == "safetensors"
+    chosen = vllm_command(tmp_path, host="127.0.0.1", port=8000, max_model_len=None, tensor_parallel_size=1,
+                          dtype="float32", on_gpu=False, extra=["--load-format", "dummy"])
+    assert chosen.count("--load-format") == 1 and chosen[-1] == "dummy"

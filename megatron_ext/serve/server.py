@@ -7,7 +7,6 @@ arguments pass through. Imports megatron_ext.convert/checkpoint only when a chec
 """
 
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -48,11 +47,18 @@ def export_dir_for(model: str, export_root: str | None, tokenizer: str | None = 
 
 def check_servable(export: Path, max_model_len: int | None) -> dict:
     """Refuse what vLLM would serve wrong; the environment vLLM needs for this export."""
-    config = json.loads((export / "config.json").read_text())
+    from megatron_ext.convert.hf_directory import check_hf_directory, read_json_object
+
+    config = read_json_object(export / "config.json")
     architecture = (config.get("architectures") or ["?"])[0]
-    if architecture in HARPE_ARCHITECTURES:
+    harpe = architecture in HARPE_ARCHITECTURES
+    if harpe:
         check_harpe_export(config, architecture)
         rope = serving_rope(config)
+    # What eval and convert refuse of a Hugging Face directory (custom code, pickle-only weights, files outside
+    # it, safetensors headers that lie), vLLM must not be handed either.
+    check_hf_directory(export)
+    if harpe:
         groups = config.get("num_key_value_heads") or config["num_attention_heads"]
         log.info(f"megatron_ext: {architecture} through megatron_ext's vLLM plugin: {rope.describe(groups)}")
     env = {}
@@ -71,6 +77,8 @@ def vllm_command(export: Path, *, host: str, port: int, max_model_len: int | Non
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export),
                "--host", host, "--port", str(port), "--dtype", dtype,
                "--tensor-parallel-size", str(tensor_parallel_size)]
+    if not any(arg.startswith("--load-format") for arg in extra):
+        command += ["--load-format", "safetensors"]  # never vLLM's fallback to pickled .bin weights
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     if not on_gpu and not any(arg.startswith(("--kv-cache-memory", "--gpu-memory-utilization")) for arg in extra):
@@ -87,9 +95,11 @@ def gpu_present() -> bool:
 def run_serve(args) -> int:
     if not Path(args.model).expanduser().exists():
         raise MissingFile(f"--model ({args.model!r}) does not exist: give an exported model directory or a checkpoint")
-    require_vllm()
+    if not (Path(args.model).expanduser() / "config.json").is_file():
+        require_vllm()  # before a checkpoint's export, the work vLLM would then not serve
     export = export_dir_for(args.model, args.export_dir, getattr(args, "tokenizer", None))
     env = check_servable(export, args.max_model_len)
+    require_vllm()
     command = vllm_command(export, host=args.host, port=args.port, max_model_len=args.max_model_len,
                            tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, on_gpu=gpu_present(),
                            extra=list(args.vllm_args))
