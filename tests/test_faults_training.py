@@ -92,13 +92,17 @@ def test_group_sigterm_saves_once_and_the_resume_matches_the_uninterrupted_run(w
         [uninterrupted[i] for i in range(1, end + 1)], abs=1e-6)
 
 
-def test_huge_lr_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(work):
-    """optimizer.lr=1e30, a checkpoint every iteration, keep_last=1: iteration 1 is finite and saved, its update
-    blows the gradients up; the run fails naming the first non-finite iteration, saves nothing after it, and
-    keep_last deletes nothing good (before the fix: rc 0, NaN checkpoints, iter_0000001 deleted)."""
+def test_a_diverging_run_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(work):
+    """A run that really diverges, with settings validation accepts (lr <= 1, everything finite): Adam with lr 1.0, no
+    clipping or weight decay, adam_beta2 1e-30 and adam_eps 1e-30, so its second moment is the last gradient alone
+    while the first remembers earlier ones: a weight whose gradient drops to about 0 (an embedding row of a token
+    absent from the batch) moves by about mean/|0|. Iterations 1 and 2 are finite and saved (a checkpoint every
+    iteration, keep_last=1); the step after blows the loss up. The run fails naming the first non-finite iteration,
+    saves nothing after it, and keep_last deletes nothing good (before the fix, with lr 1e30: rc 0, NaN
+    checkpoints, the good one deleted; lr above 1 is now refused at start-up, test_nonsense_numbers_...)."""
     config = yaml.safe_load(write_config(work, "exploding", train_iters=8).read_text())
     config["checkpoint"].update(save_interval=1, keep_last=1)
-    config["optimizer"].update(lr=1e30, min_lr=1e30)
+    config["optimizer"].update(lr=1.0, min_lr=1.0, clip_grad=0.0, weight_decay=0.0, adam_beta2=1e-30, adam_eps=1e-30)
     (work / "exploding.yaml").write_text(yaml.safe_dump(config))
     run = subprocess.run(train_command(work / "exploding.yaml"), env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
@@ -106,6 +110,7 @@ def test_huge_lr_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(w
     rows = [json.loads(line) for line in (work / "exploding.jsonl").read_text().splitlines()]
     bad = [r["iteration"] for r in rows if not all(abs(r[k]) < float("inf") for k in ("loss", "grad_norm"))]
     assert bad == [rows[-1]["iteration"]] and f"iteration {bad[0]}:" in message and "not finite" in message, message
+    assert bad[0] >= 2, rows  # a checkpoint before it verifies: the run did diverge, it did not start non-finite
     good = f"iter_{bad[0] - 1:07d}"
     assert latest(work / "exploding") == good
     assert sorted(p.name for p in (work / "exploding").glob("iter_*")) == [good]
@@ -139,15 +144,20 @@ def test_sigterm_to_the_wrapper_stops_both_ranks_saves_and_leaves_no_process(wor
     assert 2 <= stopped_at < LONG_RUN and max(losses(work, "wrapped")) == stopped_at
 
 
-@pytest.mark.parametrize("setting", ["optimizer.lr=inf", "optimizer.adam_eps=0", "model.norm_epsilon=-1",
-                                     "training.exit_interval=-1"])
-def test_nonsense_numbers_are_refused_in_one_line(work, setting, capsys):
+# (the setting, what its refusal says): a value outside float32 is refused by the config's types as it is read;
+# the rest by the validation of numbers (lr above 1 replaces the weights with noise at the first step)
+@pytest.mark.parametrize("setting, says", [
+    ("optimizer.lr=inf", "'inf' (a string) is not a finite number"), ("optimizer.lr=.inf", "is not a finite number"),
+    ("optimizer.lr=1e39", "is not a finite number"), ("optimizer.lr=2", "must be at most 1.0"),
+    ("optimizer.adam_eps=0", "must"), ("model.norm_epsilon=-1", "must"), ("training.exit_interval=-1", "must")])
+def test_nonsense_numbers_are_refused_in_one_line(work, setting, says, capsys):
     from megatron_ext.cli import main
 
     config = write_config(work, "refused", train_iters=2)
     assert main(["train", "--config", str(config), "--set", setting]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and setting.split("=")[0] in lines[0] and "must" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith(f"megatron-ext train: {setting.split('=')[0]}"), lines
+    assert says in lines[0], lines
     assert not (work / "refused").exists()
 
 
