@@ -2,11 +2,10 @@
 
 Both readers of such a directory, `convert hf-to-mcore` (our own safetensors reader) and evaluation (transformers'
 from_pretrained), run these checks first, so a hostile directory is refused by name, in one line, before any work:
-- no custom code: an `auto_map` in config.json or tokenizer_config.json asks for Python from the directory,
-  which megatron_ext never runs (trust_remote_code stays False);
+- the rules for the files of any Hugging Face directory (megatron_ext/data/model_directory.py, shared with the
+  tokenizer layer): no custom code (an `auto_map` in config.json or tokenizer_config.json), every file read (config,
+  tokenizer, generation config, index, shards) a regular file inside the directory (hub-cache links excepted);
 - no pickles: weights only as safetensors (unpickling a pytorch_model.bin can run code);
-- nothing read from outside: every file read (config, tokenizer, generation config, index, shards) resolves inside
-  the directory (the Hugging Face hub cache's snapshot -> blob links excepted);
 - safetensors headers that describe the file: bounded length, known dtypes, shapes whose bytes are the byte ranges,
   ranges inside the file that tile its data without overlap. A header claiming a terabyte is refused, not allocated.
 Standard library only (no torch): a header is checked from its JSON.
@@ -17,23 +16,26 @@ import math
 from pathlib import Path
 
 from megatron_ext.convert.hf_config_fields import check_config_fields, check_implied_parameters
+from megatron_ext.data import model_directory
+from megatron_ext.data.model_directory import (
+    CHAT_TEMPLATE_FILES,
+    CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILES,
+)
 from megatron_ext.errors import ConversionError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-CONFIG_FILE = "config.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Every file besides the weights that the converters or transformers read from a model directory.
-READ_FILES = (CONFIG_FILE, "generation_config.json", "tokenizer.model", "tokenizer.json", TOKENIZER_CONFIG_FILE,
-              "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-              "chat_template.json", INDEX_FILE)
+READ_FILES = (CONFIG_FILE, "generation_config.json", *TOKENIZER_FILES, *CHAT_TEMPLATE_FILES, INDEX_FILE)
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 # bytes per element of the safetensors dtypes megatron_ext reads or can size
 DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
-MAX_JSON_BYTES = 64 * 2**20  # config / tokenizer config / index: megabytes at most in real models
 SAFE_FORMAT_FIX = "re-save the model with transformers' save_pretrained(..., safe_serialization=True)"
+MODEL_DIRECTORY = "model directory"  # what the refusals call the directory
 
 
 def check_hf_directory(directory) -> list[Path]:
@@ -41,10 +43,9 @@ def check_hf_directory(directory) -> list[Path]:
     ConversionError (a UserError: one line, exit 2) names the file at fault."""
     directory = Path(directory)
     config = read_config(directory)
-    for name in READ_FILES:
-        if (directory / name).is_symlink() or (directory / name).exists():
-            require_regular(require_inside(directory, directory / name))
-    refuse_custom_code(directory)
+    model_directory.check_present_files(directory, READ_FILES, error=ConversionError, what=MODEL_DIRECTORY)
+    model_directory.refuse_custom_code(directory, {CONFIG_FILE: None, TOKENIZER_CONFIG_FILE: None},
+                                       error=ConversionError)
     files = weight_files(directory)
     stored = sum(math.prod(entry["shape"]) for path in files for entry in read_header(path)[0].values())
     check_implied_parameters(config, directory / CONFIG_FILE, stored)
@@ -64,65 +65,26 @@ def read_config(directory) -> dict:
 def unreadable(directory, what: str, error: BaseException) -> ConversionError:
     """The one-line refusal of a directory whose `what` (its model, its tokenizer) transformers fails to read: any
     exception of that reading is about the files (their parsing is all it does), so it is named, not a traceback."""
-    text = " ".join(str(error).split())[:300]
-    return ConversionError(f"{directory}: transformers cannot read its {what} ({type(error).__name__}: {text}): fix "
-                           f"the setting or file it names, or use a directory that transformers' from_pretrained loads")
+    return ConversionError(f"{directory}: transformers cannot read its {what} ({model_directory.failure_text(error)}): "
+                           "fix the setting or file it names, or use a directory that transformers' from_pretrained "
+                           "loads")
 
 
 def read_json_object(path: Path) -> dict:
     """The JSON object in `path`, size bounded; a ConversionError naming the file if it is anything else."""
-    require_regular(path)
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ConversionError(f"{path} is {path.stat().st_size} bytes, more than any model's {path.name} "
-                              f"({MAX_JSON_BYTES} at most): is it the right file?")
-    try:
-        loaded = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise ConversionError(f"{path} is not valid JSON: {str(error).splitlines()[0] if str(error) else 'too deep'}") \
-            from None
-    if not isinstance(loaded, dict):
-        raise ConversionError(f"{path} holds a JSON {type(loaded).__name__}, not an object: is it the right file?")
-    return loaded
-
-
-def refuse_custom_code(directory: Path) -> None:
-    """config.json or tokenizer_config.json with an `auto_map` asks for the directory's own Python; refused."""
-    for name in (CONFIG_FILE, TOKENIZER_CONFIG_FILE):
-        path = directory / name
-        if not path.exists():
-            continue
-        auto_map = read_json_object(path).get("auto_map")
-        if auto_map:
-            wanted = ", ".join(f"{key}: {value}" for key, value in auto_map.items()) \
-                if isinstance(auto_map, dict) else str(auto_map)
-            raise ConversionError(
-                f"{path} asks for custom code (auto_map {wanted[:200]}), which megatron_ext never runs "
-                f"(trust_remote_code is off): use a directory whose {name} names a transformers class "
-                f"({'model_type' if name == CONFIG_FILE else 'tokenizer_class'}) and no auto_map")
+    return model_directory.read_json_object(path, error=ConversionError)
 
 
 def require_inside(directory: Path, path: Path, action: str = "read it") -> Path:
-    """`path` if it resolves inside `directory`; a ConversionError naming it if a symlink (or `..`) leads it elsewhere.
-    The one allowed exception is the Hugging Face hub cache, whose snapshots/<revision>/ files link to the same
-    repository's blobs/."""
-    root = Path(directory).resolve()
-    target = Path(path).resolve()
-    if target.is_relative_to(root):
-        return path
-    if root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs":
-        return path
-    how = "is a symlink to" if Path(path).is_symlink() else "resolves to"
-    raise ConversionError(f"{path} {how} {target}, outside {root}: refusing to {action}. Replace the link with "
-                          f"the file itself if it is meant to be part of the model directory")
+    """`path` if it resolves inside the model directory `directory` (hub-cache links excepted); a ConversionError
+    naming it if a symlink (or `..`) leads it elsewhere."""
+    return model_directory.require_inside(directory, path, error=ConversionError, what=MODEL_DIRECTORY,
+                                          action=action)
 
 
 def require_regular(path: Path) -> Path:
-    """`path` if it is a regular file: a directory, FIFO or device under a model file's name is refused (reading a
-    FIFO would wait forever, a device never end)."""
-    if not path.is_file():
-        raise ConversionError(f"{path} is not a regular file (a directory, FIFO or device?): replace it with the "
-                              "model's file")
-    return path
+    """`path` if it is a regular file; a ConversionError naming it otherwise."""
+    return model_directory.require_regular(path, error=ConversionError)
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -19,13 +19,12 @@ import torch
 
 from megatron_ext.convert import hf_directory
 from megatron_ext.convert.hf_directory import INDEX_FILE, SINGLE_FILE, read_config, read_header, weight_files
+from megatron_ext.data import model_directory
 from megatron_ext.errors import ConversionError
 
 # Travel with the weights untouched: tokenizers (sentencepiece, tokenizers' JSON, BPE vocab+merges),
 # chat templates, and the generation defaults.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (*model_directory.TOKENIZER_FILES, *model_directory.CHAT_TEMPLATE_FILES, "generation_config.json")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}

@@ -27,7 +27,6 @@ def carried_tokenizer(hf_dir: Path, names: list[str]) -> tuple[dict[str, bytes],
     """({file name: bytes}, fingerprint) of the tokenizer a checkpoint converted from `hf_dir` carries: the files
     `names` as they are, plus the config.json keys by which AutoTokenizer picked its class in `hf_dir`
     (megatron_ext.data.tokenizer_record.checkpoint_tokenizer_files), so the copy gives the ids `hf_dir` gives."""
-    from megatron_ext.convert.hf_directory import unreadable
     from megatron_ext.convert.hf_io import require_inside
     from megatron_ext.data.tokenizer_files import open_encoder
     from megatron_ext.data.tokenizer_record import checkpoint_tokenizer_files
@@ -37,12 +36,7 @@ def carried_tokenizer(hf_dir: Path, names: list[str]) -> tuple[dict[str, bytes],
     if not has_tokenizer(names):
         return files, None
     try:
-        try:
-            encoder = open_encoder(hf_dir, setting=f"the tokenizer of {hf_dir}")
-        except (UserError, MemoryError):
-            raise
-        except Exception as error:  # transformers' own parsing of the files (config.json's fields included)
-            raise unreadable(hf_dir, "tokenizer", error) from None
+        encoder = open_encoder(hf_dir, setting=f"the tokenizer of {hf_dir}")  # transformers' failures: one line
     except UserError as error:
         log.warning(f"megatron_ext: {error}; its files are copied as they are (training or evaluating the converted "
                     f"model will need a tokenizer that loads)")

@@ -11,13 +11,22 @@ import json
 import re
 from pathlib import Path
 
+from megatron_ext.data.model_directory import (
+    CONFIG_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILES,
+    TOKENIZER_READ_FILES,
+    check_present_files,
+    failure_text,
+    raised_in_megatron_ext,
+    refuse_custom_code,
+)
 from megatron_ext.errors import InputError, MissingFile
 
 KINDS = ("sentencepiece", "huggingface", "tiktoken")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # The files of a Hugging Face tokenizer directory that decide its ids (the fingerprint hashes them; a copy takes them)
-HF_DEFINING_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                     "vocab.json", "merges.txt", "tokenizer.model")
+HF_DEFINING_FILES = TOKENIZER_FILES
 # What transformers' AutoTokenizer reads from a model directory's config.json to pick the tokenizer class: with
 # model_type "qwen2" a directory whose tokenizer_config.json says PreTrainedTokenizerFast loads as Qwen2Tokenizer,
 # which rebuilds the pre-tokenizer (other ids). A copy of the tokenizer carries these keys in its own config.json.
@@ -245,17 +254,31 @@ class HuggingFaceFiles(TokenizerFiles):
             self._backend = getattr(self._auto, "backend_tokenizer", None)
             self._class = type(self._auto).__name__
             self.vocab_size = len(self._auto)
-            self.bos = _id_or_none(self._auto.bos_token_id)
-            self.eos = _id_or_none(self._auto.eos_token_id)
-            self.pad = _id_or_none(self._auto.pad_token_id)
+            ids = self._auto.bos_token_id, self._auto.eos_token_id, self._auto.pad_token_id
         except MemoryError:
             raise
-        except Exception as error:  # noqa: BLE001 - transformers only parses the directory's files here: whatever
-            # it raises (a list where an object belongs gives AttributeError) is about them, so it is named
-            text = " ".join(str(error).split())[:300] or "no message"
-            raise TokenizerError(f"tokenizer directory '{self.path}' does not load in transformers "
-                                 f"({type(error).__name__}: {text}): fix the file it names, or pass a directory "
-                                 "that transformers' AutoTokenizer loads") from None
+        except Exception as error:  # noqa: BLE001 - transformers only parses the directory's files here, so what it
+            # raises (a list where an object belongs: AttributeError; a config.json field of the wrong type:
+            # huggingface_hub's StrictDataclass*Error) is about them and named in one line; an exception raised in
+            # megatron_ext's own code is a bug of ours and keeps its traceback
+            if raised_in_megatron_ext(error):
+                raise
+            raise self.unreadable(error) from None
+        self.bos, self.eos, self.pad = (self._token_id(name, value) for name, value in zip(("bos", "eos", "pad"), ids))
+
+    def unreadable(self, error: BaseException) -> "TokenizerError":
+        """The one-line refusal of this directory when transformers fails to read it."""
+        return TokenizerError(f"tokenizer directory '{self.path}' does not load in transformers "
+                              f"({failure_text(error)}): fix the file it names, or pass a directory that "
+                              "transformers' AutoTokenizer loads")
+
+    def _token_id(self, name: str, token_id) -> int:
+        """A special token's id as transformers gives it (-1: none); anything but one id is the files' fault."""
+        if token_id is None:
+            return -1
+        if isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0:
+            return token_id
+        raise self.unreadable(TypeError(f"its {name}_token has id {str(token_id)[:80]}, not one token id"))
 
     def __reduce__(self):
         if self._backend is None:
@@ -290,35 +313,16 @@ class HuggingFaceFiles(TokenizerFiles):
 
 
 def check_tokenizer_directory(directory: Path) -> None:
-    """What a Hugging Face tokenizer directory must be before transformers reads it: the files that define it (and
-    config.json) resolve inside it, a hub cache's snapshot -> blob links excepted, and nothing asks for the
+    """What a Hugging Face tokenizer directory must be before transformers reads it (megatron_ext/data/
+    model_directory.py, the rules every reader of such a directory applies): the files AutoTokenizer reads (config.json
+    included) are regular files inside it, a hub cache's snapshot -> blob links excepted, and nothing asks for the
     directory's own Python (an auto_map for a tokenizer: megatron_ext never runs it, trust_remote_code is off)."""
-    root = directory.resolve()
-    for name in (*HF_DEFINING_FILES, "config.json"):
-        path = directory / name
-        if not (path.is_symlink() or path.exists()):
-            continue
-        target = path.resolve()
-        in_hub_cache = root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
-        if not (target.is_relative_to(root) or in_hub_cache):
-            raise TokenizerError(f"tokenizer file '{path}' resolves to {target}, outside the tokenizer directory "
-                                 f"{root}: refusing to read it; put the file itself in the directory")
-    for name, key in (("tokenizer_config.json", None), ("config.json", "AutoTokenizer")):
-        auto_map = _json_or_empty(directory / name).get("auto_map")
-        wanted = auto_map if key is None or not isinstance(auto_map, dict) else auto_map.get(key)
-        if wanted:
-            raise TokenizerError(
-                f"tokenizer file '{directory / name}' asks for custom code (auto_map {str(wanted)[:200]}), which "
-                "megatron_ext never runs (trust_remote_code is off): use a tokenizer directory whose "
-                "tokenizer_config.json names a transformers class (tokenizer_class) and no auto_map")
+    check_present_files(directory, TOKENIZER_READ_FILES, error=TokenizerError, what="tokenizer directory")
+    refuse_custom_code(directory, {TOKENIZER_CONFIG_FILE: None, CONFIG_FILE: "AutoTokenizer"}, error=TokenizerError)
 
 
 def _rebuilt_hf(path, backend_json: str, ids: tuple) -> HuggingFaceFiles:
     return HuggingFaceFiles(path, _backend_json=backend_json, _ids=ids)
-
-
-def _id_or_none(token_id) -> int:
-    return -1 if token_id is None else int(token_id)
 
 
 class TiktokenFile(TokenizerFiles):

@@ -33,16 +33,8 @@ def load_eval_tokenizer(path, kind: str | None = None, *, setting: str = "--toke
 
 def hf_directory_tokenizer(local_dir) -> EvalTokenizer:
     """The tokenizer of a Hugging Face model directory (the same resolution as `load_eval_tokenizer`); whatever
-    transformers raises reading its files is a one-line refusal naming the directory."""
-    from megatron_ext.convert.hf_directory import unreadable
-    from megatron_ext.errors import UserError
-
-    try:
-        return open_encoder(local_dir, setting=f"the tokenizer of {local_dir}")
-    except (UserError, MemoryError):
-        raise
-    except Exception as error:  # transformers' parsing of tokenizer files and config.json
-        raise unreadable(local_dir, "tokenizer (AutoTokenizer reads config.json too)", error) from None
+    transformers raises reading its files is a one-line refusal naming the directory (data/tokenizer_files.py)."""
+    return open_encoder(local_dir, setting=f"the tokenizer of {local_dir}")
 
 
 __all__ = ["EvalTokenizer", "HFEvalTokenizer", "SentencePieceEvalTokenizer", "encode_continuation",
