@@ -131,3 +131,43 @@ def test_validation_loss_is_the_token_mean_of_the_held_out_samples(single_rank, 
     trained = {tuple(train[i]["tokens"].tolist()) for i in range(len(train))}
     held_out = [tuple(validation.dataset[i]["tokens"].tolist()) for i in range(len(validation.dataset))]
     assert not trained.intersection(held_out)
+
+
+# --- data.valid_data's own refusals -----------------------------------------------------------------------
+
+
+def test_refusals_of_validation_data_name_data_valid_data_and_train_weights_stay_with_train_data(tmp_path):
+    """data.valid_data of EOD tokens alone under data.mask_eod_loss was refused as 'data.train_data: ...' (the
+    setting not at fault), both by `train` before any process and on the ranks; and data.train_data_weights (one per
+    training prefix) were handed to the validation prefixes' blend, which refused their count."""
+    from megatron_ext.data import SentencePieceTokenizer, preprocess, train_sentencepiece
+    from megatron_ext.errors import InputError
+    from megatron_ext.training.cli import check_data
+    from megatron_ext.training.validation import Validation
+    from test_data_checks import write_jsonl
+
+    texts = [f"document {i} says hello world " * (1 + i % 5) for i in range(40)]
+    model = train_sentencepiece([write_jsonl(tmp_path / "words.jsonl", texts)], tmp_path / "tok", 320, seed=0)
+    tokenizer = SentencePieceTokenizer(model)
+    prefixes = {}
+    for name, documents in (("a", texts[:20]), ("b", texts[20:]), ("held_out", texts[::3]), ("eod_only", [""] * 40)):
+        preprocess([write_jsonl(tmp_path / f"{name}.jsonl", documents)], tmp_path / name, tokenizer, workers=1,
+                   progress=False)
+        prefixes[name] = str(tmp_path / name)
+    config = from_dict(TrainConfig, dict(
+        model=dict(num_layers=1, hidden_size=32, num_attention_heads=2, seq_length=16),
+        data=dict(train_data=[prefixes["a"], prefixes["b"]], train_data_weights=[1, 3], tokenizer_model=str(model),
+                  valid_data=[prefixes["held_out"]], mask_eod_loss=True, cache_dir=str(tmp_path / "cache")),
+        training=dict(train_iters=4, micro_batch_size=1, global_batch_size=2, eval_interval=2, eval_iters=2),
+        optimizer=dict(warmup_iters=0),
+    ), prefix="")
+    validate(config)
+    check_data(config)
+    assert len(Validation(config, tokenizer, config.data.train_data).dataset) == 4  # unweighted: one prefix
+
+    config.data.valid_data = [prefixes["eod_only"]]
+    says = rf"data.valid_data: every token of data prefix '{prefixes['eod_only']}' is EOD"
+    with pytest.raises(InputError, match=says):  # `train`, before any process starts
+        check_data(config)
+    with pytest.raises(InputError, match=says):  # every rank, when it opens the data
+        Validation(config, tokenizer, config.data.train_data)

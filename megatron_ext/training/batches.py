@@ -15,10 +15,13 @@ TRAIN, VALID = 0, 1  # megatron's split parts
 PART_NAMES = ("training", "validation", "test")
 
 
-def training_samples(config: TrainConfig, tokenizer, prefixes: list[str], *, num_samples: int, part: int = TRAIN):
+def training_samples(config: TrainConfig, tokenizer, prefixes: list[str], *, num_samples: int, part: int = TRAIN,
+                     setting: str = "data.train_data"):
     """`num_samples` samples of `prefixes` as the loop reads them: megatron's GPTDataset over the documents of
     `part` of data.split (all of them without a split), then document masks, loss masks and PoSE ids as the
-    config asks. Validation takes the same transforms, so its loss measures the training objective."""
+    config asks. Validation takes the same transforms, so its loss measures the training objective. `setting`
+    names where `prefixes` come from (data.train_data, or data.valid_data: every document of those, unweighted)
+    in the refusals of data that cannot be used."""
     from megatron_ext.data import PoseDataset, build_gpt_dataset
 
     t, data = config.training, config.data
@@ -26,11 +29,12 @@ def training_samples(config: TrainConfig, tokenizer, prefixes: list[str], *, num
     if data.split is not None and not data.valid_data:  # valid_data: every document of train_data trains
         split = ",".join(f"{weight:g}" for weight in split_weights(data.split))
         check_split_part(prefixes, split, part)
+    weighted = part == TRAIN and setting == "data.train_data"  # data.train_data_weights are train_data's
     dataset = build_gpt_dataset(
         prefixes, config.model.seq_length, tokenizer, num_samples=num_samples, seed=t.seed,
-        cache_dir=str(Path(data.cache_dir) / "index"), weights=data.train_data_weights if part == TRAIN else None,
+        cache_dir=str(Path(data.cache_dir) / "index"), weights=data.train_data_weights if weighted else None,
         document_mask=data.document_mask, mask_eod_loss=data.mask_eod_loss, add_extra_token=data.add_extra_token,
-        answer_only_loss=data.answer_only_loss, split=split, part=part,
+        answer_only_loss=data.answer_only_loss, split=split, part=part, setting=setting,
     )
     if config.pose.enabled:
         pose = config.pose

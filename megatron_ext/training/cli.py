@@ -70,9 +70,13 @@ def check_data(config) -> None:
     tokenizer_record.py): one line before any process starts, not an IndexError inside the first step."""
     from megatron_ext.data.tokenizer_record import check_training_data
 
-    if not config.data.tiny_corpus:  # the tiny corpus is made, with its own tokenizer, by the ranks
-        check_training_data(config.data.train_data, *config.data.tokenizer_source(),
-                            model_vocab_size=config.model.vocab_size, mask_eod_loss=config.data.mask_eod_loss)
+    if config.data.tiny_corpus:  # the tiny corpus is made, with its own tokenizer, by the ranks
+        return
+    for name in ("train_data", "valid_data"):  # each refusal names the setting the data came from
+        if getattr(config.data, name):
+            check_training_data(getattr(config.data, name), *config.data.tokenizer_source(),
+                                model_vocab_size=config.model.vocab_size, mask_eod_loss=config.data.mask_eod_loss,
+                                setting=f"data.{name}")
 
 
 def ranks_to_start(nproc_per_node: int, relaunching: bool) -> tuple[int, str]:

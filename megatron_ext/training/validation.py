@@ -34,7 +34,7 @@ class Validation:
             return
         prefixes, part = (data.valid_data, TRAIN) if data.valid_data else (train_prefixes, VALID)
         self.dataset = training_samples(config, tokenizer, prefixes, num_samples=t.eval_iters * t.global_batch_size,
-                                        part=part)
+                                        part=part, setting="data.valid_data" if data.valid_data else "data.train_data")
         source = f"data.valid_data {prefixes}" if data.valid_data else f"the validation part of data.split={data.split}"
         log.info(f"megatron_ext: validation every {self.interval} iterations on {t.eval_iters} x "
                  f"{t.global_batch_size} samples of {source}")
