@@ -320,3 +320,19 @@ def test_yaml_dump_of_a_config_round_trips(tmp_path):
                             "{web: {min_tokens: 8, factor: 2}}}\n")
     again = from_dict(TrainConfig, yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config))), prefix="")
     assert again == config
+
+
+def test_a_resumed_run_refuses_optimizer_numbers_before_it_reads_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """No checkpoint supplies the optimizer's numbers, so an lr out of range is refused before `train` looks for
+    (and verifies) the checkpoint it would resume from; it used to read it and print the start block first."""
+    import megatron_ext.training.start as start
+    from megatron_ext.cli import main
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the optimizer's numbers were checked")
+
+    monkeypatch.setattr(start, "find_checkpoint", no_reading)
+    config = write(tmp_path, TINY + f"checkpoint: {{dir: {tmp_path / 'ckpt'}}}\n")
+    assert main(["train", "--config", str(config), "--resume", "auto", "--set", "optimizer.lr=2"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("megatron-ext train: optimizer.lr (2.0) must be at most 1.0") and "\n" not in error

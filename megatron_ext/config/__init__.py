@@ -17,8 +17,10 @@ from megatron_ext.config.train import (
     TrainingConfig,
     load_config,
     validate,
+    validate_optimizer,
 )
 
 __all__ = ["CHOICES", "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig",
            "OptimizerConfig", "ParallelConfig", "PoseConfig", "TrainConfig", "TrainingConfig", "apply_override",
-           "check", "from_dict", "load_config", "read_config", "read_raw", "validate"]
+           "check", "from_dict", "load_config", "read_config", "read_raw", "validate",
+           "validate_optimizer"]

@@ -356,15 +356,10 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
     _validate_schedule(c)
     _validate_validation(c, check_files)
     c.logging.profile_window()
-    check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
-           f"optimizer.lr ({o.lr}) must be > 0 and optimizer.min_lr ({o.min_lr}) in [0, lr]")
     decay_iters = o.lr_decay_iters or t.train_iters
     check(0 <= o.warmup_iters < decay_iters,
            f"optimizer.warmup_iters ({o.warmup_iters}) must be in [0, {decay_iters}) (fewer than optimizer.lr_decay_iters, "
            "default training.train_iters): megatron's scheduler needs at least one decay step after warmup")
-    check(0 < o.adam_beta1 < 1 and 0 < o.adam_beta2 < 1,
-           f"optimizer.adam_beta1/adam_beta2 ({o.adam_beta1}, {o.adam_beta2}) must be in (0, 1)")
-    check(o.clip_grad >= 0, f"optimizer.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
     check(not (c.checkpoint.from_scratch and c.checkpoint.pretrained),
           "checkpoint.from_scratch: true and checkpoint.pretrained both set: keep the one you mean")
     check(c.checkpoint.keep_last is None or c.checkpoint.keep_last >= 1,
@@ -401,12 +396,11 @@ def validate(c: TrainConfig, *, check_files: bool = True) -> None:
                           f"{c.rope.head_base_strategy!r} / rope.scaling {c.rope.scaling!r}: {error}") from None
 
 
-def _validate_numbers(c: TrainConfig) -> None:
-    """Numbers that would train to NaN or never stop: refused before any work, each with its fix."""
-    m, t, o, ckpt = c.model, c.training, c.optimizer, c.checkpoint
+def validate_optimizer(o: OptimizerConfig) -> None:
+    """The optimizer's own numbers. No checkpoint supplies them, so `train` checks them before it reads (and
+    verifies) the checkpoint it resumes from; validate() checks them again with everything else."""
     for key, value in (("optimizer.lr", o.lr), ("optimizer.min_lr", o.min_lr), ("optimizer.clip_grad", o.clip_grad),
-                       ("optimizer.adam_eps", o.adam_eps), ("optimizer.weight_decay", o.weight_decay),
-                       ("model.norm_epsilon", m.norm_epsilon), ("model.init_method_std", m.init_method_std)):
+                       ("optimizer.adam_eps", o.adam_eps), ("optimizer.weight_decay", o.weight_decay)):
         check(math.isfinite(value), f"{key} ({value}) must be a finite number: set it to an ordinary value")
     check(o.lr > 0, f"optimizer.lr ({o.lr}) must be > 0: set e.g. optimizer.lr=3e-4")
     # Adam moves every weight by about lr per step; weights start near init_method_std (0.02): an lr above 1
@@ -417,10 +411,22 @@ def _validate_numbers(c: TrainConfig) -> None:
     check(o.weight_decay >= 0 and o.lr * o.weight_decay < 1,
           f"optimizer.weight_decay ({o.weight_decay}) must be >= 0 with lr x weight_decay < 1 (now "
           f"{o.lr * o.weight_decay:g}; each step scales the weights by 1 - lr x weight_decay): set e.g. 0.1")
-    check(c.logging.gpu_peak_tflops is None or c.logging.gpu_peak_tflops > 0,
-          f"logging.gpu_peak_tflops ({c.logging.gpu_peak_tflops}) must be > 0 TFLOP/s, or null to look it up")
     check(o.adam_eps > 0, f"optimizer.adam_eps ({o.adam_eps}) must be > 0 (it keeps Adam's division finite): "
                           "set e.g. optimizer.adam_eps=1e-8")
+    check(0 <= o.min_lr <= o.lr, f"optimizer.lr ({o.lr}) must be > 0 and optimizer.min_lr ({o.min_lr}) in [0, lr]")
+    check(0 < o.adam_beta1 < 1 and 0 < o.adam_beta2 < 1,
+          f"optimizer.adam_beta1/adam_beta2 ({o.adam_beta1}, {o.adam_beta2}) must be in (0, 1)")
+    check(o.clip_grad >= 0, f"optimizer.clip_grad ({o.clip_grad}) must be >= 0 (0 turns clipping off)")
+
+
+def _validate_numbers(c: TrainConfig) -> None:
+    """Numbers that would train to NaN or never stop: refused before any work, each with its fix."""
+    m, t, ckpt = c.model, c.training, c.checkpoint
+    validate_optimizer(c.optimizer)
+    for key, value in (("model.norm_epsilon", m.norm_epsilon), ("model.init_method_std", m.init_method_std)):
+        check(math.isfinite(value), f"{key} ({value}) must be a finite number: set it to an ordinary value")
+    check(c.logging.gpu_peak_tflops is None or c.logging.gpu_peak_tflops > 0,
+          f"logging.gpu_peak_tflops ({c.logging.gpu_peak_tflops}) must be > 0 TFLOP/s, or null to look it up")
     check(m.norm_epsilon > 0, f"model.norm_epsilon ({m.norm_epsilon}) must be > 0 (it keeps the norm's division "
                               "finite): set e.g. model.norm_epsilon=1e-5")
     check(m.init_method_std > 0, f"model.init_method_std ({m.init_method_std}) must be > 0: set e.g. "

@@ -24,7 +24,7 @@ def add_train_args(subparsers):
 
 def run_train(args) -> int:
     from megatron_ext.checkpoint.layout import validate_checkpoint_dir
-    from megatron_ext.config import ConfigError, TrainConfig, from_dict, read_raw, validate
+    from megatron_ext.config import ConfigError, TrainConfig, from_dict, read_raw, validate, validate_optimizer
     from megatron_ext.training.start import settle_start
 
     if args.nproc_per_node < 1:
@@ -36,6 +36,7 @@ def run_train(args) -> int:
     # every setting is checked before any process starts: the checkpoint it starts from first (it supplies the
     # architecture), then the whole config
     validate_checkpoint_dir(config.checkpoint.dir)
+    validate_optimizer(config.optimizer)  # no checkpoint supplies these: refused before one is read and verified
     relaunching = args.nproc_per_node > 1 and "RANK" not in os.environ
     start = settle_start(config, given, log_settings=not relaunching and first_rank())
     validate(config)
