@@ -31,6 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from launched_ranks import alive, ranks_of  # noqa: E402
 from test_train import base_config  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -96,29 +97,6 @@ def rows(metrics: Path) -> list[dict]:
     if not metrics.exists():
         return []
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.endswith("}")]
-
-
-def ranks_of(wrapper_pid: int) -> dict[int, psutil.Process]:
-    ranks = {}
-    for process in psutil.Process(wrapper_pid).children(recursive=True):
-        try:
-            rank = process.environ().get("RANK")
-            if rank is not None and "megatron_ext.cli" in " ".join(process.cmdline()):
-                ranks[int(rank)] = process
-        except psutil.Error:
-            pass
-    return ranks
-
-
-def alive(processes) -> list[int]:
-    living = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                living.append(process.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return living
 
 
 def newest_checkpoint(root: Path) -> Path:

@@ -18,6 +18,7 @@ from megatron_ext.data import SentencePieceTokenizer, build_gpt_dataset, preproc
 from megatron_ext.data.tokenizer_record import check_data_tokenizer, check_training_data
 from megatron_ext.errors import InputError
 from test_data_checks import write_jsonl
+from word_tokenizer import write_word_tokenizer
 
 HEADER = 34  # magic (9), version (8), dtype code (1), sequence count (8), boundary count (8)
 
@@ -287,17 +288,9 @@ def test_a_micro_batch_without_loss_tokens_adds_nothing_and_a_step_without_any_i
 @pytest.fixture
 def hf_tokenizer(tmp_path) -> Path:
     """A loadable word-level tokenizer directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     directory = tmp_path / "tokenizer"
     directory.mkdir()
-    words = ["<unk>", "<s>", "</s>", "hello", "world"]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return directory
+    return write_word_tokenizer(directory, ["<unk>", "<s>", "</s>", "hello", "world"])
 
 
 def test_a_tokenizer_config_that_is_no_object_is_refused_in_one_line(hf_tokenizer):

@@ -40,7 +40,7 @@ def write_tiny_hf_dir(directory: Path) -> Path:
     """A complete, loadable Hugging Face Llama directory (config, safetensors weights, tokenizer) in `directory`."""
     import torch
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from word_tokenizer import write_word_tokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(CONFIG, indent=2))
@@ -48,13 +48,7 @@ def write_tiny_hf_dir(directory: Path) -> Path:
     tensors = {name: torch.ones(shape) if name.endswith("norm.weight") else 0.1 * torch.randn(shape, generator=seed)
                for name, shape in llama_tensor_shapes(CONFIG).items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return directory
+    return write_word_tokenizer(directory, ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)])
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launched_ranks import alive, ranks_of
 from test_faults_training import ENV, LONG_RUN, latest, losses, train_command, write_config
 
 ROWS_BEFORE_FAULT = 2
@@ -34,30 +35,6 @@ def wait_for_rows(process: subprocess.Popen, metrics: Path, rows: int = ROWS_BEF
             out, err = process.communicate()
             raise AssertionError(f"the run ended or stalled before {rows} rows: {out[-2000:]}{err[-3000:]}")
         time.sleep(0.05)
-
-
-def ranks_of(wrapper: subprocess.Popen) -> dict[int, psutil.Process]:
-    """RANK -> process, of the ranks torchrun (the wrapper's child) started."""
-    ranks = {}
-    for process in psutil.Process(wrapper.pid).children(recursive=True):
-        try:
-            rank = process.environ().get("RANK")
-        except psutil.Error:
-            continue
-        if rank is not None and "megatron_ext.cli" in " ".join(process.cmdline()):
-            ranks[int(rank)] = process
-    return ranks
-
-
-def alive(processes) -> list[int]:
-    living = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                living.append(process.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return living
 
 
 @pytest.fixture
@@ -212,7 +189,7 @@ def test_a_stopped_rank_ends_the_run_at_the_timeout_naming_it_and_a_sigterm_mean
     config.write_text(yaml.safe_dump(settings))
     wrapper = start(train_command(config, "--nproc-per-node", "2"))
     wait_for_rows(wrapper, work / "stuck.jsonl", rows=3)
-    ranks = ranks_of(wrapper)
+    ranks = ranks_of(wrapper.pid)
     assert sorted(ranks) == [0, 1], ranks
     ranks[1].suspend()  # SIGSTOP
     stopped = time.monotonic()
