@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.slow
 
 SECONDS = 20  # per case; a case takes 0.3-1 s on the 2-core machine
-MEMORY_MB = 1024  # address space a case may add to the forked parent's
+MEMORY_MB = 1024  # address space a case may add to the harness's zygote (tests/fuzz_harness.py)
 EXAMPLES = 10  # per test and command: 60 cases, about 25 s on a quiet 2-core machine (+ the fixture's one save)
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

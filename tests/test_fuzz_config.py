@@ -22,7 +22,7 @@ from hypothesis import strategies as st  # noqa: E402
 from fuzz_harness import assert_clean_ending, run_cli_bounded  # noqa: E402
 
 SECONDS = 20  # per case: validation of a tiny config takes ~0.1 s; the bound is for hangs
-MEMORY_MB = 1024  # per case, beyond the forked parent's address space: a billion laughs needs GBs
+MEMORY_MB = 1024  # per case, beyond the harness's zygote's address space: a billion laughs needs GBs
 TRAIN_EXAMPLES = 150
 PLAN_EXAMPLES = 40
 OVERRIDE_EXAMPLES = 40

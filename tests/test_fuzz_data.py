@@ -23,7 +23,7 @@ from fuzz_harness import assert_clean_ending, run_cli_bounded
 pytestmark = pytest.mark.slow
 
 SECONDS = 20  # per case; a case takes 0.2-0.5 s on the 2-core machine
-MEMORY_MB = 1024  # address space a case may add to the parent's
+MEMORY_MB = 1024  # address space a case may add to the harness's zygote
 HEADER = 34  # .idx: magic (9), version (8), dtype code (1), sequence count (8), boundary count (8)
 STOP_AT_TRAINING = ["megatron_ext.training.train:train"]  # `train` checks everything, then stops where work begins
 # `preprocess --tokenizer DIR` reads the directory with transformers: imported once, in the parent

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 pytestmark = pytest.mark.slow
 
 SECONDS = 30  # per case: a refusal takes milliseconds, a successful conversion or evaluation about a second
-MEMORY_MB = 2048  # address space a case may add to the forked parent's
+MEMORY_MB = 2048  # address space a case may add to the harness's zygote
 EXAMPLES = int(os.environ.get("FUZZ_HF_EXAMPLES", 8))  # per test: 64 cases, ~35 s (FUZZ_HF_EXAMPLES=40: deeper)
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
