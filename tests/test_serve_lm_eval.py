@@ -4,6 +4,7 @@ greedy flags, the same generated text, the same metrics. Bad backend settings st
 loads (these run in the training venv, which has no vLLM)."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -45,7 +46,9 @@ def run_backend(command: list[str], model, tasks, output, backend: str) -> dict:
     argv = ["eval", "lm-eval", "--model", str(model), "--tasks", tasks["choice"], tasks["generate"], tasks["rolling"],
             "--max-length", str(MAX_LENGTH), "--log-samples", "--output-dir", str(output), "--backend", backend]
     if command:
-        run = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=1500)
+        # faulthandler: should the engine's process abort again, the Python stacks of its threads come with it
+        run = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=1500,
+                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         assert run.returncode == 0, run.stderr[-4000:]
     else:
         assert main(argv) == 0

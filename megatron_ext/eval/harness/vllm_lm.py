@@ -72,7 +72,13 @@ class VllmLM(EvalModelLM):
                                    tensor_parallel_size=tensor_parallel_size)
 
     def close(self) -> None:
+        """Stop the engine and drop it now, as vLLM's own examples end: its client threads then finish while the
+        interpreter is whole, not during its teardown (where one aborted a CI run at exit, code -6)."""
+        import gc
+
         self.engine.llm_engine.engine_core.shutdown()
+        del self.engine
+        gc.collect()
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: (strings, context ids, continuation ids); (log p(continuation | context), greedy?) each,
